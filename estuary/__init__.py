@@ -1,0 +1,3 @@
+"""Estuary: asynchronous multi-environment RL post-training for LLMs."""
+
+__version__ = "0.1.0"

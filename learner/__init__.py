@@ -1,0 +1,1 @@
+"""The GRPO learner: advantages and losses (pure tensor maths), batching, trainer, checkpoints."""

@@ -1,0 +1,1 @@
+"""Reward functions, composable and keyed by name."""

@@ -1,0 +1,1 @@
+"""Publishing refreshed policy weights from the learner to the rollout engines."""

@@ -2,6 +2,7 @@
 
     estuary config show configs/tiny_cpu.yaml learner.lr=3e-6   # the resolved config
     estuary model init tiny-hybrid-moe out/tiny                 # a tiny random-init policy
+    estuary envs                                                # registered environments
 
 Bad input (an unknown config key, a wrong type, a missing file) ends with one line on stderr
 and exit status 2.
@@ -41,6 +42,19 @@ def _model_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _envs(args: argparse.Namespace) -> int:
+    import environments
+
+    rows = environments.describe()
+    width = max(len(r.id) for r in rows)
+    pkg_width = max(len(r.package) for r in rows)
+    for r in rows:
+        print(f"{r.id:<{width}}  {r.package:<{pkg_width}}  {r.description}")
+    for package, error in environments.plugin_errors().items():
+        print(f"estuary: warning: plug-in {package} failed to load: {error}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="estuary",
@@ -64,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("out_dir", help="directory to write (config.json, safetensors, tokenizer)")
     init.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     init.set_defaults(handler=_model_init)
+
+    envs = sub.add_parser("envs", help="list registered environments (built-in and plug-ins)")
+    envs.set_defaults(handler=_envs)
     return parser
 
 
@@ -72,6 +89,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from configs.errors import ConfigError
 
     errors: list[type[BaseException]] = [ConfigError, UsageError]
+    if "environments.registry" in sys.modules:
+        errors.append(sys.modules["environments.registry"].EnvironmentNotFound)
     if "models.policy" in sys.modules:
         errors.append(sys.modules["models.policy"].PolicyError)
     return tuple(errors)

@@ -1,0 +1,129 @@
+"""`estuary/math`: generated arithmetic, algebra and word problems, or GSM8K/MATH-style JSONL.
+
+Generated tasks scale with `difficulty` (0: one operation on small numbers, up to 3: multi-step
+word problems and larger equations). A dataset row has `problem` and `answer` (a GSM8K
+`... #### 72` answer, a number, or MATH LaTeX, possibly `\\boxed{}`) and an optional `solution`.
+The reward is answer equivalence by math-verify (thread-safe here), 1 or 0.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Any
+
+from environments.base import DatasetError, Task, TextEnv, TurnResult
+from rewards.math import math_equal
+
+INSTRUCTION = "Think briefly, then give the final answer as \\boxed{...}."
+_BOXED = re.compile(r"\\boxed\{")
+
+
+def _ranges(difficulty: int) -> int:
+    return (9, 50, 200, 1000)[min(difficulty, 3)]
+
+
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def _arithmetic(rng: random.Random, difficulty: int) -> tuple[str, int, str]:
+    hi = _ranges(difficulty)
+    a, b = rng.randint(0, hi), rng.randint(0, hi)
+    op = rng.choice("+-" if difficulty == 0 else "+-*")
+    value = _OPS[op](a, b)
+    if difficulty >= 2:
+        c = rng.randint(1, hi // 10 + 1)
+        return f"Compute {a} {op} {b} + {c}.", value + c, f"{a} {op} {b} = {value}, + {c} = {value + c}"
+    return f"Compute {a} {op} {b}.", value, f"{a} {op} {b} = {value}"
+
+
+def _algebra(rng: random.Random, difficulty: int) -> tuple[str, int, str]:
+    hi = _ranges(difficulty)
+    x = rng.randint(-hi // 4, hi // 4 + 1)
+    a = rng.randint(2, 3 + difficulty * 3)
+    b = rng.randint(-hi, hi)
+    c = a * x + b
+    return (
+        f"Solve for x: {a}x + {b} = {c}." if b >= 0 else f"Solve for x: {a}x - {-b} = {c}.",
+        x,
+        f"{a}x = {c} - {b} = {c - b}, x = {c - b} / {a} = {x}",
+    )
+
+
+_ITEMS = ("apples", "books", "coins", "marbles", "stamps", "pencils")
+_NAMES = ("Tom", "Ana", "Lee", "Mia", "Raj", "Sam")
+
+
+def _word(rng: random.Random, difficulty: int) -> tuple[str, int, str]:
+    hi = _ranges(difficulty)
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    a, b = rng.randint(1, hi), rng.randint(1, hi)
+    if difficulty == 0 or rng.random() < 0.5:
+        return (f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
+                a + b, f"{a} + {b} = {a + b}")
+    k = rng.randint(2, 5)
+    total = a * k - b
+    return (
+        f"{name} buys {k} boxes of {a} {item} each and gives away {b}. How many {item} are left?",
+        total,
+        f"{k} * {a} = {a * k}, {a * k} - {b} = {total}",
+    )
+
+
+_KINDS = (_arithmetic, _algebra, _word)
+
+
+def boxed(answer: Any) -> str:
+    return f"The answer is \\boxed{{{answer}}}."
+
+
+class MathEnv(TextEnv):
+    """Math problems scored by answer equivalence (math-verify)."""
+
+    description = "arithmetic, algebra and word problems (generated, or GSM8K/MATH JSONL); math-verify reward"
+
+    def generate(self, rng: random.Random) -> Task:
+        kind = _KINDS[rng.randrange(len(_KINDS))] if self.difficulty > 0 else rng.choice(
+            (_arithmetic, _arithmetic, _word))
+        problem, answer, work = kind(rng, self.difficulty)
+        return Task(prompt=f"{problem} {INSTRUCTION}", answer=str(answer), data={"work": work})
+
+    def check_row(self, row: dict[str, Any], index: int) -> dict[str, Any]:
+        if not isinstance(row.get("problem"), str) or "answer" not in row:
+            raise DatasetError(f"math row {index} needs 'problem' (text) and 'answer'; got {sorted(row)}")
+        return row
+
+    def from_row(self, row: dict[str, Any]) -> Task:
+        answer = str(row["answer"])
+        gsm = re.search(r"####\s*(.+)$", answer.strip())
+        work = row.get("solution") or (answer[: gsm.start()].strip() if gsm else "")
+        gold = gsm.group(1).replace(",", "").strip() if gsm else _unbox(answer)
+        return Task(prompt=f"{row['problem']} {INSTRUCTION}", answer=gold, data={"work": work})
+
+    def score_turn(self, action: str) -> TurnResult:
+        assert self.task is not None
+        if not _BOXED.search(action.rsplit("</think>", 1)[-1]) and not re.search(r"\d", action):
+            return TurnResult(done=True, correct=0.0, verdict="no_answer")
+        ok = math_equal(action, self.task.answer)
+        return TurnResult(done=True, correct=float(ok), verdict="correct" if ok else "wrong")
+
+    def reference_turn(self) -> str:
+        assert self.task is not None
+        work = self.task.data.get("work", "")
+        return f"<think>{work}</think>\n{boxed(self.task.answer)}"
+
+
+def _unbox(text: str) -> str:
+    """The content of the last \\boxed{...} (braces balanced), else the text itself."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return text.strip().strip("$")
+    depth, i = 0, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            if depth == 0:
+                return text[i:j]
+            depth -= 1
+    return text[i:]

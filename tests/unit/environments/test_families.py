@@ -1,0 +1,211 @@
+"""Each built-in family: references score 1, corrupted answers 0, datasets load, episodes run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import environments
+from environments import DatasetError, Generation
+from environments.code_env import extract_program
+
+FAMILIES = ["estuary/math", "estuary/code", "estuary/tool_use", "estuary/long_context"]
+
+
+def _play(env, responder) -> tuple[float, dict, int]:
+    turns = 0
+    while True:
+        _, reward, terminated, truncated, info = env.step(responder(env))
+        turns += 1
+        if terminated or truncated:
+            return reward, info, turns
+
+
+def _make(env_id: str, **kwargs):
+    if env_id == "estuary/long_context":
+        kwargs.setdefault("length_tokens", 1024)
+    return environments.make(env_id, **kwargs)
+
+
+@pytest.mark.parametrize("env_id", FAMILIES)
+@pytest.mark.parametrize("difficulty", [0, 1, 2, 3])
+def test_reference_scores_one_and_corruption_zero(env_id, difficulty):
+    env = _make(env_id, difficulty=difficulty)
+    for seed in range(4):
+        messages, info = env.reset(seed=seed)
+        assert messages[-1]["role"] == "user" and messages[-1]["content"]
+        reward, info, _ = _play(env, lambda e: e.reference_answer())
+        assert reward == 1.0, (env_id, seed, info)
+        assert info["reward_breakdown"]["correct"] == 1.0
+        env.reset(seed=seed)
+        reward, info, _ = _play(env, lambda e: "<think>guess</think> \\boxed{-31337}")
+        assert reward == 0.0, (env_id, seed, info)
+
+
+@pytest.mark.parametrize("env_id", FAMILIES)
+def test_seeds_are_reproducible_and_varied(env_id):
+    env = _make(env_id)
+    first = [env.reset(seed=s)[0][-1]["content"] for s in range(6)]
+    again = [env.reset(seed=s)[0][-1]["content"] for s in range(6)]
+    assert first == again
+    assert len(set(first)) >= 4
+
+
+def test_tool_use_is_multi_turn_and_bounded():
+    env = environments.make("estuary/tool_use", difficulty=2)
+    env.reset(seed=3)
+    reward, info, turns = _play(env, lambda e: e.reference_answer())
+    assert turns == 4 and reward == 1.0  # lookup, lookup, calculator, answer
+    env.reset(seed=3)
+    _, reply, *_ = None, *env.step('<tool_call>{"name": "lookup", "arguments": {"title": "x"}}</tool_call>')[:1]
+    assert reply[0]["role"] == "tool" and "<tool_response>" in reply[0]["content"]
+    env = environments.make("estuary/tool_use", difficulty=2, max_turns=2)
+    env.reset(seed=3)
+    reward, info, turns = _play(env, lambda e: e.reference_answer())
+    assert turns == 2 and info["verdict"] == "truncated" and reward == 0.0
+
+
+def test_tool_use_penalises_malformed_calls():
+    env = environments.make("estuary/tool_use", difficulty=0)
+    env.reset(seed=1)
+    env.step("<tool_call>{not json</tool_call>")
+    env.step('<tool_call>{"name": "teleport", "arguments": {}}</tool_call>')
+    _, reward, done, _, info = env.step(f"\\boxed{{{env.task.answer}}}")
+    assert done and reward == pytest.approx(0.8)
+    assert info["reward_breakdown"]["penalty"] == pytest.approx(-0.2)
+
+
+def test_tool_use_tools_work():
+    env = environments.make("estuary/tool_use")
+    env.reset(seed=0)
+    assert env.call_tool("calculator", {"expression": "(2 + 3) * 4 ** 2"}) == "80"
+    with pytest.raises(ValueError):
+        env.call_tool("calculator", {"expression": "__import__('os').system('x')"})
+    assert env.call_tool("python", {"code": "print(6 * 7)"}).strip() == "42"
+    name = next(iter(env.task.data["store"]))
+    assert name in env.call_tool("search", {"query": name.lower()})
+
+
+def _write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_math_jsonl_gsm8k_and_math_forms(tmp_path):
+    rows = [{"problem": "Natalia sold 48 clips and then half as many. Total?",
+             "answer": "48 / 2 = 24\n48 + 24 = 72\n#### 72"},
+            {"problem": "Simplify 2/4.", "answer": "\\frac{1}{2}"},
+            {"problem": "Find x.", "answer": "The value is $\\boxed{\\sqrt{2}}$."}]
+    env = environments.make("estuary/math", dataset=_write_jsonl(tmp_path / "m.jsonl", rows))
+    for i, good in enumerate(["\\boxed{72}", "\\boxed{0.5}", "\\boxed{\\sqrt{2}}"]):
+        env.reset(options={"index": i})
+        assert env.step(good)[1] == 1.0
+        env.reset(options={"index": i})
+        assert env.step(env.reference_answer())[1] == 1.0
+    env.reset(seed=5)  # a plain seed samples a row
+    assert env.task.answer in {"72", "\\frac{1}{2}", "\\sqrt{2}"}
+
+
+def test_code_jsonl_humaneval_and_mbpp(tmp_path):
+    he = {"task_id": "HumanEval/0", "prompt": "def add(a, b):\n    \"\"\"Add.\"\"\"\n",
+          "canonical_solution": "    return a + b\n",
+          "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n", "entry_point": "add"}
+    mbpp = {"text": "Write a function to square a number.", "code": "def sq(x):\n    return x * x",
+            "test_list": ["assert sq(2) == 4", "assert sq(3) == 9", "assert sq(-1) == 1"]}
+    env = environments.make("estuary/code", dataset=_write_jsonl(tmp_path / "c.jsonl", [he, mbpp]),
+                            partial_credit=True)
+    env.reset(options={"index": 0})
+    assert env.step("```python\n    return a + b\n```")[1] == 1.0  # a body continuing the prompt
+    env.reset(options={"index": 0})
+    assert env.step("```python\ndef add(a, b):\n    return a + b\n```")[1] == 1.0
+    env.reset(options={"index": 0})
+    assert env.step(env.reference_answer())[1] == 1.0
+    env.reset(options={"index": 1})
+    _, reward, _, _, info = env.step("def sq(x):\n    return abs(x) * 2")
+    assert reward == pytest.approx(1 / 3) and info["tests_passed"] == 1  # only sq(2)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "?"}) + "\n")
+    with pytest.raises(DatasetError, match="HumanEval"):
+        environments.make("estuary/code", dataset=str(bad))
+
+
+def test_code_verdicts_carry_the_error():
+    env = environments.make("estuary/code")
+    env.reset(seed=0)
+    cases = {
+        "passed": env.reference_answer(),
+        "failed": "```python\ndef add_k(x):\n    return 0\ndef times_k(x):\n    return 0\ndef max2(a, b):\n    return 0\n```",
+        "syntax_error": "```python\ndef oops(:\n```",
+        "timeout": "```python\nwhile True:\n    pass\n```",
+        "sandbox_violation": "```python\nx = bytearray(1 << 34)\n```",
+    }
+    env.limits = type(env.limits)(wall_s=2, cpu_s=2)
+    for verdict, answer in cases.items():
+        env.reset(seed=0)
+        _, _, _, _, info = env.step(answer)
+        assert info["verdict"] == verdict, (verdict, info)
+        if verdict != "passed":
+            assert info["error"]
+
+
+def test_extract_program_prefers_fenced_block():
+    assert extract_program("<think>x</think>Here:\n```python\nprint(1)\n```\nbye") == "print(1)"
+    assert extract_program("def f():\n    return 1") == "def f():\n    return 1"
+
+
+def test_long_context_lengths_and_tasks():
+    for task in ("niah_single", "niah_multi", "multikey", "variable_tracking", "aggregation"):
+        env = environments.make("estuary/long_context", task=task, length_tokens=32_000)
+        messages, _ = env.reset(seed=1)
+        n_chars = len(messages[-1]["content"])
+        assert 0.9 * 128_000 < n_chars < 1.1 * 128_000
+        assert env.step(env.reference_answer())[1] == 1.0
+    env = environments.make("estuary/long_context", task="niah_multi")
+    env.reset(seed=2)
+    partial = "\\boxed{" + env.task.answer[0] + "}"
+    _, reward, _, _, info = env.step(partial)
+    assert reward == pytest.approx(0.5) and info["verdict"] == "partial"  # F1 of 1 of 3
+
+
+def test_long_context_dataset_rows(tmp_path):
+    rows = [{"context": "The code is 4417.", "question": "What is the code?", "answer": "4417"}]
+    env = environments.make("estuary/long_context", dataset=_write_jsonl(tmp_path / "l.jsonl", rows))
+    env.reset(options={"index": 0})
+    assert env.step("\\boxed{4417}")[1] == 1.0
+
+
+def test_generation_facts_reach_shaping_rewards():
+    env = environments.make("estuary/math", rewards=["format", "overlong"], max_tokens=100)
+    env.reset(seed=0)
+    _, reward, *_, info = env.step(Generation(text=env.reference_answer(), tokens=90))
+    parts = info["reward_breakdown"]
+    assert parts["format"] == pytest.approx(0.1)
+    assert parts["overlong"] == pytest.approx((75 - 90) / 25)
+    assert reward == pytest.approx(1.0 + 0.1 - 0.6)
+
+
+def _episode(args) -> float:
+    env_id, seed = args
+    env = _make(env_id)
+    env.reset(seed=seed)
+    return _play(env, lambda e: e.reference_answer())[0]
+
+
+def test_many_episodes_at_once_in_threads_and_asyncio():
+    jobs = [(env_id, seed) for env_id in FAMILIES for seed in range(6)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert list(pool.map(_episode, jobs)) == [1.0] * len(jobs)
+
+    async def main():
+        return await asyncio.gather(*(asyncio.to_thread(_episode, j) for j in jobs))
+
+    assert asyncio.run(main()) == [1.0] * len(jobs)
+
+
+def test_step_before_reset_and_bad_index():
+    env = environments.make("estuary/math")
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step("x")

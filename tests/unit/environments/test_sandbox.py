@@ -1,0 +1,113 @@
+"""Hostile programs each end in a clear verdict within the limit, and leave nothing behind."""
+
+from __future__ import annotations
+
+import glob
+import os
+import socket
+import tempfile
+import time
+
+import psutil
+import pytest
+
+from environments.sandbox import SANDBOX_UID_BASE, Limits, SandboxPool
+
+LIMITS = Limits(wall_s=3.0, cpu_s=3, memory_mb=256, max_processes=16, file_size_mb=1)
+
+HOSTILE = {
+    "fork_bomb": ("import os\nwhile True:\n    os.fork()", {"sandbox_violation"}),
+    "memory_bomb": ("x = []\nwhile True:\n    x.append(bytearray(1 << 24))", {"sandbox_violation"}),
+    "infinite_loop": ("while True:\n    pass", {"timeout"}),
+    "huge_output": ("while True:\n    print('x' * 10000)", {"sandbox_violation"}),
+    "write_outside": ("open('/work/estuary-escape', 'w').write('pwned')\n"
+                      "open('/root/estuary-escape', 'w').write('pwned')",
+                      {"sandbox_violation"}),
+    "read_parent_env": ("import os\nprint(open(f'/proc/{os.getppid()}/environ').read())",
+                        {"sandbox_violation"}),
+    "kill_parent": ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)", {"sandbox_violation"}),
+    "exhaust_fds": ("fs = [open(f'f{i}', 'w') for i in range(10000)]", {"sandbox_violation"}),
+    "threads": ("import threading, time\nfor _ in range(1000):\n"
+                "    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()",
+                {"sandbox_violation"}),
+}
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return SandboxPool(max_parallel=2)
+
+
+def _sandbox_processes() -> list[int]:
+    return [p.pid for p in psutil.process_iter(["uids"])
+            if p.info["uids"] and SANDBOX_UID_BASE <= p.info["uids"].real < SANDBOX_UID_BASE + 64
+            and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _leftover_dirs() -> set[str]:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "estuary-sbx-*")))
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_program_is_contained(pool, name):
+    code, verdicts = HOSTILE[name]
+    dirs_before = _leftover_dirs()
+    start = time.monotonic()
+    result = pool.run(code, LIMITS)
+    elapsed = time.monotonic() - start
+    assert result.verdict in verdicts, (name, result)
+    assert result.reason
+    assert elapsed < LIMITS.wall_s + 3.0
+    assert _sandbox_processes() == []
+    assert _leftover_dirs() <= dirs_before
+    assert not os.path.exists("/work/estuary-escape") and not os.path.exists("/root/estuary-escape")
+
+
+def test_loopback_connection_is_refused(pool):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    server.settimeout(0.5)
+    code = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')"
+    result = pool.run(code, LIMITS)
+    assert result.verdict == "sandbox_violation" and "connected" not in result.stdout
+    with pytest.raises(socket.timeout):
+        server.accept()
+    server.close()
+
+
+def test_background_process_does_not_outlive_the_run(pool):
+    code = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(300)\n"
+            "print('parent exits')")
+    result = pool.run(code, LIMITS)
+    assert result.verdict == "ok" and "parent exits" in result.stdout
+    assert _sandbox_processes() == []
+
+
+def test_environment_is_scrubbed_and_stdin_closed(pool, monkeypatch):
+    monkeypatch.setenv("ESTUARY_SECRET", "hunter2")
+    result = pool.run("import os, sys\nprint(sorted(os.environ))\nprint(repr(sys.stdin.read()))", LIMITS)
+    assert result.verdict == "ok"
+    assert "ESTUARY_SECRET" not in result.stdout and "hunter2" not in result.stdout
+    assert "''" in result.stdout
+
+
+def test_private_tmp_and_fresh_folder(pool):
+    result = pool.run("import os\nopen('/tmp/estuary-probe', 'w').write('x')\nprint(os.listdir('.'))",
+                      LIMITS)
+    assert result.verdict == "ok"
+    assert not os.path.exists("/tmp/estuary-probe")  # written to a private tmpfs, now gone
+
+
+def test_pool_runs_two_at_a_time(pool):
+    from concurrent.futures import ThreadPoolExecutor
+
+    code = "import time\nstart = time.time()\ntime.sleep(0.3)\nprint(start, time.time())"
+    with ThreadPoolExecutor(6) as ex:
+        results = list(ex.map(lambda _: pool.run(code, LIMITS), range(6)))
+    spans = [tuple(map(float, r.stdout.split())) for r in results]
+    # The most executions alive at any moment: the pool's bound, and it was reached.
+    most = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
+    assert most == 2
+    assert psutil.Process().is_running()

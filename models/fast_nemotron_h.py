@@ -1,0 +1,233 @@
+"""Incremental NemotronH forward for generation: slot-based Mamba-2 state and KV caches.
+
+Runs on the weights of a `transformers` `NemotronHForCausalLM` (shared, not copied: a weight
+update to the HF model is seen at once) and matches its full-sequence logits. What it adds:
+
+- a `DecodeState` with one slot per sequence: Mamba conv window (S, conv_dim, k-1), SSM state
+  (S, heads, head_dim, d_state) in fp32, and a KV cache (S, max_len, kv_heads, head_dim) per
+  attention layer, with a length per slot;
+- `extend(state, slot, tokens)`: prefill or continue one sequence from its state (multi-turn
+  continuation costs only the new tokens);
+- `decode(state, slots, tokens)`: one token for each of a batch of slots (continuous batching:
+  any set of slots, any lengths);
+- `snapshot`/`restore` of a slot's recurrent state, for speculative decoding's rollback.
+
+The SSM prefill uses transformers' reference chunked scan (`mamba2_chunk_scan`), the decode step
+its recurrence; dt is clamped at `time_step_min` as in the full forward the learner trains with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers.models.nemotron_h import modeling_nemotron_h as hf
+
+from models.decode_state import DecodeState
+
+
+@dataclass
+class _Dims:
+    heads: int
+    head_dim: int
+    groups: int
+    d_state: int
+    d_inner: int
+    conv_dim: int
+    kernel: int
+    dt_min: float
+    chunk: int
+    kv_heads: int = 0
+    attn_head_dim: int = 0
+    attn_heads: int = 0
+    layer_types: list[str] = field(default_factory=list)
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * x32).to(x.dtype)
+
+
+class FastNemotronH:
+    """Slot-based incremental decoding over a transformers NemotronH model."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        c = model.config
+        d_inner = c.mamba_num_heads * c.mamba_head_dim
+        self.dims = _Dims(
+            heads=c.mamba_num_heads, head_dim=c.mamba_head_dim, groups=c.n_groups,
+            d_state=c.ssm_state_size, d_inner=d_inner,
+            conv_dim=d_inner + 2 * c.n_groups * c.ssm_state_size, kernel=c.conv_kernel,
+            dt_min=c.time_step_min, chunk=c.chunk_size, kv_heads=c.num_key_value_heads,
+            attn_head_dim=c.head_dim, attn_heads=c.num_attention_heads,
+            layer_types=list(c.layers_block_type),
+        )
+        self.eps = c.layer_norm_epsilon
+        self.layers = model.model.layers
+
+    # -- state --------------------------------------------------------------------------------
+    def new_state(self, slots: int, max_len: int) -> DecodeState:
+        d, p = self.dims, next(self.model.parameters())
+        state = DecodeState(slots=slots, max_len=max_len, device=p.device)
+        for i, kind in enumerate(d.layer_types):
+            if kind == "linear_attention":
+                state.tensors[f"{i}.conv"] = torch.zeros(slots, d.conv_dim, d.kernel - 1, dtype=p.dtype, device=p.device)
+                state.tensors[f"{i}.ssm"] = torch.zeros(slots, d.heads, d.head_dim, d.d_state, dtype=torch.float32, device=p.device)
+            elif kind == "full_attention":
+                shape = (slots, max_len, d.kv_heads, d.attn_head_dim)
+                state.tensors[f"{i}.k"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+                state.tensors[f"{i}.v"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        return state
+
+    # -- forward ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def extend(self, state: DecodeState, slot: int, tokens: torch.Tensor, routing: list | None = None
+               ) -> torch.Tensor:
+        """Run `tokens` (T,) after slot's current state; returns logits (T, vocab)."""
+        start = int(state.lengths[slot])
+        state.check_room(slot, tokens.numel())
+        h = self.model.model.embeddings(tokens[None])  # (1, T, D)
+        for i, layer in enumerate(self.layers):
+            x = _rms(h, layer.norm.weight, self.eps)
+            kind = self.dims.layer_types[i]
+            if kind == "linear_attention":
+                out = self._mamba_extend(layer.mixer, state, i, slot, x)
+            elif kind == "full_attention":
+                out = self._attn_extend(layer.mixer, state, i, slot, start, x)
+            elif kind == "moe":
+                out = self._moe(layer.mixer, x[0], routing)[None]
+            else:
+                out = layer.mixer(x)
+            h = h + out
+        state.lengths[slot] = start + tokens.numel()
+        return self.model.lm_head(_rms(h, self.model.model.norm_f.weight, self.eps))[0].float()
+
+    @torch.no_grad()
+    def decode(self, state: DecodeState, slots: torch.Tensor, tokens: torch.Tensor,
+               routing: list | None = None) -> torch.Tensor:
+        """One token per slot: slots (B,), tokens (B,) -> logits (B, vocab)."""
+        lengths = state.lengths[slots]
+        state.check_room_many(slots)
+        h = self.model.model.embeddings(tokens)  # (B, D)
+        for i, layer in enumerate(self.layers):
+            x = _rms(h, layer.norm.weight, self.eps)
+            kind = self.dims.layer_types[i]
+            if kind == "linear_attention":
+                out = self._mamba_step(layer.mixer, state, i, slots, x)
+            elif kind == "full_attention":
+                out = self._attn_step(layer.mixer, state, i, slots, lengths, x)
+            elif kind == "moe":
+                out = self._moe(layer.mixer, x, routing)
+            else:
+                out = layer.mixer(x)
+            h = h + out
+        state.lengths[slots] = lengths + 1
+        return self.model.lm_head(_rms(h, self.model.model.norm_f.weight, self.eps)).float()
+
+    # -- Mamba-2 ------------------------------------------------------------------------------
+    def _split(self, mixer, x: torch.Tensor):
+        d = self.dims
+        zxbcdt = mixer.in_proj(x)
+        return zxbcdt.split([d.d_inner, d.conv_dim, d.heads], dim=-1)
+
+    def _mamba_extend(self, mixer, state: DecodeState, i: int, slot: int, x: torch.Tensor):
+        d = self.dims
+        T = x.shape[1]
+        gate, xbc, dt = self._split(mixer, x)  # (1, T, *)
+        conv_prev = state.tensors[f"{i}.conv"][slot]  # (C, k-1)
+        window = torch.cat([conv_prev, xbc[0].T], dim=1)  # (C, k-1+T)
+        conv = F.conv1d(window[None], mixer.conv1d.weight, mixer.conv1d.bias, groups=d.conv_dim)
+        xbc_act = F.silu(conv)[0].T[None]  # (1, T, C)
+        state.tensors[f"{i}.conv"][slot] = window[:, -(d.kernel - 1):]
+        xs, B, C = xbc_act.split([d.d_inner, d.groups * d.d_state, d.groups * d.d_state], dim=-1)
+        y, final = hf.mamba2_chunk_scan(
+            xs.reshape(1, T, d.heads, d.head_dim), dt, -torch.exp(mixer.A_log.float()),
+            B.reshape(1, T, d.groups, d.d_state), C.reshape(1, T, d.groups, d.d_state),
+            chunk_size=d.chunk, D=mixer.D, dt_bias=mixer.dt_bias, dt_softplus=True,
+            initial_states=state.tensors[f"{i}.ssm"][slot:slot + 1], return_final_states=True,
+            dt_limit=(d.dt_min, float("inf")),
+        )
+        state.tensors[f"{i}.ssm"][slot] = final[0]
+        y = mixer.norm(y.reshape(1, T, d.d_inner), gate)
+        return mixer.out_proj(y.to(x.dtype))
+
+    def _mamba_step(self, mixer, state: DecodeState, i: int, slots: torch.Tensor, x: torch.Tensor):
+        d = self.dims
+        gate, xbc, dt = self._split(mixer, x)  # (B, *)
+        conv_state = state.tensors[f"{i}.conv"]
+        window = torch.cat([conv_state[slots], xbc[:, :, None]], dim=2)  # (B, C, k)
+        conv_state[slots] = window[:, :, 1:]
+        w = mixer.conv1d.weight[:, 0, :]  # (C, k)
+        xbc_act = F.silu((window * w).sum(-1) + (mixer.conv1d.bias if mixer.conv1d.bias is not None else 0))
+        xs, B, C = xbc_act.split([d.d_inner, d.groups * d.d_state, d.groups * d.d_state], dim=-1)
+        rep = d.heads // d.groups
+        B = B.float().view(-1, d.groups, d.d_state).repeat_interleave(rep, dim=1)  # (B, H, N)
+        C = C.float().view(-1, d.groups, d.d_state).repeat_interleave(rep, dim=1)
+        dt = F.softplus(dt.float() + mixer.dt_bias.float()).clamp(min=d.dt_min)  # (B, H)
+        dA = torch.exp(dt * -torch.exp(mixer.A_log.float()))  # (B, H)
+        xs = xs.float().view(-1, d.heads, d.head_dim)  # (B, H, P)
+        ssm = state.tensors[f"{i}.ssm"][slots] * dA[:, :, None, None]
+        ssm = ssm + (dt[:, :, None] * xs)[..., None] * B[:, :, None, :]  # (B, H, P, N)
+        state.tensors[f"{i}.ssm"][slots] = ssm
+        y = (ssm * C[:, :, None, :]).sum(-1) + mixer.D.float()[None, :, None] * xs
+        y = mixer.norm(y.reshape(-1, d.d_inner), gate)
+        return mixer.out_proj(y.to(x.dtype))
+
+    # -- attention (no RoPE in NemotronH) -----------------------------------------------------
+    def _attn_extend(self, attn, state: DecodeState, i: int, slot: int, start: int, x: torch.Tensor):
+        d = self.dims
+        T = x.shape[1]
+        q = attn.q_proj(x).view(T, d.attn_heads, d.attn_head_dim)
+        k = attn.k_proj(x).view(T, d.kv_heads, d.attn_head_dim)
+        v = attn.v_proj(x).view(T, d.kv_heads, d.attn_head_dim)
+        state.tensors[f"{i}.k"][slot, start:start + T] = k
+        state.tensors[f"{i}.v"][slot, start:start + T] = v
+        keys = state.tensors[f"{i}.k"][slot, : start + T]  # (L, kvh, hd)
+        vals = state.tensors[f"{i}.v"][slot, : start + T]
+        out = _attend(q[None], keys[None], vals[None], causal_offset=start, scale=attn.scaling)
+        return attn.o_proj(out.reshape(1, T, -1))
+
+    def _attn_step(self, attn, state: DecodeState, i: int, slots: torch.Tensor, lengths: torch.Tensor,
+                   x: torch.Tensor):
+        d = self.dims
+        q = attn.q_proj(x).view(-1, 1, d.attn_heads, d.attn_head_dim)
+        k = attn.k_proj(x).view(-1, d.kv_heads, d.attn_head_dim)
+        v = attn.v_proj(x).view(-1, d.kv_heads, d.attn_head_dim)
+        cache_k, cache_v = state.tensors[f"{i}.k"], state.tensors[f"{i}.v"]
+        cache_k[slots, lengths] = k
+        cache_v[slots, lengths] = v
+        span = int(lengths.max()) + 1
+        keys, vals = cache_k[slots, :span], cache_v[slots, :span]  # (B, L, kvh, hd)
+        valid = torch.arange(span, device=x.device)[None, :] <= lengths[:, None]  # (B, L)
+        out = _attend(q, keys, vals, key_mask=valid, scale=attn.scaling)
+        return attn.o_proj(out.reshape(x.shape[0], -1))
+
+    # -- MoE ----------------------------------------------------------------------------------
+    def _moe(self, moe, x: torch.Tensor, routing: list | None) -> torch.Tensor:
+        """x (T, D) -> (T, D); appends the (T, k) expert ids to `routing` when given."""
+        _, weights, experts = moe.gate(x)
+        if routing is not None:
+            routing.append(experts.detach().to("cpu", torch.int16))
+        latent = moe.fc1_latent_proj(x)
+        out = moe.experts(latent, experts, weights)
+        return moe.fc2_latent_proj(out) + moe.shared_experts(x)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+            causal_offset: int | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, Tq, H, hd), k/v (B, L, kvh, hd) -> (B, Tq, H, hd), with GQA by head repetition."""
+    rep = q.shape[2] // k.shape[2]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    mask = None
+    if causal_offset is not None:
+        tq, L = q.shape[2], k.shape[2]
+        mask = torch.arange(L, device=q.device)[None, :] <= (torch.arange(tq, device=q.device)[:, None] + causal_offset)
+    elif key_mask is not None:
+        mask = key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)

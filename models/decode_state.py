@@ -47,13 +47,15 @@ class DecodeState:
 
     def copy(self, src: int, dsts: list[int]) -> None:
         """Fork slot `src` into `dsts` (a prompt prefilled once for its G samples)."""
+        if not dsts:
+            return
         n = int(self.lengths[src])
-        index = torch.tensor(dsts, device=self.device)
+        index = torch.tensor(dsts, dtype=torch.long, device=self.device)
         for name, t in self.tensors.items():
             if name.endswith((".k", ".v")):
-                t[index, :n] = t[src, :n]
+                t[index, :n] = t[src, :n].clone()
             else:
-                t[index] = t[src]
+                t[index] = t[src].clone()
         self.lengths[index] = n
 
     def snapshot(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -156,24 +156,36 @@ class FastNemotronH:
 
     def _mamba_step(self, mixer, state: DecodeState, i: int, slots: torch.Tensor, x: torch.Tensor):
         d = self.dims
+        b, rep = x.shape[0], d.heads // d.groups
         gate, xbc, dt = self._split(mixer, x)  # (B, *)
-        conv_state = state.tensors[f"{i}.conv"]
-        window = torch.cat([conv_state[slots], xbc[:, :, None]], dim=2)  # (B, C, k)
-        conv_state[slots] = window[:, :, 1:]
+        run = _as_range(slots)
+        conv_all, ssm_all = state.tensors[f"{i}.conv"], state.tensors[f"{i}.ssm"]
+        conv_prev = conv_all[run] if run is not None else conv_all[slots]
+        window = torch.cat([conv_prev, xbc[:, :, None]], dim=2)  # (B, C, k)
         w = mixer.conv1d.weight[:, 0, :]  # (C, k)
         xbc_act = F.silu((window * w).sum(-1) + (mixer.conv1d.bias if mixer.conv1d.bias is not None else 0))
         xs, B, C = xbc_act.split([d.d_inner, d.groups * d.d_state, d.groups * d.d_state], dim=-1)
-        rep = d.heads // d.groups
-        B = B.float().view(-1, d.groups, d.d_state).repeat_interleave(rep, dim=1)  # (B, H, N)
-        C = C.float().view(-1, d.groups, d.d_state).repeat_interleave(rep, dim=1)
         dt = F.softplus(dt.float() + mixer.dt_bias.float()).clamp(min=d.dt_min)  # (B, H)
         dA = torch.exp(dt * -torch.exp(mixer.A_log.float()))  # (B, H)
-        xs = xs.float().view(-1, d.heads, d.head_dim)  # (B, H, P)
-        ssm = state.tensors[f"{i}.ssm"][slots] * dA[:, :, None, None]
-        ssm = ssm + (dt[:, :, None] * xs)[..., None] * B[:, :, None, :]  # (B, H, P, N)
-        state.tensors[f"{i}.ssm"][slots] = ssm
-        y = (ssm * C[:, :, None, :]).sum(-1) + mixer.D.float()[None, :, None] * xs
-        y = mixer.norm(y.reshape(-1, d.d_inner), gate)
+        xs = xs.float().view(b, d.heads, d.head_dim)  # (B, H, P)
+        # Heads of a group share B and C: view the state as (B, G, rep*P, N), no repeat needed.
+        dtx = (dt[:, :, None] * xs).view(b, d.groups, rep * d.head_dim, 1)
+        Bg = B.float().view(b, d.groups, 1, d.d_state)
+        Cg = C.float().view(b, d.groups, 1, d.d_state)
+        if run is not None:  # contiguous slots: update the state in place, no gather/scatter
+            conv_all[run] = window[:, :, 1:]
+            ssm = ssm_all[run]
+            ssm.mul_(dA[:, :, None, None])
+            ssm.view(b, d.groups, rep * d.head_dim, d.d_state).add_(dtx * Bg)
+        else:
+            conv_all[slots] = window[:, :, 1:]
+            ssm = ssm_all[slots] * dA[:, :, None, None]
+            ssm = ssm + (dtx * Bg).view(b, d.heads, d.head_dim, d.d_state)
+            ssm_all[slots] = ssm
+        # (B, G, rep*P, N) . (B, G, 1, N) summed over N; a bmm of 1-column matrices is slower.
+        y = (ssm.view(b, d.groups, rep * d.head_dim, d.d_state) * Cg).sum(-1)
+        y = y.view(b, d.heads, d.head_dim) + mixer.D.float()[None, :, None] * xs
+        y = mixer.norm(y.reshape(b, d.d_inner), gate)
         return mixer.out_proj(y.to(x.dtype))
 
     # -- attention (no RoPE in NemotronH) -----------------------------------------------------
@@ -214,6 +226,14 @@ class FastNemotronH:
         latent = moe.fc1_latent_proj(x)
         out = moe.experts(latent, experts, weights)
         return moe.fc2_latent_proj(out) + moe.shared_experts(x)
+
+
+def _as_range(slots: torch.Tensor) -> slice | None:
+    """`slots` as a slice when they are consecutive and ascending (the common case)."""
+    first, n = int(slots[0]), slots.numel()
+    if int(slots[-1]) - first + 1 == n and (n == 1 or bool((slots[1:] - slots[:-1] == 1).all())):
+        return slice(first, first + n)
+    return None
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

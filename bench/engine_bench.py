@@ -1,0 +1,71 @@
+"""Rollout-engine benchmarks on this machine, numbers side by side in one run.
+
+    .venv/bin/python -m bench.engine_bench [--batch 64] [--new-tokens 128]
+
+- torch engine vs transformers `generate` on `tiny-hybrid-moe`: 8 prompts x 8 samples (batch 64),
+  128 new tokens each (EOS ignored on both sides), sampling at temperature 1: tokens/s.
+
+Prints a table, then `RESULT <name> ours=<v> baseline=<v> ratio=<ours/baseline>` lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from models.policy import init_policy
+from rollout.torch_engine import TorchEngine
+from rollout.types import Request, SamplingParams
+
+
+def prompts(policy, count: int) -> list[list[int]]:
+    out = [policy.tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"Compute {i % 10} + {(3 * i) % 10}."}],
+        add_generation_prompt=True, return_dict=False) for i in range(count)]
+    assert len({len(p) for p in out}) == 1  # equal lengths: no padding for generate()
+    return out
+
+
+def ours(policy, batch: int, new_tokens: int, group: int = 8) -> float:
+    engine = TorchEngine(policy, max_batch=batch, max_len=256)
+    params = SamplingParams(n=group, max_new_tokens=new_tokens, ignore_eos=True)
+    reqs = [Request(p, params) for p in prompts(policy, batch // group)]
+    engine.generate(reqs[:1])  # warm-up
+    start = time.perf_counter()
+    out = engine.generate(reqs)
+    elapsed = time.perf_counter() - start
+    return sum(len(s.token_ids) for samples in out for s in samples) / elapsed
+
+
+def baseline(policy, batch: int, new_tokens: int, group: int = 8) -> float:
+    rows = [p for p in prompts(policy, batch // group) for _ in range(group)]
+    ids = torch.tensor(rows)
+    kwargs = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens,
+                  min_new_tokens=new_tokens, pad_token_id=policy.tokenizer.pad_token_id)
+    with torch.no_grad():
+        policy.model.generate(ids[:group], **kwargs)  # warm-up
+        start = time.perf_counter()
+        out = policy.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    elapsed = time.perf_counter() - start
+    return (out.shape[1] - ids.shape[1]) * out.shape[0] / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    policy = init_policy("tiny-hybrid-moe", seed=0)
+    a = ours(policy, args.batch, args.new_tokens)
+    b = baseline(policy, args.batch, args.new_tokens)
+    print(f"{'measure (tiny-hybrid-moe, batch %d, %d new)' % (args.batch, args.new_tokens):<48} "
+          f"{'estuary':>10} {'baseline':>10} {'ratio':>7}")
+    print(f"{'tokens/s: torch engine vs transformers generate':<48} {a:>10.1f} {b:>10.1f} {a / b:>7.2f}")
+    print(f"RESULT torch_engine_vs_hf_generate_tok_per_s ours={a:.1f} baseline={b:.1f} ratio={a / b:.2f}")
+
+
+if __name__ == "__main__":
+    main()

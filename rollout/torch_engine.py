@@ -1,0 +1,214 @@
+"""Estuary's torch engine: continuous batching over slot-based incremental decoders.
+
+    engine = TorchEngine(policy, max_batch=64, max_len=2048)
+    [samples] = engine.generate([Request(prompt_ids, SamplingParams(n=8, thinking_budget=32))])
+
+Each request is prefilled once and forked into its `n` slots; every step samples one token for
+every active sequence (any lengths, any mix of sampling settings), finished sequences leave and
+waiting ones join. Weights can be swapped from another thread while it serves (`update_weights`):
+the swap happens between steps and every token records the version that produced it.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from models.fast_llama import fast_decoder
+from rollout.budget import BudgetControl, BudgetState
+from rollout.sampling import processed_logprobs, sample
+from rollout.types import FINISH_LENGTH, FINISH_STOP, Request, Sample
+
+
+@dataclass
+class _Seq:
+    request: Request
+    slot: int
+    budget: BudgetState
+    budget_limit: int | None
+    logits: torch.Tensor | None = None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    forced: list[bool] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    routing: list[list[list[int]]] | None = None
+    finish: str | None = None
+
+
+class EngineError(ValueError):
+    """A request the engine cannot serve; the message says what to change."""
+
+
+class TorchEngine:
+    """Generation with exact behaviour log-probs, budget control and live weight swaps."""
+
+    def __init__(self, policy, max_batch: int = 64, max_len: int = 4096, seed: int = 0) -> None:
+        self.model = policy.model
+        self.tokenizer = policy.tokenizer
+        self.decoder = fast_decoder(self.model)
+        self.max_batch = max_batch
+        self.state = self.decoder.new_state(max_batch, max_len)
+        self.free = deque(range(max_batch))
+        self.version = 0
+        self.eos = {self.tokenizer.eos_token_id}
+        self.budget = _budget_control(self.tokenizer)
+        self._pending: tuple[dict[str, torch.Tensor], int] | None = None
+        self._lock = threading.Lock()
+        self._rng = random.Random(seed)
+        self._gen = torch.Generator(device=self.state.device).manual_seed(seed)
+        self.device = self.state.device
+        self.moe = self.model.config.model_type == "nemotron_h" and "moe" in getattr(
+            self.model.config, "layers_block_type", [])
+
+    # -- weights ------------------------------------------------------------------------------
+    def update_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
+        """Queue new weights; they are applied between two decoding steps."""
+        params = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        unknown = [name for name in weights if name not in params]
+        if unknown:
+            raise EngineError(f"update_weights: {len(unknown)} names the policy lacks, e.g. {unknown[:3]}")
+        with self._lock:
+            self._pending = (weights, version)
+
+    def _apply_pending(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        weights, version = pending
+        params = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor, non_blocking=True)
+        self.version = version
+
+    # -- serving ------------------------------------------------------------------------------
+    def generate(self, requests: list[Request]) -> list[list[Sample]]:
+        waiting = deque(requests)
+        active: list[_Seq] = []
+        done: dict[int, list[_Seq]] = {r.request_id: [] for r in requests}
+        while waiting or active:
+            self._apply_pending()
+            while waiting and self._admit(waiting[0], active):
+                waiting.popleft()
+            if not active:
+                raise EngineError(f"a request needs {waiting[0].params.n} slots; max_batch is {self.max_batch}")
+            finished = self._step(active)
+            for seq in finished:
+                active.remove(seq)
+                done[seq.request.request_id].append(seq)
+        return [[self._to_sample(s) for s in sorted(done[r.request_id], key=lambda s: s.slot)]
+                for r in requests]
+
+    def _admit(self, request: Request, active: list[_Seq]) -> bool:
+        p = request.params
+        parent = request.parent
+        need = p.n - (1 if parent is not None else 0)
+        if need > len(self.free):
+            return False
+        if parent is not None:
+            first = int(parent)
+        else:
+            first = self.free.popleft()
+            need -= 1
+            self.state.reset(first)
+        prompt = torch.tensor(request.prompt_ids, dtype=torch.long, device=self.device)
+        if prompt.numel() == 0:
+            raise EngineError("a request needs at least one prompt token")
+        routing: list | None = [] if (p.return_routing and self.moe) else None
+        logits = self.decoder.extend(self.state, first, prompt, routing)[-1]
+        slots = [first] + [self.free.popleft() for _ in range(need)]
+        self.state.copy(first, slots[1:])
+        for slot in slots:
+            limit = _draw_budget(p.thinking_budget, self._rng)
+            seq = _Seq(request, slot, self.budget.start(limit, p.grace_tokens, request.prompt_ids),
+                       limit, logits=logits, routing=[] if routing is not None else None)
+            active.append(seq)
+        return True
+
+    def _step(self, active: list[_Seq]) -> list[_Seq]:
+        params = [s.request.params for s in active]
+        logits = torch.stack([s.logits for s in active])
+        lp = processed_logprobs(
+            logits,
+            torch.tensor([p.temperature for p in params], device=self.device),
+            torch.tensor([p.top_k for p in params], device=self.device),
+            torch.tensor([p.top_p for p in params], device=self.device),
+        )
+        sampled, sampled_lp = sample(lp, self._gen)
+        tokens, token_lp = sampled.tolist(), sampled_lp.tolist()  # one transfer, not B indexings
+        feed: list[_Seq] = []
+        for i, seq in enumerate(active):
+            forced = self.budget.forced_token(seq.budget)
+            token = forced if forced is not None else tokens[i]
+            seq.tokens.append(token)
+            seq.logprobs.append(0.0 if forced is not None else token_lp[i])
+            seq.forced.append(forced is not None)
+            seq.versions.append(self.version)
+            self.budget.observe(seq.budget, token)
+            seq.finish = self._finish_reason(seq, token)
+            if seq.finish is None or seq.request.params.keep_state:
+                feed.append(seq)  # kept samples absorb their last token for continuation
+        if feed:
+            self._decode(feed)
+        finished = [s for s in active if s.finish is not None]
+        for seq in finished:
+            if not seq.request.params.keep_state:
+                self.free.append(seq.slot)
+        return finished
+
+    def _decode(self, feed: list[_Seq]) -> None:
+        slots = torch.tensor([s.slot for s in feed], device=self.device)
+        last = torch.tensor([s.tokens[-1] for s in feed], device=self.device)
+        routing: list | None = [] if any(s.routing is not None for s in feed) else None
+        out = self.decoder.decode(self.state, slots, last, routing)
+        for i, seq in enumerate(feed):
+            seq.logits = out[i]
+            if routing is not None and seq.routing is not None:
+                seq.routing.append([layer[i].tolist() for layer in routing])
+
+    def _finish_reason(self, seq: _Seq, token: int) -> str | None:
+        p = seq.request.params
+        if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids:
+            return FINISH_STOP
+        if p.stop_strings:
+            tail = self.tokenizer.decode(seq.tokens[-16:])
+            if any(s in tail for s in p.stop_strings):
+                return FINISH_STOP
+        if len(seq.tokens) >= p.max_new_tokens:
+            return FINISH_LENGTH
+        return None
+
+    def _to_sample(self, seq: _Seq) -> Sample:
+        return Sample(
+            token_ids=seq.tokens, logprobs=seq.logprobs, forced=seq.forced, versions=seq.versions,
+            finish_reason=seq.finish or FINISH_LENGTH, thinking_tokens=seq.budget.used,
+            thinking_budget=seq.budget_limit, routed_experts=seq.routing,
+            handle=seq.slot if seq.request.params.keep_state else None,
+        )
+
+    def release(self, handle) -> None:
+        """Give a kept sample's slot back."""
+        if handle is not None and int(handle) not in self.free:
+            self.free.append(int(handle))
+
+    def shutdown(self) -> None:
+        self.state.tensors.clear()
+
+
+def _draw_budget(spec, rng: random.Random) -> int | None:
+    if spec is None:
+        return None
+    if isinstance(spec, (tuple, list)):
+        return rng.randint(int(spec[0]), int(spec[1]))
+    return int(spec)
+
+
+def _budget_control(tokenizer) -> BudgetControl:
+    vocab = tokenizer.get_vocab()
+    newline_ids = {i for tok, i in vocab.items() if "\n" in tokenizer.decode([i])} if vocab else set()
+    return BudgetControl(vocab.get("<think>", -1), vocab.get("</think>", -1), newline_ids)

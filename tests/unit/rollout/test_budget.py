@@ -1,0 +1,48 @@
+"""Budget control as a state machine: closes after budget (+ grace, or at a newline)."""
+
+from __future__ import annotations
+
+from rollout.budget import BudgetControl
+
+OPEN, CLOSE, NL, X = 1, 2, 3, 9
+ctl = BudgetControl(OPEN, CLOSE, {NL})
+
+
+def _run(budget, grace, sampled, prompt=(OPEN,)):
+    """Feed `sampled` tokens unless a token is forced; returns the emitted stream and flags."""
+    st = ctl.start(budget, grace, list(prompt))
+    out, flags = [], []
+    for tok in sampled:
+        forced = ctl.forced_token(st)
+        emit = forced if forced is not None else tok
+        out.append(emit)
+        flags.append(forced is not None)
+        ctl.observe(st, emit)
+        if forced is not None:
+            break
+    return out, flags, st
+
+
+def test_forces_close_after_budget_plus_grace():
+    out, flags, st = _run(3, 2, [X] * 10)
+    assert out == [X, X, X, X, X, CLOSE] and flags[-1] and not any(flags[:-1])
+    assert st.used == 5 and st.closed
+
+
+def test_newline_inside_grace_closes_early():
+    out, flags, _ = _run(3, 4, [X, X, X, X, NL, X, X, X])
+    assert out == [X, X, X, X, NL, CLOSE]
+
+
+def test_policy_closing_itself_is_untouched():
+    out, flags, st = _run(5, 2, [X, CLOSE, X, X, X, X, X, X, X, X])
+    assert CLOSE in out and not any(flags)
+
+
+def test_no_budget_and_outside_think_are_untouched():
+    out, flags, _ = _run(None, 2, [X] * 10)
+    assert not any(flags)
+    out, flags, _ = _run(2, 0, [X] * 10, prompt=())  # never opened <think>
+    assert not any(flags)
+    out, flags, _ = _run(2, 0, [X, OPEN, X, X, X], prompt=())  # opens it itself
+    assert out == [X, OPEN, X, X, CLOSE]

@@ -10,7 +10,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from models.decode_state import DecodeState
-from models.fast_nemotron_h import _attend
+from models.fast_nemotron_h import _as_range, _attend
 
 
 class FastLlama:
@@ -78,7 +78,9 @@ class FastLlama:
             cache_k, cache_v = state.tensors[f"{i}.k"], state.tensors[f"{i}.v"]
             cache_k[slots, lengths] = k[:, 0]
             cache_v[slots, lengths] = v[:, 0]
-            out = _attend(q, cache_k[slots, :span], cache_v[slots, :span], key_mask=valid, scale=attn.scaling)
+            run = _as_range(slots)
+            rows = run if run is not None else slots
+            out = _attend(q, cache_k[rows, :span], cache_v[rows, :span], key_mask=valid, scale=attn.scaling)
             h = h + attn.o_proj(out.reshape(h.shape[0], 1, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         state.lengths[slots] = lengths + 1

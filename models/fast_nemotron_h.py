@@ -212,7 +212,9 @@ class FastNemotronH:
         cache_k[slots, lengths] = k
         cache_v[slots, lengths] = v
         span = int(lengths.max()) + 1
-        keys, vals = cache_k[slots, :span], cache_v[slots, :span]  # (B, L, kvh, hd)
+        run = _as_range(slots)
+        rows = run if run is not None else slots  # a slice is a view: no copy of the cache
+        keys, vals = cache_k[rows, :span], cache_v[rows, :span]  # (B, L, kvh, hd)
         valid = torch.arange(span, device=x.device)[None, :] <= lengths[:, None]  # (B, L)
         out = _attend(q, keys, vals, key_mask=valid, scale=attn.scaling)
         return attn.o_proj(out.reshape(x.shape[0], -1))
@@ -241,7 +243,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     """q (B, Tq, H, hd), k/v (B, L, kvh, hd) -> (B, Tq, H, hd), with GQA by head repetition."""
     rep = q.shape[2] // k.shape[2]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if rep > 1:
+    if rep > 1:  # SDPA's enable_gqa takes a slow path on CPU; repeating k/v is faster here
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     mask = None
     if causal_offset is not None:

@@ -61,8 +61,8 @@ def main() -> None:
     policy = init_policy("tiny-hybrid-moe", seed=0)
     a = ours(policy, args.batch, args.new_tokens)
     b = baseline(policy, args.batch, args.new_tokens)
-    print(f"{'measure (tiny-hybrid-moe, batch %d, %d new)' % (args.batch, args.new_tokens):<48} "
-          f"{'estuary':>10} {'baseline':>10} {'ratio':>7}")
+    title = f"measure (tiny-hybrid-moe, batch {args.batch}, {args.new_tokens} new)"
+    print(f"{title:<48} {'estuary':>10} {'baseline':>10} {'ratio':>7}")
     print(f"{'tokens/s: torch engine vs transformers generate':<48} {a:>10.1f} {b:>10.1f} {a / b:>7.2f}")
     print(f"RESULT torch_engine_vs_hf_generate_tok_per_s ours={a:.1f} baseline={b:.1f} ratio={a / b:.2f}")
 

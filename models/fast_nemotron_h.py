@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
-from models.decode_state import DecodeState
+from models.decode_state import ContextOverflow, DecodeState
 
 
 @dataclass
@@ -84,9 +84,10 @@ class FastNemotronH:
 
     # -- forward ------------------------------------------------------------------------------
     @torch.no_grad()
-    def extend(self, state: DecodeState, slot: int, tokens: torch.Tensor, routing: list | None = None
-               ) -> torch.Tensor:
-        """Run `tokens` (T,) after slot's current state; returns logits (T, vocab)."""
+    def extend(self, state: DecodeState, slot: int, tokens: torch.Tensor, routing: list | None = None,
+               return_hidden: bool = False):
+        """Run `tokens` (T,) after slot's current state; returns logits (T, vocab) (and the final
+        hidden states (T, D) with `return_hidden`, for MTP drafting)."""
         start = int(state.lengths[slot])
         state.check_room(slot, tokens.numel())
         h = self.model.model.embeddings(tokens[None])  # (1, T, D)
@@ -103,7 +104,9 @@ class FastNemotronH:
                 out = layer.mixer(x)
             h = h + out
         state.lengths[slot] = start + tokens.numel()
-        return self.model.lm_head(_rms(h, self.model.model.norm_f.weight, self.eps))[0].float()
+        hidden = _rms(h, self.model.model.norm_f.weight, self.eps)[0]
+        logits = self.model.lm_head(hidden).float()
+        return (logits, hidden) if return_hidden else logits
 
     @torch.no_grad()
     def decode(self, state: DecodeState, slots: torch.Tensor, tokens: torch.Tensor,
@@ -126,6 +129,43 @@ class FastNemotronH:
             h = h + out
         state.lengths[slots] = lengths + 1
         return self.model.lm_head(_rms(h, self.model.model.norm_f.weight, self.eps)).float()
+
+    @torch.no_grad()
+    def verify(self, state: DecodeState, slots: torch.Tensor, tokens: torch.Tensor):
+        """T tokens per slot in one pass (speculative verification).
+
+        slots (B,), tokens (B, T) -> logits (B, T, V), final hidden states (B, T, D), and the
+        recurrent state after every position, for `rollback`.
+        """
+        b, t = tokens.shape
+        lengths = state.lengths[slots].clone()
+        if bool((lengths + t > state.max_len).any()):
+            raise ContextOverflow(f"a sequence would exceed max_len={state.max_len}")
+        h = self.model.model.embeddings(tokens)  # (B, T, D)
+        history: dict[str, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            x = _rms(h, layer.norm.weight, self.eps)
+            kind = self.dims.layer_types[i]
+            if kind == "linear_attention":
+                out = self._mamba_multi(layer.mixer, state, i, slots, x, history)
+            elif kind == "full_attention":
+                out = self._attn_multi(layer.mixer, state, i, slots, lengths, x)
+            elif kind == "moe":
+                out = self._moe(layer.mixer, x.reshape(b * t, -1), None).view(b, t, -1)
+            else:
+                out = layer.mixer(x)
+            h = h + out
+        state.lengths[slots] = lengths + t
+        hidden = _rms(h, self.model.model.norm_f.weight, self.eps)
+        return self.model.lm_head(hidden).float(), hidden, (history, lengths)
+
+    def rollback(self, state: DecodeState, slots: torch.Tensor, keep: torch.Tensor, saved) -> None:
+        """Keep the first `keep[b]` (>= 1) verified tokens of each slot, as if only they were fed."""
+        history, lengths = saved
+        rows = torch.arange(slots.numel(), device=slots.device)
+        for name, per_position in history.items():  # (B, T, ...) state after each position
+            state.tensors[name][slots] = per_position[rows, keep - 1]
+        state.lengths[slots] = lengths + keep
 
     # -- Mamba-2 ------------------------------------------------------------------------------
     def _split(self, mixer, x: torch.Tensor):
@@ -188,6 +228,56 @@ class FastNemotronH:
         y = mixer.norm(y.reshape(b, d.d_inner), gate)
         return mixer.out_proj(y.to(x.dtype))
 
+    def _mamba_multi(self, mixer, state: DecodeState, i: int, slots: torch.Tensor, x: torch.Tensor,
+                     history: dict[str, torch.Tensor]) -> torch.Tensor:
+        """x (B, T, D): a short recurrence over T positions, recording the state after each."""
+        d = self.dims
+        b, t, _ = x.shape
+        rep, k1 = d.heads // d.groups, d.kernel - 1
+        gate, xbc, dt = self._split(mixer, x)  # (B, T, *)
+        conv_all, ssm_all = state.tensors[f"{i}.conv"], state.tensors[f"{i}.ssm"]
+        window = torch.cat([conv_all[slots], xbc.transpose(1, 2)], dim=2)  # (B, C, k-1+T)
+        conv = F.conv1d(window, mixer.conv1d.weight, mixer.conv1d.bias, groups=d.conv_dim)  # (B, C, T)
+        history[f"{i}.conv"] = window.unfold(2, k1, 1)[:, :, 1:].permute(0, 2, 1, 3)  # (B, T, C, k-1)
+        xs, B, C = F.silu(conv).transpose(1, 2).split(
+            [d.d_inner, d.groups * d.d_state, d.groups * d.d_state], dim=-1)
+        dt = F.softplus(dt.float() + mixer.dt_bias.float()).clamp(min=d.dt_min)  # (B, T, H)
+        dA = torch.exp(dt * -torch.exp(mixer.A_log.float()))
+        xs = xs.float().view(b, t, d.heads, d.head_dim)
+        dtx = (dt[..., None] * xs).view(b, t, d.groups, rep * d.head_dim, 1)
+        Bg = B.float().view(b, t, d.groups, 1, d.d_state)
+        Cg = C.float().view(b, t, d.groups, 1, d.d_state)
+        ssm = ssm_all[slots].view(b, d.groups, rep * d.head_dim, d.d_state)
+        states, ys = [], []
+        for j in range(t):
+            decay = dA[:, j].view(b, d.groups, rep, 1, 1).expand(-1, -1, -1, d.head_dim, -1)
+            ssm = ssm * decay.reshape(b, d.groups, rep * d.head_dim, 1) + dtx[:, j] * Bg[:, j]
+            states.append(ssm)
+            ys.append((ssm * Cg[:, j]).sum(-1))
+        history[f"{i}.ssm"] = torch.stack(states, 1).view(b, t, d.heads, d.head_dim, d.d_state)
+        ssm_all[slots] = states[-1].view(b, d.heads, d.head_dim, d.d_state)
+        conv_all[slots] = window[:, :, -k1:]
+        y = torch.stack(ys, 1).view(b, t, d.heads, d.head_dim) + mixer.D.float()[:, None] * xs
+        y = mixer.norm(y.reshape(b, t, d.d_inner), gate)
+        return mixer.out_proj(y.to(x.dtype))
+
+    def _attn_multi(self, attn, state: DecodeState, i: int, slots: torch.Tensor, lengths: torch.Tensor,
+                    x: torch.Tensor) -> torch.Tensor:
+        d = self.dims
+        b, t, _ = x.shape
+        q = attn.q_proj(x).view(b, t, d.attn_heads, d.attn_head_dim)
+        k = attn.k_proj(x).view(b, t, d.kv_heads, d.attn_head_dim)
+        v = attn.v_proj(x).view(b, t, d.kv_heads, d.attn_head_dim)
+        pos = lengths[:, None] + torch.arange(t, device=x.device)[None]  # (B, T)
+        cache_k, cache_v = state.tensors[f"{i}.k"], state.tensors[f"{i}.v"]
+        cache_k[slots[:, None], pos] = k
+        cache_v[slots[:, None], pos] = v
+        span = int(lengths.max()) + t
+        keys, vals = cache_k[slots, :span], cache_v[slots, :span]
+        allowed = torch.arange(span, device=x.device)[None, None, :] <= pos[:, :, None]  # (B, T, L)
+        out = _attend(q, keys, vals, key_mask=allowed, scale=attn.scaling)
+        return attn.o_proj(out.reshape(b, t, -1))
+
     # -- attention (no RoPE in NemotronH) -----------------------------------------------------
     def _attn_extend(self, attn, state: DecodeState, i: int, slot: int, start: int, x: torch.Tensor):
         d = self.dims
@@ -249,7 +339,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     if causal_offset is not None:
         tq, L = q.shape[2], k.shape[2]
         mask = torch.arange(L, device=q.device)[None, :] <= (torch.arange(tq, device=q.device)[:, None] + causal_offset)
-    elif key_mask is not None:
-        mask = key_mask[:, None, None, :]
+    elif key_mask is not None:  # (B, L) for all queries, or (B, Tq, L) per query
+        mask = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.transpose(1, 2)

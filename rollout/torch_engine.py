@@ -37,6 +37,8 @@ class _Seq:
     versions: list[int] = field(default_factory=list)
     routing: list[list[list[int]]] | None = None
     finish: str | None = None
+    pending: int | None = None  # speculative mode: emitted, not yet fed
+    hidden: torch.Tensor | None = None  # speculative mode: final hidden at the last fed position
 
 
 class EngineError(ValueError):
@@ -46,7 +48,8 @@ class EngineError(ValueError):
 class TorchEngine:
     """Generation with exact behaviour log-probs, budget control and live weight swaps."""
 
-    def __init__(self, policy, max_batch: int = 64, max_len: int = 4096, seed: int = 0) -> None:
+    def __init__(self, policy, max_batch: int = 64, max_len: int = 4096, seed: int = 0,
+                 mtp_steps: int = 0) -> None:
         self.model = policy.model
         self.tokenizer = policy.tokenizer
         self.decoder = fast_decoder(self.model)
@@ -63,6 +66,11 @@ class TorchEngine:
         self.device = self.state.device
         self.moe = self.model.config.model_type == "nemotron_h" and "moe" in getattr(
             self.model.config, "layers_block_type", [])
+        self.mtp_steps = mtp_steps
+        if mtp_steps and (getattr(self.model, "mtp", None) is None or not hasattr(self.decoder, "verify")):
+            raise EngineError("mtp_steps > 0 needs a NemotronH policy with MTP heads "
+                              "(add them with models.mtp.add_mtp_heads / `estuary model train-mtp`)")
+        self.stats = {"drafted": 0, "accepted": 0, "steps": 0}
 
     # -- weights ------------------------------------------------------------------------------
     def update_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
@@ -120,21 +128,51 @@ class TorchEngine:
         if prompt.numel() == 0:
             raise EngineError("a request needs at least one prompt token")
         routing: list | None = [] if (p.return_routing and self.moe) else None
-        logits = self.decoder.extend(self.state, first, prompt, routing)[-1]
+        hidden = None
+        if self.mtp_steps:
+            logits, hidden = self.decoder.extend(self.state, first, prompt, routing, return_hidden=True)
+            logits, hidden = logits[-1], hidden[-1]
+        else:
+            logits = self.decoder.extend(self.state, first, prompt, routing)[-1]
         slots = [first] + [self.free.popleft() for _ in range(need)]
         self.state.copy(first, slots[1:])
         for slot in slots:
             limit = _draw_budget(p.thinking_budget, self._rng)
             seq = _Seq(request, slot, self.budget.start(limit, p.grace_tokens, request.prompt_ids),
-                       limit, logits=logits, routing=[] if routing is not None else None)
+                       limit, logits=logits, routing=[] if routing is not None else None, hidden=hidden)
             active.append(seq)
         return True
 
+    def _emit(self, seq: _Seq, token: int, logprob: float, forced: bool) -> None:
+        seq.tokens.append(token)
+        seq.logprobs.append(logprob)
+        seq.forced.append(forced)
+        seq.versions.append(self.version)
+        self.budget.observe(seq.budget, token)
+        seq.finish = self._finish_reason(seq, token)
+
     def _step(self, active: list[_Seq]) -> list[_Seq]:
+        drafting = [s for s in active if s.pending is not None]
+        fresh = [s for s in active if s.pending is None]
+        finished = self._sample_step(fresh) if fresh else []
+        if drafting:
+            from rollout.torch_spec import spec_step
+
+            done = spec_step(self, drafting)
+            kept = [s for s in done if s.request.params.keep_state]
+            if kept:
+                self._decode(kept)  # absorb the last emitted token for a continuation
+            finished += done
+        for seq in finished:
+            if not seq.request.params.keep_state:
+                self.free.append(seq.slot)
+        return finished
+
+    def _sample_step(self, active: list[_Seq]) -> list[_Seq]:
+        """One token per sequence from its current logits (then fed, unless drafting takes over)."""
         params = [s.request.params for s in active]
-        logits = torch.stack([s.logits for s in active])
         lp = processed_logprobs(
-            logits,
+            torch.stack([s.logits for s in active]),
             torch.tensor([p.temperature for p in params], device=self.device),
             torch.tensor([p.top_k for p in params], device=self.device),
             torch.tensor([p.top_p for p in params], device=self.device),
@@ -145,21 +183,14 @@ class TorchEngine:
         for i, seq in enumerate(active):
             forced = self.budget.forced_token(seq.budget)
             token = forced if forced is not None else tokens[i]
-            seq.tokens.append(token)
-            seq.logprobs.append(0.0 if forced is not None else token_lp[i])
-            seq.forced.append(forced is not None)
-            seq.versions.append(self.version)
-            self.budget.observe(seq.budget, token)
-            seq.finish = self._finish_reason(seq, token)
-            if seq.finish is None or seq.request.params.keep_state:
+            self._emit(seq, token, 0.0 if forced is not None else token_lp[i], forced is not None)
+            if self.mtp_steps and seq.finish is None:
+                seq.pending = token  # fed by the next speculative step, with its drafts
+            elif seq.finish is None or seq.request.params.keep_state:
                 feed.append(seq)  # kept samples absorb their last token for continuation
         if feed:
             self._decode(feed)
-        finished = [s for s in active if s.finish is not None]
-        for seq in finished:
-            if not seq.request.params.keep_state:
-                self.free.append(seq.slot)
-        return finished
+        return [s for s in active if s.finish is not None]
 
     def _decode(self, feed: list[_Seq]) -> None:
         slots = torch.tensor([s.slot for s in feed], device=self.device)

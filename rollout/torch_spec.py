@@ -1,0 +1,92 @@
+"""Self-speculative decoding for the torch engine: MTP drafts, one verification pass, exact accept.
+
+Each active sequence holds a `pending` token (emitted, not yet fed) and the target's hidden
+state at its last fed position. One step: the MTP head drafts K tokens from (pending, hidden);
+the target verifies [pending, d1..dK] in one batched pass; `speculative_accept` keeps a prefix
+of the drafts and samples one more token from the residual (or the bonus position); the
+recurrent state rolls back to the last kept position. Tokens are distributed exactly as without
+drafts, and their log-probs come from the target.
+
+Rows that budget control may force within the window, or that asked for expert routing, take a
+plain step (one token sampled from the target) in the same verification pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rollout.sampling import processed_logprobs, sample
+from rollout.speculative import speculative_accept
+
+
+def _processed(logits: torch.Tensor, params: list) -> torch.Tensor:
+    """logits (B, T, V) with one SamplingParams per row -> processed log-probs (B, T, V)."""
+    b, t, v = logits.shape
+    dev = logits.device
+    temp = torch.tensor([p.temperature for p in params], device=dev).repeat_interleave(t)
+    top_k = torch.tensor([p.top_k for p in params], device=dev).repeat_interleave(t)
+    top_p = torch.tensor([p.top_p for p in params], device=dev).repeat_interleave(t)
+    return processed_logprobs(logits.reshape(b * t, v), temp, top_k, top_p).view(b, t, v)
+
+
+@torch.no_grad()
+def draft(model, tokens: torch.Tensor, hidden: torch.Tensor, steps: int, params: list,
+          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K draft tokens per row from the MTP head: (drafts (B, K), their log-dists (B, K, V), hidden)."""
+    embed = model.get_input_embeddings()
+    drafts, dists = [], []
+    h, tok = hidden, tokens
+    for _ in range(steps):
+        h = model.mtp(embed(tok), h)
+        lp = _processed(model.lm_head(h).float()[:, None], params)[:, 0]
+        tok, _ = sample(lp, generator)
+        drafts.append(tok)
+        dists.append(lp)
+    return torch.stack(drafts, 1), torch.stack(dists, 1), h
+
+
+def can_draft(seq, k: int) -> bool:
+    """No forcing can happen within the next k+1 tokens, and no routing was asked for."""
+    b = seq.budget
+    safe = b.budget is None or not b.thinking or b.used + k + 1 < b.budget
+    return safe and seq.routing is None
+
+
+def spec_step(engine, active: list) -> list:
+    """One speculative step for sequences that all have a pending token; returns finished ones."""
+    k, dev = engine.mtp_steps, engine.device
+    slots = torch.tensor([s.slot for s in active], device=dev)
+    params = [s.request.params for s in active]
+    pending = torch.tensor([s.pending for s in active], device=dev)
+    hidden = torch.stack([s.hidden for s in active])
+    drafts, draft_lp, _ = draft(engine.model, pending, hidden, k, params, engine._gen)
+    logits, new_hidden, saved = engine.decoder.verify(state=engine.state, slots=slots,
+                                                      tokens=torch.cat([pending[:, None], drafts], 1))
+    target_lp = _processed(logits, params)  # (B, K+1, V)
+    accepted, tokens, token_lp = speculative_accept(target_lp, draft_lp, drafts, engine._gen)
+    plain_tok, plain_lp = sample(target_lp[:, 0], engine._gen)
+    eligible = torch.tensor([can_draft(s, k) for s in active], device=dev)
+    accepted = torch.where(eligible, accepted, torch.zeros_like(accepted))
+    tokens[:, 0] = torch.where(eligible | (accepted > 0), tokens[:, 0], plain_tok)
+    token_lp[:, 0] = torch.where(eligible | (accepted > 0), token_lp[:, 0], plain_lp)
+    engine.stats["drafted"] += int(eligible.sum()) * k
+    engine.stats["accepted"] += int(accepted.sum())
+    engine.stats["steps"] += int(eligible.sum())
+    acc, toks, lps = accepted.tolist(), tokens.tolist(), token_lp.tolist()
+    keep, finished = [], []
+    for i, seq in enumerate(active):
+        emitted = 0
+        for j in range(acc[i] + 1):
+            forced = engine.budget.forced_token(seq.budget)
+            token = forced if forced is not None else toks[i][j]
+            engine._emit(seq, token, 0.0 if forced is not None else lps[i][j], forced is not None)
+            emitted += 1
+            if seq.finish is not None or forced is not None:
+                break
+        # fed: pending + the drafts kept before the last emitted token
+        keep.append(emitted)
+        seq.pending, seq.hidden = seq.tokens[-1], new_hidden[i, emitted - 1]
+        if seq.finish is not None:
+            finished.append(seq)
+    engine.decoder.rollback(engine.state, slots, torch.tensor(keep, device=dev), saved)
+    return finished

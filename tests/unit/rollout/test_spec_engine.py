@@ -1,0 +1,101 @@
+"""Self-speculative decoding in the torch engine is exact: same token distributions as without."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import rollout.torch_spec as torch_spec
+from models.mtp import add_mtp_heads
+from models.policy import init_policy
+from rollout.sampling import processed_logprobs
+from rollout.torch_engine import EngineError, TorchEngine
+from rollout.types import Request, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def peaky():
+    """A tiny MoE policy whose next-token distributions put their mass on a few tokens."""
+    policy = init_policy("tiny-hybrid-moe", seed=0)
+    with torch.no_grad():
+        policy.model.lm_head.weight.mul_(25.0)
+    add_mtp_heads(policy.model, seed=3)
+    prompt = policy.tokenizer.apply_chat_template([{"role": "user", "content": "Compute 1 + 1."}],
+                                                 add_generation_prompt=True, return_dict=False)
+    return policy, prompt
+
+
+def _generate(policy, prompt, top_p, n_total=3000, mtp_steps=2):
+    engine = TorchEngine(policy, max_batch=100, max_len=64, seed=11, mtp_steps=mtp_steps)
+    params = SamplingParams(n=100, max_new_tokens=3, top_p=top_p, ignore_eos=True)
+    out = engine.generate([Request(prompt, params) for _ in range(n_total // 100)])
+    return [tuple(s.token_ids) for samples in out for s in samples], engine
+
+
+def _exact(policy, context, top_p):
+    with torch.no_grad():
+        logits = policy.model(torch.tensor([context])).logits[0, -1:]
+    return processed_logprobs(logits, torch.ones(1), torch.zeros(1, dtype=torch.long),
+                              torch.tensor([top_p]))[0].exp()
+
+
+def _pvalue(counts: Counter, probs: torch.Tensor) -> float:
+    total = sum(counts.values())
+    order = probs.argsort(descending=True).tolist()
+    bins = [t for t in order if probs[t] * total >= 5]
+    observed = [counts.get(t, 0) for t in bins] + [total - sum(counts.get(t, 0) for t in bins)]
+    expected = [float(probs[t]) * total for t in bins]
+    expected.append(total - sum(expected))
+    if expected[-1] < 1e-9:  # no mass outside the bins
+        observed, expected = observed[:-1], expected[:-1]
+    scale = sum(observed) / sum(expected)
+    return chisquare(observed, [e * scale for e in expected]).pvalue
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_draft_positions_follow_the_target(peaky, top_p):
+    policy, prompt = peaky
+    samples, engine = _generate(policy, prompt, top_p)
+    assert engine.stats["drafted"] > 0 and engine.stats["accepted"] < engine.stats["drafted"]
+    if top_p == 1.0:  # both paths exercised: accepted drafts and residual resamples
+        assert engine.stats["accepted"] > 0
+    first = Counter(s[0] for s in samples).most_common(1)[0][0]
+    second = Counter(s[1] for s in samples if s[0] == first)
+    assert _pvalue(second, _exact(policy, prompt + [first], top_p)) > 1e-3
+    pair = Counter(s[:2] for s in samples).most_common(1)[0][0]
+    third = Counter(s[2] for s in samples if s[:2] == pair)
+    assert _pvalue(third, _exact(policy, prompt + list(pair), top_p)) > 1e-3
+
+
+def test_a_biased_acceptance_rule_is_detected(peaky, monkeypatch):
+    policy, prompt = peaky
+
+    def accept_everything(target, draft_lp, drafts, gen):
+        b, k = drafts.shape
+        tokens = torch.cat([drafts, target[:, -1].exp().multinomial(1, generator=gen)], 1)
+        return torch.full((b,), k), tokens, target.gather(2, tokens[..., None])[..., 0]
+
+    monkeypatch.setattr(torch_spec, "speculative_accept", accept_everything)
+    samples, _ = _generate(policy, prompt, 1.0)
+    first = Counter(s[0] for s in samples).most_common(1)[0][0]
+    second = Counter(s[1] for s in samples if s[0] == first)
+    assert _pvalue(second, _exact(policy, prompt + [first], 1.0)) < 1e-3
+
+
+def test_speculative_logprobs_are_the_targets(peaky):
+    policy, prompt = peaky
+    engine = TorchEngine(policy, max_batch=8, max_len=128, mtp_steps=3)
+    [samples] = engine.generate([Request(prompt, SamplingParams(n=4, max_new_tokens=30))])
+    for s in samples:
+        with torch.no_grad():
+            logits = policy.model(torch.tensor([prompt + s.token_ids])).logits[0, len(prompt) - 1:-1]
+        expected = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(s.token_ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(s.logprobs), expected, atol=1e-4)
+
+
+def test_drafting_needs_heads():
+    with pytest.raises(EngineError, match="MTP heads"):
+        TorchEngine(init_policy("tiny-hybrid-moe"), mtp_steps=2)

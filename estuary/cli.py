@@ -42,6 +42,19 @@ def _model_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_mtp(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from models.train_mtp import train_mtp
+
+    hf_logging.disable_progress_bar()
+    result = train_mtp(args.policy_dir, env_ids=args.env or None, samples=args.samples,
+                       steps=args.steps, lr=args.lr, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    print(f"estuary: trained MTP heads on {result.samples} self-generations in {result.seconds:.0f}s: "
+          f"loss {result.loss_start:.3f} -> {result.loss_end:.3f}; saved to {args.policy_dir}/mtp.safetensors")
+    return 0
+
+
 def _envs(args: argparse.Namespace) -> int:
     import environments
 
@@ -78,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("out_dir", help="directory to write (config.json, safetensors, tokenizer)")
     init.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     init.set_defaults(handler=_model_init)
+    mtp = model.add_parser("train-mtp", help="fit MTP draft heads on a frozen NemotronH policy")
+    mtp.add_argument("policy_dir", help="policy directory (heads are added if missing, saved beside it)")
+    mtp.add_argument("--env", action="append", help="environment id for prompts (repeatable)")
+    mtp.add_argument("--samples", type=int, default=256, help="self-generated answers to fit on")
+    mtp.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    mtp.add_argument("--lr", type=float, default=2e-3, help="learning rate")
+    mtp.add_argument("--max-new-tokens", type=int, default=64, help="tokens per generated answer")
+    mtp.add_argument("--seed", type=int, default=0)
+    mtp.set_defaults(handler=_train_mtp)
 
     envs = sub.add_parser("envs", help="list registered environments (built-in and plug-ins)")
     envs.set_defaults(handler=_envs)
@@ -93,6 +115,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         errors.append(sys.modules["environments.registry"].EnvironmentNotFound)
     if "models.policy" in sys.modules:
         errors.append(sys.modules["models.policy"].PolicyError)
+    if "rollout.torch_engine" in sys.modules:
+        errors.append(sys.modules["rollout.torch_engine"].EngineError)
     return tuple(errors)
 
 

@@ -92,3 +92,25 @@ def test_heads_learn_to_predict_two_ahead():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]  # frozen random lm_head: a clear drop, not a perfect fit
+
+
+def test_train_mtp_command_fits_and_saves_heads(tmp_path, capsys):
+    import re
+
+    from estuary.cli import main
+
+    policy_dir = tmp_path / "policy"
+    init_policy("tiny-hybrid-moe", seed=0).save(policy_dir)
+    assert main(["model", "train-mtp", str(policy_dir), "--samples", "16", "--steps", "30",
+                 "--max-new-tokens", "24", "--env", "estuary/math"]) == 0
+    start, end = map(float, re.search(r"loss ([\d.]+) -> ([\d.]+)", capsys.readouterr().out).groups())
+    assert end < start
+    assert (policy_dir / "mtp.safetensors").is_file()
+    loaded = load_policy(policy_dir)
+    assert loaded.model.mtp is not None
+    from rollout.torch_engine import TorchEngine
+    from rollout.types import Request, SamplingParams
+
+    engine = TorchEngine(loaded, max_batch=4, max_len=128, mtp_steps=2)
+    [samples] = engine.generate([Request([1, 2, 3], SamplingParams(n=2, max_new_tokens=10))])
+    assert all(len(s.token_ids) >= 1 for s in samples) and engine.stats["drafted"] > 0

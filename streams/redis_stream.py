@@ -1,0 +1,162 @@
+"""The durable trajectory stream on Redis Streams with a consumer group.
+
+    stream = TrajectoryStream(url, key="estuary:trajectories", consumer="learner-0")
+    stream.publish(group)                   # producers: waits (never drops) while the backlog is full
+    entries = stream.read(count=8)          # learners: reclaimed stale entries first, then new ones
+    ...train, commit the step...
+    stream.ack(entries)                     # only now: XACK + XDEL + remember the group ids
+
+- Nothing is lost: an entry stays pending until acknowledged; entries pending longer than
+  `claim_idle_ms` on a consumer that died are taken over with XAUTOCLAIM.
+- Nothing is trained twice: acknowledged group ids are kept in a set; a redelivered or
+  re-published group whose id is there is acknowledged and skipped.
+- A payload that does not decode goes to `<key>:dead` with the reason and is acknowledged.
+- Backpressure: `publish` waits while the stream holds `max_len` unacknowledged entries
+  (acknowledged ones are deleted, so the length is the backlog).
+- Redis restarts: every call retries with exponential backoff until `reconnect_s` has passed.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import redis
+
+from streams.trajectory import TrajectoryDecodeError, TrajectoryGroup, decode, encode
+
+T = TypeVar("T")
+
+
+class StreamUnavailableError(RuntimeError):
+    """Redis stayed unreachable past the reconnect window."""
+
+
+@dataclass
+class Entry:
+    entry_id: str
+    group: TrajectoryGroup
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class TrajectoryStream:
+    def __init__(self, url: str, key: str = "estuary:trajectories", group: str = "learners",
+                 consumer: str | None = None, max_len: int = 10_000, claim_idle_ms: int = 60_000,
+                 reconnect_s: float = 30.0) -> None:
+        self.url, self.key, self.group = url, key, group
+        self.consumer = consumer or f"{socket.gethostname()}-{time.time_ns()}"
+        self.max_len, self.claim_idle_ms, self.reconnect_s = max_len, claim_idle_ms, reconnect_s
+        self.dead_key, self.seen_key = f"{key}:dead", f"{key}:acked"
+        self.client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
+        self._inflight: set[str] = set()  # read by this consumer, not yet acknowledged
+        self._retry(self._ensure_group)
+
+    # -- resilience ----------------------------------------------------------------------------
+    def _retry(self, fn: Callable[[], T]) -> T:
+        deadline, delay = time.monotonic() + self.reconnect_s, 0.05
+        while True:
+            try:
+                return fn()
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                if time.monotonic() > deadline:
+                    raise StreamUnavailableError(
+                        f"Redis at {self.url} unreachable for {self.reconnect_s:.0f}s ({e}); "
+                        "is the server running? (services.redis)") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except redis.ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                self._ensure_group()  # a restarted server without persistence lost the group
+
+    def _ensure_group(self) -> None:
+        try:
+            self.client.xgroup_create(self.key, self.group, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    # -- producers -----------------------------------------------------------------------------
+    def publish(self, group: TrajectoryGroup, timeout_s: float | None = None) -> str:
+        """Append one group; waits while the backlog is at `max_len` (raises TimeoutError after timeout_s)."""
+        payload = encode(group)
+        start, delay = time.monotonic(), 0.01
+        while self._retry(lambda: self.client.xlen(self.key)) >= self.max_len:
+            if timeout_s is not None and time.monotonic() - start > timeout_s:
+                raise TimeoutError(f"stream {self.key} stayed full ({self.max_len}) for {timeout_s}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        return self._retry(lambda: self.client.xadd(self.key, {"g": payload, "id": group.group_id})).decode()
+
+    # -- consumers -----------------------------------------------------------------------------
+    def read(self, count: int, block_ms: int = 1000) -> list[Entry]:
+        """Up to `count` groups: stale entries of dead consumers first, then new ones."""
+        raw = self._retry(lambda: self._reclaim(count))
+        if len(raw) < count:
+            got = self._retry(lambda: self.client.xreadgroup(
+                self.group, self.consumer, {self.key: ">"}, count=count - len(raw), block=block_ms))
+            raw += [item for _, items in got or [] for item in items]
+        return self._decode_all(raw)
+
+    def _reclaim(self, count: int) -> list:
+        _, claimed, *_ = self.client.xautoclaim(self.key, self.group, self.consumer,
+                                                min_idle_time=self.claim_idle_ms, start_id="0-0", count=count)
+        # Deleted entries come back empty; our own in-flight entries are not stale, only slow.
+        return [item for item in claimed if item[1] and _text(item[0]) not in self._inflight]
+
+    def _decode_all(self, raw: list) -> list[Entry]:
+        entries, skip = [], []
+        for entry_id, fields in raw:
+            entry_id = _text(entry_id)
+            try:
+                group = decode(fields[b"g"])
+            except (TrajectoryDecodeError, KeyError) as e:
+                reason = str(e) if isinstance(e, TrajectoryDecodeError) else "no payload field"
+                self._retry(lambda: self.client.xadd(self.dead_key, {"entry": entry_id, "reason": reason}))
+                skip.append(entry_id)
+                continue
+            if self._retry(lambda: self.client.sismember(self.seen_key, group.group_id)):
+                skip.append(entry_id)  # already trained on: a redelivery or a producer retry
+                continue
+            entries.append(Entry(entry_id, group))
+            self._inflight.add(entry_id)
+        if skip:
+            self._ack_ids(skip, [])
+        return entries
+
+    def ack(self, entries: list[Entry]) -> None:
+        """Acknowledge groups whose training step is committed."""
+        if entries:
+            self._ack_ids([e.entry_id for e in entries], [e.group.group_id for e in entries])
+
+    def _ack_ids(self, entry_ids: list[str], group_ids: list[str]) -> None:
+        def run():
+            pipe = self.client.pipeline(transaction=True)
+            if group_ids:
+                pipe.sadd(self.seen_key, *group_ids)
+            pipe.xack(self.key, self.group, *entry_ids)
+            pipe.xdel(self.key, *entry_ids)
+            pipe.execute()
+        self._retry(run)
+        self._inflight.difference_update(entry_ids)
+
+    # -- inspection ----------------------------------------------------------------------------
+    def depth(self) -> int:
+        """Unacknowledged entries (waiting or being trained on)."""
+        return self._retry(lambda: self.client.xlen(self.key))
+
+    def pending(self) -> int:
+        return self._retry(lambda: self.client.xpending(self.key, self.group)["pending"])
+
+    def dead_letters(self) -> list[dict[str, str]]:
+        rows = self._retry(lambda: self.client.xrange(self.dead_key))
+        return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in rows]
+
+    def close(self) -> None:
+        self.client.close()

@@ -118,10 +118,11 @@ class TrajectoryStream:
                 group = decode(fields[b"g"])
             except (TrajectoryDecodeError, KeyError) as e:
                 reason = str(e) if isinstance(e, TrajectoryDecodeError) else "no payload field"
-                self._retry(lambda: self.client.xadd(self.dead_key, {"entry": entry_id, "reason": reason}))
+                fields_out = {"entry": entry_id, "reason": reason}
+                self._retry(lambda f=fields_out: self.client.xadd(self.dead_key, f))
                 skip.append(entry_id)
                 continue
-            if self._retry(lambda: self.client.sismember(self.seen_key, group.group_id)):
+            if self._retry(lambda gid=group.group_id: self.client.sismember(self.seen_key, gid)):
                 skip.append(entry_id)  # already trained on: a redelivery or a producer retry
                 continue
             entries.append(Entry(entry_id, group))

@@ -55,6 +55,8 @@ class TrajectoryStream:
         self.dead_key, self.seen_key = f"{key}:dead", f"{key}:acked"
         self.client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
         self._inflight: set[str] = set()  # read by this consumer, not yet acknowledged
+        self._full = False  # the last append saw the backlog at max_len
+        self._next_claim = 0.0  # monotonic time of the next XAUTOCLAIM scan
         self._retry(self._ensure_group)
 
     # -- resilience ----------------------------------------------------------------------------
@@ -84,20 +86,42 @@ class TrajectoryStream:
 
     # -- producers -----------------------------------------------------------------------------
     def publish(self, group: TrajectoryGroup, timeout_s: float | None = None) -> str:
-        """Append one group; waits while the backlog is at `max_len` (raises TimeoutError after timeout_s)."""
+        """Append one group; waits while the backlog is at `max_len` (raises TimeoutError after timeout_s).
+
+        The backlog is read in the same round trip as the append, and a producer that saw it
+        full waits before its next append: the bound is exceeded by at most one entry per producer.
+        """
         payload = encode(group)
+        if self._full:
+            self._wait_for_room(timeout_s)
+
+        def add():
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xadd(self.key, {"g": payload, "id": group.group_id})
+            pipe.xlen(self.key)
+            return pipe.execute()
+
+        entry_id, depth = self._retry(add)
+        self._full = depth >= self.max_len
+        return _text(entry_id)
+
+    def _wait_for_room(self, timeout_s: float | None) -> None:
         start, delay = time.monotonic(), 0.01
         while self._retry(lambda: self.client.xlen(self.key)) >= self.max_len:
             if timeout_s is not None and time.monotonic() - start > timeout_s:
                 raise TimeoutError(f"stream {self.key} stayed full ({self.max_len}) for {timeout_s}s")
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
-        return self._retry(lambda: self.client.xadd(self.key, {"g": payload, "id": group.group_id})).decode()
+        self._full = False
 
     # -- consumers -----------------------------------------------------------------------------
     def read(self, count: int, block_ms: int = 1000) -> list[Entry]:
         """Up to `count` groups: stale entries of dead consumers first, then new ones."""
-        raw = self._retry(lambda: self._reclaim(count))
+        raw = []
+        if time.monotonic() >= self._next_claim:  # stale entries can only appear so often
+            raw = self._retry(lambda: self._reclaim(count))
+            if len(raw) < count:
+                self._next_claim = time.monotonic() + self.claim_idle_ms / 2000
         if len(raw) < count:
             got = self._retry(lambda: self.client.xreadgroup(
                 self.group, self.consumer, {self.key: ">"}, count=count - len(raw), block=block_ms))
@@ -111,19 +135,28 @@ class TrajectoryStream:
         return [item for item in claimed if item[1] and _text(item[0]) not in self._inflight]
 
     def _decode_all(self, raw: list) -> list[Entry]:
-        entries, skip = [], []
+        decoded, skip, dead = [], [], []
         for entry_id, fields in raw:
             entry_id = _text(entry_id)
             try:
-                group = decode(fields[b"g"])
+                decoded.append((entry_id, decode(fields[b"g"])))
             except (TrajectoryDecodeError, KeyError) as e:
                 reason = str(e) if isinstance(e, TrajectoryDecodeError) else "no payload field"
-                fields_out = {"entry": entry_id, "reason": reason}
-                self._retry(lambda f=fields_out: self.client.xadd(self.dead_key, f))
+                dead.append({"entry": entry_id, "reason": reason})
                 skip.append(entry_id)
-                continue
-            if self._retry(lambda gid=group.group_id: self.client.sismember(self.seen_key, gid)):
-                skip.append(entry_id)  # already trained on: a redelivery or a producer retry
+        if dead:
+            def bury():
+                pipe = self.client.pipeline(transaction=False)
+                for fields_out in dead:
+                    pipe.xadd(self.dead_key, fields_out)
+                pipe.execute()
+            self._retry(bury)
+        ids = [group.group_id for _, group in decoded]
+        seen = self._retry(lambda: self.client.smismember(self.seen_key, ids)) if ids else []
+        entries = []
+        for (entry_id, group), already in zip(decoded, seen, strict=True):
+            if already:  # already trained on: a redelivery or a producer retry
+                skip.append(entry_id)
                 continue
             entries.append(Entry(entry_id, group))
             self._inflight.add(entry_id)

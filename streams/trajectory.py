@@ -10,9 +10,10 @@ sequence (prompt, policy turns, environment/tool turns) with per-token arrays:
     versions  (L,) int32      policy version that produced each policy token (-1 elsewhere)
     routed_experts (L, layers, k) int16, optional
 
-Encoding: msgpack with raw little-endian array bytes (no JSON lists of floats); `decode` checks
-the schema version, dtypes, shapes, mask values and finiteness, and raises
-`TrajectoryDecodeError` naming the problem.
+Encoding: msgpack with one raw little-endian byte array per field for the whole group (samples
+concatenated, with their lengths), never JSON lists of floats; `decode` checks the schema
+version, dtypes, shapes, mask values and finiteness once per group, and raises
+`TrajectoryDecodeError` naming the problem. Decoded arrays are read-only views of the payload.
 """
 
 from __future__ import annotations
@@ -93,13 +94,14 @@ def _check(t: Trajectory) -> None:
 
 
 def _pack_array(a: np.ndarray) -> dict:
-    return {"d": a.dtype.str, "s": list(a.shape), "b": a.tobytes()}
+    # A memoryview is packed as msgpack bin without the extra copy that tobytes() makes.
+    return {"d": a.dtype.str, "s": list(a.shape), "b": memoryview(np.ascontiguousarray(a)).cast("B")}
 
 
 def _unpack_array(obj: Any, name: str, expected: type | None) -> np.ndarray:
     try:
         dtype = np.dtype(obj["d"])
-        arr = np.frombuffer(obj["b"], dtype=dtype).reshape(obj["s"]).copy()  # writable
+        arr = np.frombuffer(obj["b"], dtype=dtype).reshape(obj["s"])
     except (KeyError, TypeError, ValueError) as e:
         raise TrajectoryDecodeError(f"{name}: not an encoded array ({e})") from None
     if expected is not None and dtype != np.dtype(expected):
@@ -108,19 +110,25 @@ def _unpack_array(obj: Any, name: str, expected: type | None) -> np.ndarray:
 
 
 def encode(group: TrajectoryGroup) -> bytes:
-    samples = []
-    for s in group.samples:
-        item = {name: _pack_array(getattr(s, name)) for name in _ARRAYS}
-        item.update(reward=float(s.reward), parts=s.reward_parts, finish=s.finish_reason,
-                    experts=None if s.routed_experts is None else _pack_array(s.routed_experts))
-        samples.append(item)
+    """One array per field for the whole group (samples concatenated) plus their lengths."""
+    samples = group.samples
+    arrays = {name: _pack_array(np.concatenate([getattr(s, name) for s in samples]) if samples
+                                else np.zeros(0, dtype))
+              for name, dtype in _ARRAYS.items()}
+    experts = None
+    if samples and all(s.routed_experts is not None for s in samples):
+        experts = _pack_array(np.concatenate([s.routed_experts for s in samples]))
     return msgpack.packb({
         "v": SCHEMA_VERSION, "id": group.group_id, "env": group.env_id, "prompt": group.prompt_id,
-        "t0": group.created_at, "timings": group.timings, "meta": group.metadata, "samples": samples,
+        "t0": group.created_at, "timings": group.timings, "meta": group.metadata,
+        "lengths": [len(s.token_ids) for s in samples], "rewards": [float(s.reward) for s in samples],
+        "parts": [s.reward_parts for s in samples], "finish": [s.finish_reason for s in samples],
+        "arrays": arrays, "experts": experts,
     }, use_bin_type=True)
 
 
 def decode(data: bytes) -> TrajectoryGroup:
+    """Parse and check an encoded group (arrays are read-only views of the payload)."""
     try:
         obj = msgpack.unpackb(data, raw=False)
     except Exception as e:  # noqa: BLE001 - any malformed payload is reported, not raised as-is
@@ -130,22 +138,37 @@ def decode(data: bytes) -> TrajectoryGroup:
     if obj.get("v") != SCHEMA_VERSION:
         raise TrajectoryDecodeError(f"schema version {obj.get('v')!r}; this Estuary reads {SCHEMA_VERSION}")
     try:
-        samples = []
-        for i, item in enumerate(obj["samples"]):
-            arrays = {name: _unpack_array(item[name], f"samples[{i}].{name}", dtype)
-                      for name, dtype in _ARRAYS.items()}
-            experts = item.get("experts")
-            samples.append(Trajectory(
-                **arrays, reward=float(item["reward"]), reward_parts=dict(item.get("parts") or {}),
-                finish_reason=str(item.get("finish", "")),
-                routed_experts=None if experts is None else _unpack_array(experts, f"samples[{i}].experts", np.int16),
-            ))
+        lengths = [int(n) for n in obj["lengths"]]
+        arrays = {name: _unpack_array(obj["arrays"][name], name, dtype) for name, dtype in _ARRAYS.items()}
+        experts = obj.get("experts")
+        experts = None if experts is None else _unpack_array(experts, "experts", np.int16)
+        whole = Trajectory(**arrays, routed_experts=experts)  # checks every array once
+        if sum(lengths) != whole.token_ids.shape[0] or min(lengths, default=0) < 0:
+            raise TrajectoryDecodeError(f"sample lengths {lengths} do not add up to {whole.token_ids.shape[0]}")
+        samples, start = [], 0
+        for i, n in enumerate(lengths):
+            cut = slice(start, start + n)
+            samples.append(_trusted(
+                {name: arrays[name][cut] for name in _ARRAYS}, float(obj["rewards"][i]),
+                dict(obj["parts"][i] or {}), str(obj["finish"][i]), None if experts is None else experts[cut]))
+            start += n
         return TrajectoryGroup(env_id=str(obj["env"]), prompt_id=str(obj["prompt"]), samples=samples,
                                group_id=str(obj["id"]), created_at=float(obj["t0"]),
                                timings=dict(obj.get("timings") or {}), metadata=dict(obj.get("meta") or {}))
     except KeyError as e:
         raise TrajectoryDecodeError(f"missing field {e.args[0]!r}") from None
+    except IndexError:
+        raise TrajectoryDecodeError("per-sample lists are shorter than 'lengths'") from None
     except TrajectoryDecodeError:
         raise
     except (TypeError, ValueError) as e:
         raise TrajectoryDecodeError(f"malformed group ({e})") from None
+
+
+def _trusted(arrays: dict[str, np.ndarray], reward: float, parts: dict, finish: str,
+             experts: np.ndarray | None) -> Trajectory:
+    """A Trajectory from slices of arrays that were checked as a whole (skips re-checking)."""
+    t = object.__new__(Trajectory)
+    t.__dict__.update(arrays, reward=reward, reward_parts=parts, finish_reason=finish,
+                      routed_experts=experts)
+    return t

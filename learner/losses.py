@@ -1,0 +1,95 @@
+"""GRPO-family policy losses with off-policy corrections (pure tensor functions).
+
+All per-token tensors are (B, T) over B sequences; `mask` (B, T) is 1 on tokens the policy
+sampled and that are trained on (prompt, environment/tool and budget-forced tokens are 0).
+
+    logp      log-prob of each token under the policy being trained (requires grad)
+    behav     log-prob under the behaviour policy, as the engine reported it
+    prox      log-prob under the proximal policy (the trainer's weights before this step),
+              for AReaL's decoupled objective; without it the behaviour policy is the anchor
+    adv       (B,) advantage of each sequence
+
+Objective per token (PPO clip, with clip-higher): -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A),
+r = exp(logp - anchor). GSPO replaces r by the sequence's geometric-mean ratio. With `prox`,
+the clipped term is weighted by w = exp(prox - behav) (stop-gradient, capped): AReaL's decoupled
+PPO, which keeps stale data unbiased. Engine/trainer mismatch: `truncate` caps w at `is_cap`
+(TIS); `mask` drops tokens whose w leaves [1/is_cap, is_cap] (MIS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    aggregation: str = "token"  # token (DAPO) | sequence (GRPO)
+    ratio_level: str = "token"  # token | sequence (GSPO)
+    is_correction: str = "truncate"  # none | truncate | mask
+    is_cap: float = 2.0
+    kl_coef: float = 0.0
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, T) -> scalar: mean over all masked tokens, or mean over sequences of their token mean."""
+    mask = mask.to(per_token.dtype)
+    if how == "token":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    if how == "sequence":
+        per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+        has = (mask.sum(1) > 0).to(per_token.dtype)
+        return (per_seq * has).sum() / has.sum().clamp(min=1)
+    raise ValueError(f"unknown aggregation {how!r}; choose token or sequence")
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || ref) per token: exp(d) - d - 1 with d = ref - logp."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def policy_loss(logp: torch.Tensor, behav: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                cfg: LossConfig, prox: torch.Tensor | None = None,
+                ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Returns (scalar loss, statistics)."""
+    mask = mask.float()
+    anchor = behav if prox is None else prox
+    log_ratio = logp - anchor  # (B, T)
+    if cfg.ratio_level == "sequence":  # GSPO: length-normalised sequence ratio, per token
+        seq = (log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+        # The value is the sequence ratio; each token carries s * grad(logp_t), which the
+        # sequence mean turns into GSPO's s * grad(mean logp).
+        log_ratio = seq.detach()[:, None] + logp - logp.detach()
+    ratio = torch.exp(log_ratio)
+    a = adv[:, None]
+    clipped = torch.clamp(ratio, 1 - cfg.clip_low, 1 + cfg.clip_high)
+    per_token = -torch.minimum(ratio * a, clipped * a)  # (B, T)
+    weights = torch.ones_like(per_token)
+    if prox is not None or cfg.is_correction != "none":
+        w = torch.exp((anchor - behav).detach())  # behaviour correction, no gradient
+        if cfg.is_correction == "truncate":
+            weights = w.clamp(max=cfg.is_cap)
+        elif cfg.is_correction == "mask":
+            keep = (w <= cfg.is_cap) & (w >= 1 / cfg.is_cap)
+            weights, mask = w * keep, mask * keep
+        else:
+            weights = w
+    per_token = per_token * weights
+    if cfg.kl_coef and ref_logp is not None:
+        per_token = per_token + cfg.kl_coef * k3_kl(logp, ref_logp)
+    loss = aggregate(per_token, mask, cfg.aggregation)
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        stats = {
+            "clip_fraction": float((((ratio - clipped).abs() > 1e-8).float() * mask).sum() / n),
+            "ratio_mean": float((ratio * mask).sum() / n),
+            "is_weight_mean": float((weights * mask).sum() / n),
+            "is_weight_max": float((weights * mask).max()) if mask.any() else 0.0,
+        }
+        if ref_logp is not None:
+            stats["kl"] = float((k3_kl(logp, ref_logp) * mask).sum() / n)
+    return loss, stats

@@ -1,0 +1,105 @@
+"""Advantages and policy losses against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from learner.advantages import group_advantages, informative_groups
+from learner.losses import LossConfig, aggregate, k3_kl, policy_loss
+
+
+def test_advantages_hand_computed():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0]])  # mean 0.5, sample std sqrt(1/3)
+    std = math.sqrt(1 / 3)
+    assert group_advantages(r, "grpo", eps=0).tolist()[0] == pytest.approx([0.5 / std, -0.5 / std] * 1 + [-0.5 / std, 0.5 / std])
+    # leave-one-out: 1 - mean(0, 0, 1) = 2/3; 0 - mean(1, 0, 1) = -2/3
+    assert group_advantages(r, "loo").tolist()[0] == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3])
+    assert group_advantages(r, "drgrpo").tolist()[0] == pytest.approx([0.5, -0.5, -0.5, 0.5])
+    with pytest.raises(ValueError, match="choose one of"):
+        group_advantages(r, "ppo")
+
+
+def test_zero_variance_groups_are_flagged():
+    r = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    assert informative_groups(r).tolist() == [False, True, False]
+    assert group_advantages(r, "grpo")[0].abs().max() == 0
+
+
+def test_aggregation_token_vs_sequence():
+    per_token = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
+    assert aggregate(per_token, mask, "token").item() == pytest.approx(8 / 5)  # all tokens equal
+    assert aggregate(per_token, mask, "sequence").item() == pytest.approx((1 + 4) / 2)  # sequences equal
+
+
+def _one_token(logp, behav, adv, cfg, prox=None):
+    lp = torch.tensor([[logp]], requires_grad=True)
+    loss, stats = policy_loss(lp, torch.tensor([[behav]]), torch.tensor([adv]), torch.ones(1, 1), cfg,
+                              prox=None if prox is None else torch.tensor([[prox]]))
+    return loss, stats, lp
+
+
+def test_clip_and_clip_higher():
+    cfg = LossConfig(clip_low=0.2, clip_high=0.28, is_correction="none")
+    # ratio 1.5, positive advantage: clipped at 1.28 -> loss -1.28 * A, no gradient
+    loss, stats, lp = _one_token(math.log(1.5), 0.0, 2.0, cfg)
+    assert loss.item() == pytest.approx(-1.28 * 2.0)
+    loss.backward()
+    assert lp.grad.item() == 0.0 and stats["clip_fraction"] == 1.0
+    # ratio 0.5, positive advantage: min picks the unclipped 0.5 * A (pessimistic), gradient flows
+    loss, stats, lp = _one_token(math.log(0.5), 0.0, 2.0, cfg)
+    assert loss.item() == pytest.approx(-0.5 * 2.0)
+    loss.backward()
+    assert lp.grad.item() == pytest.approx(-0.5 * 2.0)
+    # ratio 0.5, negative advantage: clipped at 0.8 -> loss 0.8 * 1
+    loss, _, _ = _one_token(math.log(0.5), 0.0, -1.0, cfg)
+    assert loss.item() == pytest.approx(0.8)
+
+
+def test_decoupled_and_truncated_importance_weights():
+    # behaviour logp -1.0, proximal logp -0.2: w = exp(0.8) = 2.2255 > cap 2 -> truncated to 2
+    cfg = LossConfig(is_correction="truncate", is_cap=2.0)
+    loss, stats, _ = _one_token(-0.2, -1.0, 1.0, cfg, prox=-0.2)  # ratio to prox = 1
+    assert loss.item() == pytest.approx(-2.0) and stats["is_weight_max"] == pytest.approx(2.0)
+    cfg = LossConfig(is_correction="mask", is_cap=2.0)
+    loss, stats, _ = _one_token(-0.2, -1.0, 1.0, cfg, prox=-0.2)
+    assert loss.item() == 0.0  # masked out
+    cfg = LossConfig(is_correction="mask", is_cap=3.0)
+    loss, _, _ = _one_token(-0.2, -1.0, 1.0, cfg, prox=-0.2)
+    assert loss.item() == pytest.approx(-math.exp(0.8))
+
+
+def test_gspo_uses_the_sequence_ratio():
+    cfg = LossConfig(ratio_level="sequence", aggregation="sequence", is_correction="none",
+                     clip_low=10, clip_high=10)
+    logp = torch.tensor([[math.log(2.0), math.log(0.5), 0.0]], requires_grad=True)
+    behav = torch.zeros(1, 3)
+    mask = torch.tensor([[1, 1, 0]])
+    loss, stats = policy_loss(logp, behav, torch.tensor([1.0]), mask, cfg)
+    # geometric mean of ratios 2 and 0.5 is 1 -> loss -1, each token's grad -(1/2) * 1
+    assert loss.item() == pytest.approx(-1.0)
+    loss.backward()
+    assert logp.grad.tolist()[0] == pytest.approx([-0.5, -0.5, 0.0])
+
+
+def test_k3_kl():
+    assert k3_kl(torch.tensor(0.0), torch.tensor(0.0)).item() == 0.0
+    d = -0.5  # ref - logp
+    assert k3_kl(torch.tensor(0.5), torch.tensor(0.0)).item() == pytest.approx(math.exp(d) - d - 1)
+    cfg = LossConfig(is_correction="none", kl_coef=0.1)
+    lp = torch.tensor([[0.0]], requires_grad=True)
+    loss, stats = policy_loss(lp, torch.zeros(1, 1), torch.tensor([0.0]), torch.ones(1, 1), cfg,
+                              ref_logp=torch.tensor([[-1.0]]))
+    assert loss.item() == pytest.approx(0.1 * (math.exp(-1) + 1 - 1))
+    assert stats["kl"] == pytest.approx(math.exp(-1))
+
+
+def test_masked_tokens_do_not_count():
+    cfg = LossConfig(is_correction="none")
+    logp = torch.zeros(1, 3, requires_grad=True)
+    loss, _ = policy_loss(logp, torch.zeros(1, 3), torch.tensor([1.0]), torch.tensor([[1, 0, 0]]), cfg)
+    loss.backward()
+    assert logp.grad.tolist()[0] == pytest.approx([-1.0, 0.0, 0.0])

@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import environments
+from bench.timing import best_time
 from environments.long_context import _FILLER
 from environments.sandbox import Limits, SandboxPool
 
@@ -58,15 +59,6 @@ def naive_haystack(seed: int, n_chars: int) -> str:
     return text
 
 
-def best_of(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--executions", type=int, default=200)
@@ -76,8 +68,8 @@ def main() -> None:
     rows = [("sandbox executions/s (pool of 2)", ours_rate, base_rate, ours_rate / base_rate)]
     for tokens, label in ((32_000, "32k"), (128_000, "128k"), (1_000_000, "1M")):
         env = environments.make("estuary/long_context", length_tokens=tokens, task="niah_single")
-        ours = best_of(lambda env=env: env.reset(seed=1))
-        base = best_of(lambda tokens=tokens: naive_haystack(1, tokens * 4))
+        ours = best_time(lambda env=env: env.reset(seed=1))
+        base = best_time(lambda tokens=tokens: naive_haystack(1, tokens * 4))
         rows.append((f"long_context {label} generation s", ours, base, base / ours))
 
     print(f"{'measure':<36} {'estuary':>12} {'baseline':>12} {'ratio':>8}")

@@ -14,11 +14,11 @@ Prints a table, then `RESULT <name> ours=<s> baseline=<s> ratio=<baseline/ours>`
 from __future__ import annotations
 
 import tempfile
-import time
 
 import torch
 from transformers import AutoModelForCausalLM, NemotronHConfig
 
+from bench.timing import best_time
 from models.policy import init_policy
 from weights_sync.local import SharedMemoryWeightSync
 
@@ -32,15 +32,6 @@ def nemotron_100m() -> torch.nn.Module:
         moe_latent_size=384, tie_word_embeddings=False,
     )
     return AutoModelForCausalLM.from_config(cfg)
-
-
-def best(fn, repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def measure(model: torch.nn.Module) -> tuple[float, float, int]:
@@ -60,7 +51,7 @@ def measure(model: torch.nn.Module) -> tuple[float, float, int]:
             for name, t in source.items():
                 target[name].copy_(t)
 
-        o, r = best(ours), best(raw)
+        o, r = best_time(ours, 5), best_time(raw, 5)
         pub.close()
         sub.close()
     return o, r, n_params
@@ -74,7 +65,7 @@ def main() -> None:
     print(f"{'model':<18} {'params':>12} {'ours s':>9} {'raw copy s':>11} {'ratio':>6}")
     for label, n, o, r in rows:
         print(f"{label:<18} {n:>12,} {o:>9.4f} {r:>11.4f} {r / o:>6.2f}")
-    for label, n, o, r in rows:
+    for label, _n, o, r in rows:
         print(f"RESULT weight_sync_latency_s_{label} ours={o:.4f} baseline={r:.4f} ratio={r / o:.2f}")
 
 

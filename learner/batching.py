@@ -1,0 +1,64 @@
+"""Pack trajectory samples into micro-batches by a token budget (right-padded tensors).
+
+Each sample is one row; a micro-batch holds as many rows as fit `max_tokens` counted as
+rows × longest row (the padded size the forward pass pays for). Rows are sorted by length
+first so that similar lengths share a micro-batch and little is spent on padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from streams.trajectory import POLICY, Trajectory
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # (B, T) right-padded
+    loss_mask: torch.Tensor  # (B, T) 1 where the token is trained on (policy-sampled)
+    behav_logp: torch.Tensor  # (B, T) engine log-probs
+    versions: torch.Tensor  # (B, T) policy version per token (-1 elsewhere)
+    advantages: torch.Tensor  # (B,)
+    n_tokens: int  # trained tokens
+
+
+def pack(samples: list[Trajectory], advantages: list[float], max_tokens: int, pad_id: int = 0
+         ) -> list[MicroBatch]:
+    """samples with one advantage each -> micro-batches whose padded size fits `max_tokens`."""
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].token_ids))
+    batches, current = [], []
+    for i in order:
+        longest = max([len(samples[j].token_ids) for j in current] + [len(samples[i].token_ids)])
+        if current and longest * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return [_collate([samples[i] for i in rows], [advantages[i] for i in rows], pad_id) for rows in batches]
+
+
+def _collate(samples: list[Trajectory], advantages: list[float], pad_id: int) -> MicroBatch:
+    width = max(len(s.token_ids) for s in samples)
+    b = len(samples)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros(b, width)
+    behav = torch.zeros(b, width)
+    versions = torch.full((b, width), -1, dtype=torch.long)
+    for r, s in enumerate(samples):
+        n = len(s.token_ids)
+        ids[r, :n] = torch.from_numpy(s.token_ids.astype("int64"))
+        mask[r, :n] = torch.from_numpy((s.loss_mask == POLICY).astype("float32"))
+        behav[r, :n] = torch.from_numpy(s.logprobs.astype("float32"))
+        versions[r, :n] = torch.from_numpy(s.versions.astype("int64"))
+    return MicroBatch(ids, mask, behav, versions, torch.tensor(advantages, dtype=torch.float32),
+                      int(mask.sum()))
+
+
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) ids -> (B, T) log-prob of each token given its prefix (0 at position 0)."""
+    logits = model(input_ids).logits[:, :-1].float()  # (B, T-1, V) predicts tokens 1..T-1
+    logp = torch.log_softmax(logits, dim=-1).gather(2, input_ids[:, 1:, None])[..., 0]
+    return torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)

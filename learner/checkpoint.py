@@ -1,0 +1,92 @@
+"""Learner checkpoints that resume exactly: the policy as an HF directory plus the trainer state.
+
+    save_checkpoint(run_dir, policy, trainer, step=12, version=12, extra={"stream": ...})
+    path = latest_checkpoint(run_dir)             # None before the first one
+    meta = restore_checkpoint(path, policy, trainer)
+
+Layout: `run_dir/checkpoints/step-000012/` holds the policy (config.json, safetensors,
+tokenizer, MTP heads) and `trainer/` (optimizer and scheduler state, RNG states); `meta.json`
+holds step, policy version and whatever the caller adds (the stream position).
+A checkpoint is written into a temporary folder and renamed into place, and `LATEST` is
+replaced atomically afterwards, so a learner killed mid-write resumes from the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.policy import Policy
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(run_dir: str | Path, policy: Policy, trainer, step: int, version: int,
+                    extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save(tmp)
+    trainer_dir = tmp / "trainer"
+    trainer_dir.mkdir()
+    if trainer.engine is not None:
+        trainer.engine.save_checkpoint(str(trainer_dir), tag="state")
+    else:
+        torch.save({"optimizer": trainer.optimizer.state_dict()}, trainer_dir / "optimizer.pt")
+    torch.save({"scheduler": trainer.scheduler.state_dict(), "rng": _rng_state(), "steps": trainer.steps},
+               trainer_dir / "state.pt")
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "version": version, **(extra or {})}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = root / f"LATEST.{os.getpid()}.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, root / "LATEST")
+    for old in sorted(p for p in root.glob("step-*") if p != final)[:-(keep - 1) or None]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    root = Path(run_dir) / "checkpoints"
+    try:
+        path = root / (root / "LATEST").read_text().strip()
+    except FileNotFoundError:
+        return None
+    return path if (path / "meta.json").is_file() else None
+
+
+def restore_checkpoint(path: str | Path, policy: Policy, trainer) -> dict[str, Any]:
+    """Load weights, optimizer, scheduler and RNG from `path` into live objects; returns meta."""
+    path = Path(path)
+    from models.policy import load_policy
+
+    saved = load_policy(path)
+    with torch.no_grad():
+        policy.model.load_state_dict(saved.model.state_dict(), strict=False)
+    trainer_dir = path / "trainer"
+    if trainer.engine is not None:
+        trainer.engine.load_checkpoint(str(trainer_dir), tag="state")
+    else:
+        trainer.optimizer.load_state_dict(torch.load(trainer_dir / "optimizer.pt", weights_only=False)["optimizer"])
+    state = torch.load(trainer_dir / "state.pt", weights_only=False)
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.steps = state["steps"]
+    _set_rng_state(state["rng"])
+    return json.loads((path / "meta.json").read_text())

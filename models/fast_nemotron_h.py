@@ -90,19 +90,12 @@ class FastNemotronH:
         hidden states (T, D) with `return_hidden`, for MTP drafting)."""
         start = int(state.lengths[slot])
         state.check_room(slot, tokens.numel())
-        h = self.model.model.embeddings(tokens[None])  # (1, T, D)
-        for i, layer in enumerate(self.layers):
-            x = _rms(h, layer.norm.weight, self.eps)
-            kind = self.dims.layer_types[i]
-            if kind == "linear_attention":
-                out = self._mamba_extend(layer.mixer, state, i, slot, x)
-            elif kind == "full_attention":
-                out = self._attn_extend(layer.mixer, state, i, slot, start, x)
-            elif kind == "moe":
-                out = self._moe(layer.mixer, x[0], routing)[None]
-            else:
-                out = layer.mixer(x)
-            h = h + out
+        h = self._layers(
+            self.model.model.embeddings(tokens[None]),  # (1, T, D)
+            mamba=lambda mixer, i, x: self._mamba_extend(mixer, state, i, slot, x),
+            attention=lambda mixer, i, x: self._attn_extend(mixer, state, i, slot, start, x),
+            routing=routing,
+        )
         state.lengths[slot] = start + tokens.numel()
         hidden = _rms(h, self.model.model.norm_f.weight, self.eps)[0]
         logits = self.model.lm_head(hidden).float()
@@ -114,19 +107,12 @@ class FastNemotronH:
         """One token per slot: slots (B,), tokens (B,) -> logits (B, vocab)."""
         lengths = state.lengths[slots]
         state.check_room_many(slots)
-        h = self.model.model.embeddings(tokens)  # (B, D)
-        for i, layer in enumerate(self.layers):
-            x = _rms(h, layer.norm.weight, self.eps)
-            kind = self.dims.layer_types[i]
-            if kind == "linear_attention":
-                out = self._mamba_step(layer.mixer, state, i, slots, x)
-            elif kind == "full_attention":
-                out = self._attn_step(layer.mixer, state, i, slots, lengths, x)
-            elif kind == "moe":
-                out = self._moe(layer.mixer, x, routing)
-            else:
-                out = layer.mixer(x)
-            h = h + out
+        h = self._layers(
+            self.model.model.embeddings(tokens),  # (B, D)
+            mamba=lambda mixer, i, x: self._mamba_step(mixer, state, i, slots, x),
+            attention=lambda mixer, i, x: self._attn_step(mixer, state, i, slots, lengths, x),
+            routing=routing,
+        )
         state.lengths[slots] = lengths + 1
         return self.model.lm_head(_rms(h, self.model.model.norm_f.weight, self.eps)).float()
 
@@ -141,20 +127,13 @@ class FastNemotronH:
         lengths = state.lengths[slots].clone()
         if bool((lengths + t > state.max_len).any()):
             raise ContextOverflow(f"a sequence would exceed max_len={state.max_len}")
-        h = self.model.model.embeddings(tokens)  # (B, T, D)
         history: dict[str, torch.Tensor] = {}
-        for i, layer in enumerate(self.layers):
-            x = _rms(h, layer.norm.weight, self.eps)
-            kind = self.dims.layer_types[i]
-            if kind == "linear_attention":
-                out = self._mamba_multi(layer.mixer, state, i, slots, x, history)
-            elif kind == "full_attention":
-                out = self._attn_multi(layer.mixer, state, i, slots, lengths, x)
-            elif kind == "moe":
-                out = self._moe(layer.mixer, x.reshape(b * t, -1), None).view(b, t, -1)
-            else:
-                out = layer.mixer(x)
-            h = h + out
+        h = self._layers(
+            self.model.model.embeddings(tokens),  # (B, T, D)
+            mamba=lambda mixer, i, x: self._mamba_multi(mixer, state, i, slots, x, history),
+            attention=lambda mixer, i, x: self._attn_multi(mixer, state, i, slots, lengths, x),
+            routing=None,
+        )
         state.lengths[slots] = lengths + t
         hidden = _rms(h, self.model.model.norm_f.weight, self.eps)
         return self.model.lm_head(hidden).float(), hidden, (history, lengths)
@@ -166,6 +145,23 @@ class FastNemotronH:
         for name, per_position in history.items():  # (B, T, ...) state after each position
             state.tensors[name][slots] = per_position[rows, keep - 1]
         state.lengths[slots] = lengths + keep
+
+    def _layers(self, h: torch.Tensor, mamba, attention, routing: list | None) -> torch.Tensor:
+        """The residual stack, shared by extend/decode/verify: they differ only in how Mamba and
+        attention layers use the state (`mamba(mixer, i, x)`, `attention(mixer, i, x)`)."""
+        for i, layer in enumerate(self.layers):
+            x = _rms(h, layer.norm.weight, self.eps)
+            kind = self.dims.layer_types[i]
+            if kind == "linear_attention":
+                out = mamba(layer.mixer, i, x)
+            elif kind == "full_attention":
+                out = attention(layer.mixer, i, x)
+            elif kind == "moe":  # experts see a flat list of tokens
+                out = self._moe(layer.mixer, x.reshape(-1, x.shape[-1]), routing).view(x.shape)
+            else:
+                out = layer.mixer(x)
+            h = h + out
+        return h
 
     # -- Mamba-2 ------------------------------------------------------------------------------
     def _split(self, mixer, x: torch.Tensor):

@@ -3,11 +3,14 @@
     .venv/bin/python -m bench.stream_bench [--groups 300]
 
 For trajectory groups of 1k, 8k and 32k tokens (8 samples each, with log-probs, masks and
-versions), a producer thread publishes while a consumer thread reads batches of 8 and
-acknowledges them, against an embedded Redis. Ours: `TrajectoryStream` (encode, backpressure
+versions), a producer publishes while a consumer reads batches of 8 and
+acknowledges them, against an embedded Redis. The producer is another process (as rollout
+workers are). Ours: `TrajectoryStream` (encode, backpressure
 check, XADD; XAUTOCLAIM + XREADGROUP, decode + validation, dedupe check, XACK + XDEL). Baseline:
-plain XADD of the pre-encoded bytes and XREAD, nothing else. Latency: publish start to decoded
-in the consumer.
+plain XADD of the pre-encoded bytes and XREAD, nothing else. Throughput: the producer as fast as
+it can. Latency (publish start to decoded in the consumer): a second pass with the producer
+paced at `--rate` groups/s, under either side's capacity, so that it shows the stream's own
+delay rather than the queue a saturated consumer builds.
 
 Prints a table, then `RESULT` lines (groups/s: ratio ours/baseline; p50/p99 latency:
 baseline/ours).
@@ -16,7 +19,7 @@ baseline/ours).
 from __future__ import annotations
 
 import argparse
-import threading
+import multiprocessing
 import time
 
 import numpy as np
@@ -36,65 +39,98 @@ def make_group(tokens: int, seed: int) -> TrajectoryGroup:
     return TrajectoryGroup(env_id="estuary/math", prompt_id=str(seed), samples=samples)
 
 
-def ours(url: str, groups: list[TrajectoryGroup], key: str) -> tuple[float, list[float]]:
-    producer = TrajectoryStream(url, key=key, consumer="p", max_len=1000)
-    consumer = TrajectoryStream(url, key=key, consumer="c")
-    sent: dict[str, float] = {}
-    latencies: list[float] = []
+def _in_child(produce, n: int) -> tuple[multiprocessing.Process, multiprocessing.Queue]:
+    """Run `produce(sent)` in a forked process (rollout workers are other processes than the
+    learner; threads in one process would also measure GIL contention); it returns the send
+    times, by index, through a queue."""
+    ctx = multiprocessing.get_context("fork")
+    times = ctx.Queue()
 
-    def produce():
-        for g in groups:
-            sent[g.group_id] = time.perf_counter()
+    def run():
+        sent = [0.0] * n
+        produce(sent)
+        times.put(sent)
+
+    proc = ctx.Process(target=run)
+    proc.start()
+    return proc, times
+
+
+def _pace(i: int, start: float, interval: float) -> None:
+    if interval:
+        time.sleep(max(0.0, start + i * interval - time.time()))
+
+
+def ours(url: str, groups: list[TrajectoryGroup], key: str, interval: float = 0.0) -> tuple[float, list[float]]:
+    consumer = TrajectoryStream(url, key=key, consumer="c")
+    index = {g.group_id: i for i, g in enumerate(groups)}
+    received: list[tuple[int, float]] = []
+
+    def produce(sent):
+        producer = TrajectoryStream(url, key=key, consumer="p", max_len=1000)
+        t0 = time.time()
+        for i, g in enumerate(groups):
+            _pace(i, t0, interval)
+            sent[i] = time.time()
             producer.publish(g)
 
     start = time.perf_counter()
-    thread = threading.Thread(target=produce)
-    thread.start()
-    while len(latencies) < len(groups):
+    proc, times = _in_child(produce, len(groups))
+    while len(received) < len(groups):
         entries = consumer.read(count=8, block_ms=200)
-        now = time.perf_counter()
-        latencies += [now - sent[e.group.group_id] for e in entries]
+        now = time.time()
+        received += [(index[e.group.group_id], now) for e in entries]
         consumer.ack(entries)
-    thread.join()
-    return len(groups) / (time.perf_counter() - start), latencies
+    rate = len(groups) / (time.perf_counter() - start)
+    sent = times.get(timeout=60)
+    proc.join()
+    return rate, [at - sent[i] for i, at in received]
 
 
-def raw(url: str, payloads: list[bytes], key: str) -> tuple[float, list[float]]:
-    client, reader = redis.Redis.from_url(url), redis.Redis.from_url(url)
-    sent: list[float] = []
-    latencies: list[float] = []
+def raw(url: str, payloads: list[bytes], key: str, interval: float = 0.0) -> tuple[float, list[float]]:
+    reader = redis.Redis.from_url(url)
+    received: list[float] = []
 
-    def produce():
-        for p in payloads:
-            sent.append(time.perf_counter())
+    def produce(sent):
+        client = redis.Redis.from_url(url)
+        t0 = time.time()
+        for i, p in enumerate(payloads):
+            _pace(i, t0, interval)
+            sent[i] = time.time()
             client.xadd(key, {"g": p})
 
     start = time.perf_counter()
-    thread = threading.Thread(target=produce)
-    thread.start()
+    proc, times = _in_child(produce, len(payloads))
     last = "0-0"
-    while len(latencies) < len(payloads):
+    while len(received) < len(payloads):
         got = reader.xread({key: last}, count=8, block=200)
-        now = time.perf_counter()
+        now = time.time()
         for _, items in got or []:
             for entry_id, _fields in items:
                 last = entry_id
-                latencies.append(now - sent[len(latencies)])
-    thread.join()
-    return len(payloads) / (time.perf_counter() - start), latencies
+                received.append(now)
+    rate = len(payloads) / (time.perf_counter() - start)
+    sent = times.get(timeout=60)
+    proc.join()
+    return rate, [at - t0 for at, t0 in zip(received, sent, strict=True)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--groups", type=int, default=300)
+    parser.add_argument("--paced", type=int, default=200, help="groups in the latency pass")
+    parser.add_argument("--rate", type=float, default=200.0, help="groups/s in the latency pass")
     args = parser.parse_args()
     rows = []
     with EmbeddedRedis() as server:
         for tokens, label in ((1024, "1k"), (8192, "8k"), (32768, "32k")):
             groups = [make_group(tokens, i) for i in range(args.groups)]
             payloads = [encode(g) for g in groups]
-            o_rate, o_lat = ours(server.url, groups, f"bench:{label}:ours")
-            r_rate, r_lat = raw(server.url, payloads, f"bench:{label}:raw")
+            o_rate, _ = ours(server.url, groups, f"bench:{label}:ours")
+            r_rate, _ = raw(server.url, payloads, f"bench:{label}:raw")
+            paced = groups[: args.paced]
+            _, o_lat = ours(server.url, paced, f"bench:{label}:ours-paced", 1 / args.rate)
+            _, r_lat = raw(server.url, payloads[: args.paced], f"bench:{label}:raw-paced", 1 / args.rate)
             rows.append((label, len(payloads[0]), o_rate, r_rate, np.percentile(o_lat, 50) * 1e3,
                          np.percentile(r_lat, 50) * 1e3, np.percentile(o_lat, 99) * 1e3,
                          np.percentile(r_lat, 99) * 1e3))

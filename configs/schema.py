@@ -155,6 +155,8 @@ class RolloutConfig:
     """Samples per prompt (G): one trajectory group."""
     max_concurrent_episodes: int = 16
     """Episodes a worker drives at once, across all its environments."""
+    max_len: int = 2048
+    """Longest sequence (prompt and every turn) an episode may reach; the engine's cache size."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """Sampling settings for training rollouts."""
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -224,6 +226,8 @@ class LearnerConfig:
     """Trajectory groups consumed per optimizer step."""
     micro_batch_tokens: int = 4096
     """Token budget of one packed micro-batch; steps accumulate gradients over micro-batches."""
+    minibatches: int = 1
+    """Optimizer steps per consumed batch (PPO mini-batches); >1 recomputes proximal log-probs first."""
     advantage: str = "grpo"
     """Advantage estimator: `grpo` (mean/std), `loo` (leave-one-out), `drgrpo` (mean only)."""
     loss_aggregation: str = "token"
@@ -273,12 +277,19 @@ class LearnerConfig:
         _positive("learner", "groups_per_step", self.groups_per_step)
         _positive("learner", "micro_batch_tokens", self.micro_batch_tokens)
         _positive("learner", "publish_every", self.publish_every)
+        _positive("learner", "minibatches", self.minibatches)
 
 
 @dataclass
 class WeightSyncConfig:
     transport: str = "local"
-    """`local` (shared memory / Ray object store), `collective` (torch.distributed broadcast)."""
+    """`local` (shared memory, one machine), `ray` (Ray object store, any node) or `collective`
+    (torch.distributed broadcast: gloo on CPU, NCCL on GPU)."""
+    collective_port: int = 29600
+    """`collective` only: TCP port of the rendezvous store on the learner's host."""
+
+    def __post_init__(self) -> None:
+        _one_of("weights_sync", "transport", self.transport, ("local", "ray", "collective"))
 
 
 @dataclass

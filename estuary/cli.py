@@ -55,6 +55,34 @@ def _train_mtp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from configs import load_config
+    from estuary.train import train
+
+    train(load_config(args.config, args.overrides))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from configs import load_config
+    from estuary.evaluate import evaluate
+    from models.policy import load_policy
+
+    cfg = load_config(args.config, args.overrides)
+    unknown = [e for e in args.env or [] if e not in cfg.environments]
+    if unknown:
+        raise UsageError(f"--env {unknown[0]!r} is not an environment of {args.config}; "
+                         f"choose from {', '.join(cfg.environments)}")
+    if args.instances:
+        cfg.eval.instances = args.instances
+    results = evaluate(load_policy(args.checkpoint, dtype=cfg.model.dtype), cfg.environments, cfg.eval,
+                       cfg.rollout, cfg.run.seed, only=args.env)
+    print(f"{'environment':<24} {'reward':>7} {'pass':>6} {'n':>4}")
+    for name, r in results.items():
+        print(f"{name:<24} {r['reward']:>7.3f} {r['pass_rate']:>6.2f} {int(r['instances']):>4}")
+    return 0
+
+
 def _envs(args: argparse.Namespace) -> int:
     import environments
 
@@ -100,6 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     mtp.add_argument("--max-new-tokens", type=int, default=64, help="tokens per generated answer")
     mtp.add_argument("--seed", type=int, default=0)
     mtp.set_defaults(handler=_train_mtp)
+
+    run = sub.add_parser("train", help="run asynchronous multi-environment GRPO (local or in a Ray job)")
+    run.add_argument("config", help="YAML preset (path, or a name under configs/: tiny_cpu)")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    run.set_defaults(handler=_train)
+
+    ev = sub.add_parser("eval", help="score a policy on held-out environment instances")
+    ev.add_argument("checkpoint", help="policy directory (a run's checkpoints/step-N or any HF directory)")
+    ev.add_argument("--config", default="tiny_cpu", help="config that defines the environments (default tiny_cpu)")
+    ev.add_argument("--env", action="append", help="environment name from the config (repeatable; default all)")
+    ev.add_argument("--instances", type=int, default=0, help="held-out instances per environment")
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. eval.budgets=[8])")
+    ev.set_defaults(handler=_eval)
 
     envs = sub.add_parser("envs", help="list registered environments (built-in and plug-ins)")
     envs.set_defaults(handler=_envs)

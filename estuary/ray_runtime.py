@@ -32,6 +32,9 @@ def _token_available() -> bool:
     return Path(path).is_file() if path else (Path.home() / ".ray" / "auth_token").is_file()
 
 
+_PROCESS_TOKEN = secrets.token_hex(32)
+
+
 def prepare_auth_env(joining: bool) -> str:
     """Set RAY_AUTH_MODE (and a token for a local cluster) unless the user set it; returns the mode."""
     if "RAY_AUTH_MODE" in os.environ:
@@ -40,7 +43,9 @@ def prepare_auth_env(joining: bool) -> str:
         mode = "token" if _token_available() else "disabled"
     else:
         mode = "token"
-        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        # One token per process: Ray's C++ core keeps the first token it saw, so a second local
+        # cluster started by the same process must get the same one.
+        os.environ.setdefault("RAY_AUTH_TOKEN", _PROCESS_TOKEN)
     os.environ["RAY_AUTH_MODE"] = mode
     return mode
 

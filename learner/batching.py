@@ -22,11 +22,17 @@ class MicroBatch:
     versions: torch.Tensor  # (B, T) policy version per token (-1 elsewhere)
     advantages: torch.Tensor  # (B,)
     n_tokens: int  # trained tokens
+    lengths: torch.Tensor  # (B,) real (unpadded) length of each row
+    routed: torch.Tensor | None = None  # (B, T, layers, k) experts the engine used, -1 where unknown
+    prox_logp: torch.Tensor | None = None  # (B, T) proximal log-probs, when the trainer recomputed them
 
 
-def pack(samples: list[Trajectory], advantages: list[float], max_tokens: int, pad_id: int = 0
-         ) -> list[MicroBatch]:
-    """samples with one advantage each -> micro-batches whose padded size fits `max_tokens`."""
+def pack(samples: list[Trajectory], advantages: list[float], max_tokens: int, pad_id: int = 0,
+         routing: bool = False) -> list[MicroBatch]:
+    """samples with one advantage each -> micro-batches whose padded size fits `max_tokens`.
+
+    `routing`: carry the samples' recorded experts (for routing replay).
+    """
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].token_ids))
     batches, current = [], []
     for i in order:
@@ -37,10 +43,25 @@ def pack(samples: list[Trajectory], advantages: list[float], max_tokens: int, pa
         current.append(i)
     if current:
         batches.append(current)
-    return [_collate([samples[i] for i in rows], [advantages[i] for i in rows], pad_id) for rows in batches]
+    return [_collate([samples[i] for i in rows], [advantages[i] for i in rows], pad_id, routing)
+            for rows in batches]
 
 
-def _collate(samples: list[Trajectory], advantages: list[float], pad_id: int) -> MicroBatch:
+def _routed(samples: list[Trajectory], width: int) -> torch.Tensor | None:
+    shapes = {s.routed_experts.shape[1:] for s in samples if s.routed_experts is not None}
+    if not shapes:
+        return None
+    if len(shapes) > 1:
+        raise ValueError(f"samples disagree on the routing shape (layers, k): {sorted(shapes)}")
+    (layers, k), = shapes
+    out = torch.full((len(samples), width, layers, k), -1, dtype=torch.int16)
+    for r, s in enumerate(samples):
+        if s.routed_experts is not None:
+            out[r, : len(s.token_ids)] = torch.from_numpy(s.routed_experts.astype("int16"))
+    return out
+
+
+def _collate(samples: list[Trajectory], advantages: list[float], pad_id: int, routing: bool) -> MicroBatch:
     width = max(len(s.token_ids) for s in samples)
     b = len(samples)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
@@ -53,12 +74,6 @@ def _collate(samples: list[Trajectory], advantages: list[float], pad_id: int) ->
         mask[r, :n] = torch.from_numpy((s.loss_mask == POLICY).astype("float32"))
         behav[r, :n] = torch.from_numpy(s.logprobs.astype("float32"))
         versions[r, :n] = torch.from_numpy(s.versions.astype("int64"))
+    lengths = torch.tensor([len(s.token_ids) for s in samples])
     return MicroBatch(ids, mask, behav, versions, torch.tensor(advantages, dtype=torch.float32),
-                      int(mask.sum()))
-
-
-def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) ids -> (B, T) log-prob of each token given its prefix (0 at position 0)."""
-    logits = model(input_ids).logits[:, :-1].float()  # (B, T-1, V) predicts tokens 1..T-1
-    logp = torch.log_softmax(logits, dim=-1).gather(2, input_ids[:, 1:, None])[..., 0]
-    return torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)
+                      int(mask.sum()), lengths, _routed(samples, width) if routing else None)

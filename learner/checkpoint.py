@@ -5,8 +5,9 @@
     meta = restore_checkpoint(path, policy, trainer)
 
 Layout: `run_dir/checkpoints/step-000012/` holds the policy (config.json, safetensors,
-tokenizer, MTP heads) and `trainer/` (optimizer and scheduler state, RNG states); `meta.json`
-holds step, policy version and whatever the caller adds (the stream position).
+tokenizer, MTP heads) and `trainer/` (optimizer state, DeepSpeed's shards under ZeRO, and one
+`state-rank{r}.pt` per rank: scheduler, RNG, what that rank consumed from the stream);
+`meta.json` holds step, policy version and whatever the caller adds.
 A checkpoint is written into a temporary folder and renamed into place, and `LATEST` is
 replaced atomically afterwards, so a learner killed mid-write resumes from the previous one.
 """
@@ -37,29 +38,42 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, policy: Policy, trainer, step: int, version: int,
-                    extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
+                    extra: dict[str, Any] | None = None, keep: int = 2,
+                    rank_extra: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint; with several data-parallel ranks every rank calls this (collective).
+
+    `extra` (rank 0's) goes to meta.json; `rank_extra` is each rank's own (e.g. its stream entries).
+    """
+    rank = getattr(trainer, "rank", 0)
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save(tmp)
+    tmp = root / f".tmp-step-{step:06d}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "trainer").mkdir(parents=True)
+    trainer.barrier()
+    state = trainer.full_state_dict()  # collective under ZeRO-3
+    if rank == 0:
+        policy.save(tmp, state)
     trainer_dir = tmp / "trainer"
-    trainer_dir.mkdir()
     if trainer.engine is not None:
-        trainer.engine.save_checkpoint(str(trainer_dir), tag="state")
-    else:
+        trainer.engine.save_checkpoint(str(trainer_dir), tag="state")  # every rank writes its shard
+    elif rank == 0:
         torch.save({"optimizer": trainer.optimizer.state_dict()}, trainer_dir / "optimizer.pt")
-    torch.save({"scheduler": trainer.scheduler.state_dict(), "rng": _rng_state(), "steps": trainer.steps},
-               trainer_dir / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "version": version, **(extra or {})}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer = root / f"LATEST.{os.getpid()}.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, root / "LATEST")
-    for old in sorted(p for p in root.glob("step-*") if p != final)[:-(keep - 1) or None]:
-        shutil.rmtree(old, ignore_errors=True)
+    torch.save({"scheduler": trainer.scheduler.state_dict(), "rng": _rng_state(), "steps": trainer.steps,
+                "extra": rank_extra or {}}, trainer_dir / f"state-rank{rank}.pt")
+    trainer.barrier()
+    if rank == 0:
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "version": version, **(extra or {})}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = root / f"LATEST.{os.getpid()}.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, root / "LATEST")
+        for old in sorted(p for p in root.glob("step-*") if p != final)[:-(keep - 1) or None]:
+            shutil.rmtree(old, ignore_errors=True)
+    trainer.barrier()
     return final
 
 
@@ -73,20 +87,24 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def restore_checkpoint(path: str | Path, policy: Policy, trainer) -> dict[str, Any]:
-    """Load weights, optimizer, scheduler and RNG from `path` into live objects; returns meta."""
-    path = Path(path)
-    from models.policy import load_policy
+    """Load weights, optimizer, scheduler and RNG from `path` into live objects.
 
-    saved = load_policy(path)
-    with torch.no_grad():
-        policy.model.load_state_dict(saved.model.state_dict(), strict=False)
+    Returns meta.json plus this rank's own record under "rank".
+    """
+    path = Path(path)
     trainer_dir = path / "trainer"
     if trainer.engine is not None:
+        # DeepSpeed restores the module's weights with its optimizer state (shards under ZeRO-3).
         trainer.engine.load_checkpoint(str(trainer_dir), tag="state")
     else:
+        from models.policy import load_policy
+
+        saved = load_policy(path)
+        with torch.no_grad():
+            policy.model.load_state_dict(saved.model.state_dict(), strict=False)
         trainer.optimizer.load_state_dict(torch.load(trainer_dir / "optimizer.pt", weights_only=False)["optimizer"])
-    state = torch.load(trainer_dir / "state.pt", weights_only=False)
+    state = torch.load(trainer_dir / f"state-rank{getattr(trainer, 'rank', 0)}.pt", weights_only=False)
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.steps = state["steps"]
     _set_rng_state(state["rng"])
-    return json.loads((path / "meta.json").read_text())
+    return {**json.loads((path / "meta.json").read_text()), "rank": state.get("extra", {})}

@@ -93,3 +93,20 @@ def policy_loss(logp: torch.Tensor, behav: torch.Tensor, adv: torch.Tensor, mask
         if ref_logp is not None:
             stats["kl"] = float((k3_kl(logp, ref_logp) * mask).sum() / n)
     return loss, stats
+
+
+def load_balance_loss(router_logits: torch.Tensor, experts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sequence-free MoE balance loss for sigmoid routers (DeepSeek-V3's form), a scalar.
+
+    router_logits (N, E), experts (N, k) chosen ids, mask (N,) 1 on real tokens.
+    L = sum_e f_e * P_e with f_e = E / (k * N) * (tokens routed to e) and P_e the mean over
+    tokens of e's normalised score; 1.0 when routing is perfectly balanced.
+    """
+    mask = mask.to(router_logits.dtype)
+    n_tokens, n_experts = mask.sum().clamp(min=1), router_logits.shape[1]
+    scores = router_logits.sigmoid()
+    scores = scores / scores.sum(dim=1, keepdim=True)  # (N, E)
+    counts = torch.zeros_like(scores).scatter_add_(1, experts.long(), torch.ones_like(experts, dtype=scores.dtype))
+    f = n_experts / (experts.shape[1] * n_tokens) * (counts * mask[:, None]).sum(0)  # (E,)
+    p = (scores * mask[:, None]).sum(0) / n_tokens  # (E,)
+    return (f.detach() * p).sum()

@@ -1,11 +1,15 @@
 """The learner's optimizer side: DeepSpeed ZeRO (gloo on CPU, NCCL on GPU) or plain torch.
 
     trainer = Trainer(model, TrainerOptions(backend="deepspeed", zero_stage=2, lr=1e-5))
-    stats = trainer.step(micro_batches, LossConfig(...))
+    stats = trainer.step(micro_batches, Objective(loss=LossConfig(...)))
+    stats = trainer.train(micro_batches, objective, minibatches=2)   # PPO-style: 2 steps per batch
 
 Both backends run the same GRPO step: every micro-batch's loss is weighted by its share of the
 step's trained tokens and back-propagated, then one optimizer step (one gradient-accumulation
-boundary however many micro-batches the token budget produced). DeepSpeed's JIT-built ops are
+boundary however many micro-batches the token budget produced). With several data-parallel
+learners (DeepSpeed, `WORLD_SIZE` > 1) the ranks agree on the step's total tokens and on the
+number of micro-batches (a rank with fewer runs empty ones), so every rank's token counts for
+the same weight and ZeRO-3's collective forward passes stay in step. DeepSpeed's JIT-built ops are
 cached under `TORCH_EXTENSIONS_DIR` (default `~/.cache/estuary/torch_extensions`): paid once
 per machine.
 """
@@ -18,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from learner.batching import MicroBatch, token_logprobs
-from learner.losses import LossConfig, policy_loss
+from learner.batching import MicroBatch
+from learner.losses import LossConfig
+from learner.objective import Objective, microbatch_loss, reference_logprobs
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,7 @@ class TrainerOptions:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     freeze_router: bool = True
+    keep_reference: bool = False  # keep a frozen copy of the initial policy (for the KL term)
 
 
 def _init_process_group() -> None:
@@ -60,12 +66,41 @@ def freeze_routers(model: torch.nn.Module) -> int:
     return frozen
 
 
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce(values: list[float], op: str) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _empty_like(batch: MicroBatch | None) -> MicroBatch:
+    """A one-token micro-batch that trains on nothing (keeps ranks' forward passes aligned)."""
+    one = torch.zeros(1, 2, dtype=torch.long)
+    return MicroBatch(one, torch.zeros(1, 2), torch.zeros(1, 2), torch.full((1, 2), -1), torch.zeros(1), 0,
+                      torch.tensor([2]), None if batch is None or batch.routed is None
+                      else torch.full((1, 2, *batch.routed.shape[2:]), -1, dtype=torch.int16))
+
+
 class Trainer:
     def __init__(self, model: torch.nn.Module, options: TrainerOptions) -> None:
         self.options = options
         self.model = model
         if options.freeze_router:
             freeze_routers(model)
+        self.reference = None
+        if options.keep_reference:
+            import copy
+
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
         warm = max(1, options.warmup_steps)
@@ -87,12 +122,53 @@ class Trainer:
             self.engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         elif options.backend != "torch":
             raise ValueError(f"unknown learner backend {options.backend!r}; choose deepspeed or torch")
+        self.rank, self.world_size = _world()
+        if self.world_size > 1 and self.engine is None:
+            raise ValueError("several learners need learner.backend=deepspeed (the torch backend is single-process)")
         self.optimizer = optimizer
         self.steps = 0
 
-    def step(self, batches: list[MicroBatch], loss_cfg: LossConfig) -> dict[str, float]:
+    def train(self, batches: list[MicroBatch], objective: Objective, minibatches: int = 1) -> list[dict[str, float]]:
+        """`minibatches` optimizer steps over `batches` (PPO-style); one statistics dict per step.
+
+        With the decoupled objective and more than one step, the proximal log-probs (the weights
+        before the first step) are recomputed for every micro-batch first.
+        """
+        if self.world_size > 1:  # every rank runs the same number of forward passes (ZeRO-3)
+            most = int(all_reduce([len(batches)], "max")[0])
+            batches = batches + [_empty_like(batches[0] if batches else None) for _ in range(most - len(batches))]
+        if minibatches > 1 and objective.decoupled:
+            for batch in batches:
+                batch.prox_logp = reference_logprobs(self.model, batch, objective)
+        chunks = [batches[i::minibatches] for i in range(minibatches)]
+        return [self.step(chunk, objective) for chunk in chunks]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on rank 0 (None on others); a collective call under ZeRO-3."""
+        if self.engine is not None and self.options.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+                if self.rank != 0:
+                    return None
+                return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return self.model.state_dict() if self.rank == 0 else None
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def step(self, batches: list[MicroBatch], objective: Objective | LossConfig) -> dict[str, float]:
         """One optimizer step over `batches`; returns token-weighted statistics."""
-        total = sum(b.n_tokens for b in batches)
+        if isinstance(objective, LossConfig):  # the plain clipped loss against the behaviour policy
+            objective = Objective(loss=objective, decoupled=False)
+        local = sum(b.n_tokens for b in batches)
+        total, n_micro = float(local), len(batches)
+        if self.world_size > 1:
+            total, = all_reduce([local], "sum")
+            n_micro = int(all_reduce([len(batches)], "max")[0])
         if total == 0:
             return {"loss": 0.0, "trained_tokens": 0}
         module = self.engine if self.engine is not None else self.model
@@ -100,17 +176,20 @@ class Trainer:
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        for i, batch in enumerate(batches):
-            logp = token_logprobs(module, batch.input_ids)
-            loss, stats = policy_loss(logp, batch.behav_logp, batch.advantages, batch.loss_mask, loss_cfg)
-            share = batch.n_tokens / total
+        for i in range(n_micro):
+            batch = batches[i] if i < len(batches) else _empty_like(batches[0] if batches else None)
+            loss, stats = microbatch_loss(module, self.model, batch, objective, self.reference)
+            # DeepSpeed averages gradients over ranks: scaling by world size makes the result the
+            # mean over every rank's tokens.
+            share = batch.n_tokens / total * self.world_size
             if self.engine is not None:
-                self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
+                self.engine.set_gradient_accumulation_boundary(i == n_micro - 1)
                 self.engine.backward(loss * share)
             else:
                 (loss * share).backward()
+            weight = batch.n_tokens / max(local, 1)
             for key, value in {"loss": loss.item(), **stats}.items():
-                sums[key] = sums.get(key, 0.0) + value * share
+                sums[key] = sums.get(key, 0.0) + value * weight
         if self.engine is not None:
             self.engine.step()
             sums["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
@@ -121,6 +200,6 @@ class Trainer:
         self.scheduler.step()
         module.eval()
         self.steps += 1
-        sums["trained_tokens"] = total
+        sums["trained_tokens"] = local
         sums["lr"] = self.scheduler.get_last_lr()[0]
         return sums

@@ -133,10 +133,14 @@ def from_checkpoint_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return plain
 
 
-def save_mtp_heads(model: nn.Module, out_dir: str | Path) -> Path:
-    """Write `mtp.safetensors` (keys `mtp.*`) and record the heads in config.json."""
+def save_mtp_heads(model: nn.Module, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `mtp.safetensors` (keys `mtp.*`) and record the heads in config.json.
+
+    `state`: the heads' weights when the live module holds only a shard (ZeRO-3).
+    """
     out = Path(out_dir)
-    save_file(to_checkpoint_layout(model.mtp.state_dict()), out / MTP_FILE)
+    heads = model.mtp.state_dict() if state is None else state
+    save_file(to_checkpoint_layout({k: v.contiguous() for k, v in heads.items()}), out / MTP_FILE)
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
     config["num_nextn_predict_layers"] = 1

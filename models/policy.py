@@ -39,16 +39,20 @@ class Policy:
     def model_type(self) -> str:
         return self.model.config.model_type
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write config.json, model.safetensors and the tokenizer files to `out_dir`."""
+    def save(self, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write config.json, model.safetensors and the tokenizer files to `out_dir`.
+
+        `state`: the full weights when the live module holds only a shard (ZeRO-3).
+        """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        full = self.model.state_dict() if state is None else state
         # MTP heads go to their own file (vLLM's `mtp.*` layout), so plain transformers, which
         # reads model.safetensors, never sees keys it does not know.
-        state = {k: v for k, v in self.model.state_dict().items() if not k.startswith("mtp.")}
-        self.model.save_pretrained(out, state_dict=state)
+        trunk = {k: v for k, v in full.items() if not k.startswith("mtp.")}
+        self.model.save_pretrained(out, state_dict=trunk)
         if getattr(self.model, "mtp", None) is not None:
-            save_mtp_heads(self.model, out)
+            save_mtp_heads(self.model, out, {k[4:]: v for k, v in full.items() if k.startswith("mtp.")})
         self.tokenizer.save_pretrained(out)
         return out
 

@@ -29,7 +29,7 @@ class TrainMTPResult:
     seconds: float
 
 
-def self_generations(policy, env_ids: list[str], samples: int, max_new_tokens: int, seed: int
+def self_generations(policy, env_ids: list[str | tuple[str, dict]], samples: int, max_new_tokens: int, seed: int
                      ) -> list[tuple[list[int], int]]:
     """(token ids, prompt length) of the policy's own answers to environment prompts."""
     import environments
@@ -37,7 +37,8 @@ def self_generations(policy, env_ids: list[str], samples: int, max_new_tokens: i
     from rollout.types import Request, SamplingParams
 
     rng = random.Random(seed)
-    envs = [environments.make(e) for e in env_ids]
+    # An entry is an id, or (id, kwargs) as a run's config gives it (e.g. a short long-context length).
+    envs = [environments.make(e) if isinstance(e, str) else environments.make(e[0], **e[1]) for e in env_ids]
     prompts = []
     for i in range(samples):
         messages, _ = envs[i % len(envs)].reset(seed=rng.randrange(1 << 30))
@@ -59,7 +60,38 @@ def _batch(rows: list[tuple[list[int], int]], pad: int) -> tuple[torch.Tensor, t
     return ids, mask
 
 
-def train_mtp(policy_dir: str | Path, env_ids: list[str] | None = None, samples: int = 256,
+@torch.no_grad()
+def _with_hidden(model, rows: list[tuple[list[int], int]], pad: int, chunk: int = 16) -> list[tuple]:
+    """The frozen policy's final hidden states, computed once per row and cropped to the answer.
+
+    The head sees one position at a time (the token one ahead and the hidden state), so a row
+    needs only the span from two tokens before the answer; each training step then costs the
+    head alone, never another pass of the policy.
+    """
+    out = []
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    for at in range(0, len(order), chunk):
+        part = [rows[i] for i in order[at: at + chunk]]
+        ids, _ = _batch(part, pad)
+        hidden = model.model(ids).last_hidden_state
+        for r, (tokens, prompt_len) in enumerate(part):
+            start = max(0, prompt_len - 2)
+            out.append((torch.tensor(tokens[start:]), hidden[r, start: len(tokens)], prompt_len - start))
+    return out
+
+
+def _head_batch(rows: list[tuple], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids, _, _ in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    hidden = torch.zeros(len(rows), width, rows[0][1].shape[-1], dtype=rows[0][1].dtype)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, (tokens, h, first) in enumerate(rows):
+        ids[r, : len(tokens)], hidden[r, : len(tokens)] = tokens, h
+        mask[r, first: len(tokens)] = 1
+    return ids, hidden, mask
+
+
+def train_mtp(policy_dir: str | Path, env_ids: list[str | tuple[str, dict]] | None = None, samples: int = 256,
               steps: int = 200, batch_size: int = 32, lr: float = 2e-3, max_new_tokens: int = 64,
               seed: int = 0) -> TrainMTPResult:
     start = time.perf_counter()
@@ -76,10 +108,10 @@ def train_mtp(policy_dir: str | Path, env_ids: list[str] | None = None, samples:
     opt = torch.optim.AdamW(model.mtp.parameters(), lr=lr)
     rng = random.Random(seed)
     losses = []
+    pad = policy.tokenizer.pad_token_id
+    cached = _with_hidden(model, rows, pad)
     for _ in range(steps):
-        ids, mask = _batch(rng.sample(rows, min(batch_size, len(rows))), policy.tokenizer.pad_token_id)
-        with torch.no_grad():
-            hidden = model.model(ids).last_hidden_state
+        ids, hidden, mask = _head_batch(rng.sample(cached, min(batch_size, len(cached))), pad)
         loss = mtp_loss(mtp_logits(model, ids, hidden), ids, mask)
         opt.zero_grad()
         loss.backward()

@@ -82,6 +82,10 @@ class VLLMEngine:
         self.model_dir = str(model_dir)
         self.model_type = AutoConfig.from_pretrained(self.model_dir).model_type
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        if not _has_cuda() and not {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(vllm_kwargs):
+            # On CPU vLLM otherwise reserves 92% of the memory node and refuses to start when other
+            # processes (a learner, Ray) hold part of it; a fixed KV cache needs no such check.
+            vllm_kwargs["kv_cache_memory_bytes"] = 1 << 30
         self.llm = LLM(
             model=self.model_dir, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             seed=seed, enforce_eager=vllm_kwargs.pop("enforce_eager", not _has_cuda()),

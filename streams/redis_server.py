@@ -162,9 +162,13 @@ class EmbeddedRedis:
                     return False
                 try:
                     # Our own process must answer: on a port race another server could.
-                    if client.info("server")["process_id"] == self._proc.pid:
+                    if client.info("server")["process_id"] != self._proc.pid:
+                        return False
+                    # INFO answers while the append-only file is replayed; every other command
+                    # gets BUSY LOADING, so "ready" means loaded.
+                    if not client.info("persistence")["loading"]:
                         return True
-                    return False
+                    time.sleep(0.02)
                 except redis.RedisError:
                     time.sleep(0.02)
             return False

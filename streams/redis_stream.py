@@ -8,8 +8,9 @@
 
 - Nothing is lost: an entry stays pending until acknowledged; entries pending longer than
   `claim_idle_ms` on a consumer that died are taken over with XAUTOCLAIM.
-- Nothing is trained twice: acknowledged group ids are kept in a set; a redelivered or
-  re-published group whose id is there is acknowledged and skipped.
+- Nothing is trained twice: a group is appended by a server-side script that first adds its id
+  to `<key>:published`, so a producer that retries after a lost reply appends nothing; an
+  acknowledged entry is deleted at once, so it cannot be delivered again.
 - A payload that does not decode goes to `<key>:dead` with the reason and is acknowledged.
 - Backpressure: `publish` waits while the stream holds `max_len` unacknowledged entries
   (acknowledged ones are deleted, so the length is the backlog).
@@ -31,6 +32,14 @@ from streams.trajectory import TrajectoryDecodeError, TrajectoryGroup, decode, e
 T = TypeVar("T")
 
 
+# Appends a group unless its id was published before; returns {entry id or nil, stream length}.
+_APPEND_ONCE = """
+local len = redis.call('XLEN', KEYS[1])
+if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return {false, len} end
+return {redis.call('XADD', KEYS[1], '*', 'g', ARGV[2], 'id', ARGV[1]), len + 1}
+"""
+
+
 class StreamUnavailableError(RuntimeError):
     """Redis stayed unreachable past the reconnect window."""
 
@@ -48,15 +57,19 @@ def _text(value: bytes | str) -> str:
 class TrajectoryStream:
     def __init__(self, url: str, key: str = "estuary:trajectories", group: str = "learners",
                  consumer: str | None = None, max_len: int = 10_000, claim_idle_ms: int = 60_000,
-                 reconnect_s: float = 30.0) -> None:
+                 reconnect_s: float = 30.0, redeliver_own: bool = False) -> None:
         self.url, self.key, self.group = url, key, group
         self.consumer = consumer or f"{socket.gethostname()}-{time.time_ns()}"
         self.max_len, self.claim_idle_ms, self.reconnect_s = max_len, claim_idle_ms, reconnect_s
-        self.dead_key, self.seen_key = f"{key}:dead", f"{key}:acked"
+        self.dead_key, self.published_key = f"{key}:dead", f"{key}:published"
         self.client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
+        self._append = self.client.register_script(_APPEND_ONCE)
         self._inflight: set[str] = set()  # read by this consumer, not yet acknowledged
         self._full = False  # the last append saw the backlog at max_len
         self._next_claim = 0.0  # monotonic time of the next XAUTOCLAIM scan
+        # A restarted consumer (same name) first gets back, in order, what it had read and not
+        # acknowledged before it died: a resumed learner re-trains exactly the lost steps.
+        self._redeliver_from: str | None = "0" if redeliver_own else None
         self._retry(self._ensure_group)
 
     # -- resilience ----------------------------------------------------------------------------
@@ -85,8 +98,10 @@ class TrajectoryStream:
                 raise
 
     # -- producers -----------------------------------------------------------------------------
-    def publish(self, group: TrajectoryGroup, timeout_s: float | None = None) -> str:
+    def publish(self, group: TrajectoryGroup, timeout_s: float | None = None) -> str | None:
         """Append one group; waits while the backlog is at `max_len` (raises TimeoutError after timeout_s).
+
+        Returns the entry id, or None when a group with this id was published before.
 
         The backlog is read in the same round trip as the append, and a producer that saw it
         full waits before its next append: the bound is exceeded by at most one entry per producer.
@@ -95,15 +110,10 @@ class TrajectoryStream:
         if self._full:
             self._wait_for_room(timeout_s)
 
-        def add():
-            pipe = self.client.pipeline(transaction=False)
-            pipe.xadd(self.key, {"g": payload, "id": group.group_id})
-            pipe.xlen(self.key)
-            return pipe.execute()
-
-        entry_id, depth = self._retry(add)
+        entry_id, depth = self._retry(lambda: self._append(keys=[self.key, self.published_key],
+                                                           args=[group.group_id, payload]))
         self._full = depth >= self.max_len
-        return _text(entry_id)
+        return None if entry_id is None else _text(entry_id)
 
     def _wait_for_room(self, timeout_s: float | None) -> None:
         start, delay = time.monotonic(), 0.01
@@ -116,7 +126,16 @@ class TrajectoryStream:
 
     # -- consumers -----------------------------------------------------------------------------
     def read(self, count: int, block_ms: int = 1000) -> list[Entry]:
-        """Up to `count` groups: stale entries of dead consumers first, then new ones."""
+        """Up to `count` groups: this consumer's own unacknowledged entries (when restarted with
+        `redeliver_own`), then stale entries of dead consumers, then new ones."""
+        if self._redeliver_from is not None:
+            got = self._retry(lambda: self.client.xreadgroup(
+                self.group, self.consumer, {self.key: self._redeliver_from}, count=count))
+            raw = [item for _, items in got or [] for item in items]
+            if raw:
+                self._redeliver_from = _text(raw[-1][0])
+                return self._decode_all(raw)
+            self._redeliver_from = None
         raw = []
         if time.monotonic() >= self._next_claim:  # stale entries can only appear so often
             raw = self._retry(lambda: self._reclaim(count))
@@ -151,29 +170,25 @@ class TrajectoryStream:
                     pipe.xadd(self.dead_key, fields_out)
                 pipe.execute()
             self._retry(bury)
-        ids = [group.group_id for _, group in decoded]
-        seen = self._retry(lambda: self.client.smismember(self.seen_key, ids)) if ids else []
-        entries = []
-        for (entry_id, group), already in zip(decoded, seen, strict=True):
-            if already:  # already trained on: a redelivery or a producer retry
-                skip.append(entry_id)
-                continue
-            entries.append(Entry(entry_id, group))
-            self._inflight.add(entry_id)
+        entries = [Entry(entry_id, group) for entry_id, group in decoded]
+        self._inflight.update(e.entry_id for e in entries)
         if skip:
-            self._ack_ids(skip, [])
+            self._ack_ids(skip)
         return entries
 
     def ack(self, entries: list[Entry]) -> None:
         """Acknowledge groups whose training step is committed."""
         if entries:
-            self._ack_ids([e.entry_id for e in entries], [e.group.group_id for e in entries])
+            self._ack_ids([e.entry_id for e in entries])
 
-    def _ack_ids(self, entry_ids: list[str], group_ids: list[str]) -> None:
+    def ack_ids(self, entry_ids: list[str]) -> None:
+        """Acknowledge by entry ids (a resumed learner settling what its last checkpoint recorded)."""
+        if entry_ids:
+            self._ack_ids(list(entry_ids))
+
+    def _ack_ids(self, entry_ids: list[str]) -> None:
         def run():
             pipe = self.client.pipeline(transaction=True)
-            if group_ids:
-                pipe.sadd(self.seen_key, *group_ids)
             pipe.xack(self.key, self.group, *entry_ids)
             pipe.xdel(self.key, *entry_ids)
             pipe.execute()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -46,3 +47,13 @@ def test_model_init_writes_a_policy_transformers_loads(tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(out)
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert torch.isfinite(logits).all()
+
+
+def test_a_stream_too_small_for_the_checkpoint_interval_is_a_config_error():
+    from configs import load_config
+    from configs.errors import ConfigError
+    from estuary.run_setup import check_backlog
+
+    check_backlog(load_config("tiny_cpu", []))
+    with pytest.raises(ConfigError, match="stream.max_len=100 is too small"):
+        check_backlog(load_config("tiny_cpu", ["stream.max_len=100"]))

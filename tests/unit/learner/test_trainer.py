@@ -7,11 +7,16 @@ import pytest
 import torch
 
 from learner.advantages import group_advantages
-from learner.batching import pack, token_logprobs
+from learner.batching import pack
 from learner.losses import LossConfig
+from learner.objective import logprobs_from_logits
 from learner.trainer import Trainer, TrainerOptions
 from models.policy import init_policy
 from streams.trajectory import POLICY, PROMPT, Trajectory
+
+
+def token_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    return logprobs_from_logits(model(ids).logits, ids)[0]
 
 
 def _sample(policy, prompt, response) -> Trajectory:

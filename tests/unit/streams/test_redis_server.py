@@ -13,6 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from streams.redis_server import (
     EmbeddedRedis,
@@ -127,3 +129,18 @@ def test_startup_failure_reports_the_server_log(tmp_path):
 def test_unreachable_url_is_a_clear_error():
     with pytest.raises(RedisUnavailableError, match="cannot reach Redis at redis://127.0.0.1:1/0"):
         check_reachable("redis://127.0.0.1:1/0", timeout_s=1)
+
+
+def test_a_restarted_server_is_ready_only_once_its_append_only_file_is_loaded(tmp_path):
+    # INFO answers while the file replays and everything else gets BUSY LOADING: start() must wait
+    # so that the first command after a restart succeeds.
+    with EmbeddedRedis(data_dir=tmp_path / "redis", durable=True) as server:
+        client = redis.Redis.from_url(server.url)
+        pipe = client.pipeline(transaction=False)
+        for i in range(200_000):  # many small commands: the replay takes a few tenths of a second
+            pipe.xadd("traj", {"i": i})
+        pipe.execute()
+        time.sleep(1.5)  # appendfsync everysec
+        server.restart()
+        client = redis.Redis.from_url(server.url, retry=Retry(NoBackoff(), 0))  # one try, no retries
+        assert client.xlen("traj") == 200_000

@@ -1,0 +1,55 @@
+"""Asynchronous vs synchronous GRPO on the same config and seed: time to a target eval reward.
+
+    .venv/bin/python -m bench.async_bench [--config tiny_cpu] [--target 0.2] [key=value ...]
+
+Runs `estuary train` twice with the same config and seed, `run.mode=async` then
+`run.mode=sync` (generate-then-train: rollouts wait for the learner and the learner for the
+rollouts). For each: wall time until the mean held-out eval reward first reaches `--target`
+(evaluations every `eval.every_steps`; evaluation time counts for both) and optimizer steps per
+hour. Ratios are sync/async (above 1: asynchronous is better; 2 is the limit when generation and
+training overlap perfectly).
+
+Prints a table, then `RESULT async_time_to_target_s ...` and `RESULT async_steps_per_hour ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+
+
+def time_to(timeline: list[tuple[float, int, float]], target: float) -> float:
+    """Seconds until the eval reward first reached `target` (inf if it never did)."""
+    return next((t for t, _, reward in timeline if reward >= target), math.inf)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="tiny_cpu")
+    parser.add_argument("--target", type=float, default=0.2, help="mean eval reward to reach")
+    parser.add_argument("overrides", nargs="*", help="config overrides for both runs")
+    args = parser.parse_args()
+
+    from configs import load_config
+    from estuary.train import train
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as out:
+        for mode in ("async", "sync"):
+            cfg = load_config(args.config, [f"run.output_dir={out}", f"run.name=bench-{mode}", f"run.mode={mode}",
+                                            *args.overrides])
+            result = train(cfg)
+            rows[mode] = (time_to(result.timeline, args.target), result.steps / result.seconds * 3600,
+                          result.timeline[-1][2], result.seconds)
+    print(f"{'mode':<6} {'to target s':>12} {'steps/h':>9} {'final reward':>13} {'wall s':>8}")
+    for mode, (to_target, per_hour, final, wall) in rows.items():
+        print(f"{mode:<6} {to_target:>12.1f} {per_hour:>9.1f} {final:>13.3f} {wall:>8.1f}")
+    (a_t, a_h, _, _), (s_t, s_h, _, _) = rows["async"], rows["sync"]
+    ratio_t = s_t / a_t if math.isfinite(a_t) and math.isfinite(s_t) else float("nan")
+    print(f"RESULT async_time_to_target_s ours={a_t:.1f} baseline={s_t:.1f} ratio={ratio_t:.2f}")
+    print(f"RESULT async_steps_per_hour ours={a_h:.1f} baseline={s_h:.1f} ratio={a_h / s_h:.2f}")
+
+
+if __name__ == "__main__":
+    main()

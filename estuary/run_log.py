@@ -1,0 +1,89 @@
+"""What a run reports: MLflow params, metrics and artifacts, and one line per step for a person.
+
+On a terminal the step lines are rewritten in place (a live view); elsewhere (CI, `ray job
+submit` logs) each is printed once, plain. The summary at the end names the MLflow run and the
+command that opens its UI.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return out
+
+
+class RunLog:
+    def __init__(self, mlflow_run, resolved_yaml: str, config_tree: dict, run_dir: Path, max_steps: int) -> None:
+        import mlflow
+
+        self.mlflow, self.run = mlflow, mlflow_run
+        self.max_steps, self.start = max_steps, time.monotonic()
+        self.tty = sys.stdout.isatty()
+        self.last_line = ""
+        params = flatten(config_tree)
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per call
+            mlflow.log_params(dict(list(params.items())[i: i + 100]))
+        (run_dir / "config.yaml").write_text(resolved_yaml)
+        mlflow.log_artifact(str(run_dir / "config.yaml"))
+
+    def say(self, text: str) -> None:
+        if self.tty and self.last_line:
+            sys.stdout.write("\n")
+        print(text, flush=True)
+        self.last_line = ""
+
+    def step(self, report: dict, rollout: dict[str, float]) -> None:
+        version, stats = report["version"], report["stats"]
+        metrics = {f"learner/{k}": float(v) for k, v in stats.items()}
+        metrics.update({f"rollout/{k}": float(v) for k, v in report["groups"].items()})
+        metrics.update({f"rollout/{k}": float(v) for k, v in rollout.items()})
+        staleness = report["staleness"] or [0]
+        metrics.update({"stream/depth": report["stream_depth"], "staleness/mean": float(np.mean(staleness)),
+                        "staleness/max": float(max(staleness))})
+        for value, count in zip(*np.unique(staleness, return_counts=True), strict=True):
+            metrics[f"staleness/count_{int(value)}"] = float(count)
+        metrics.update({f"learner/{k}": float(v) for k, v in report["counters"].items()})
+        self.mlflow.log_metrics(metrics, step=version)
+        rewards = "  ".join(f"{k.split('/')[0]} {v:.2f}" for k, v in sorted(report["groups"].items())
+                            if k.endswith("/reward_mean"))
+        line = (f"step {version}/{self.max_steps}  {time.monotonic() - self.start:5.0f}s  reward {rewards}  "
+                f"{stats.get('tokens_per_s', 0):.0f} tok/s  staleness {np.mean(staleness):.1f}")
+        if self.tty:
+            sys.stdout.write("\r\033[K" + line)
+            sys.stdout.flush()
+            self.last_line = line
+        else:
+            print(line, flush=True)
+
+    def evaluation(self, results: dict[str, dict[str, float]], step: int, label: str) -> None:
+        self.mlflow.log_metrics({f"eval/{env}/{k}": v for env, r in results.items() for k, v in r.items()
+                                 if k != "instances"}, step=step)
+        self.mlflow.log_dict(results, f"eval/{label}.json")
+        table = ", ".join(f"{env} {r['reward']:.2f}" for env, r in results.items())
+        self.say(f"eval ({label}, step {step}): {table}")
+
+    def samples(self, rows: list[dict]) -> None:
+        if rows:
+            import pandas as pd
+
+            self.mlflow.log_table(pd.DataFrame(rows), "samples.json")
+
+    def summary(self, uri: str, steps: int, checkpoint: str) -> None:
+        from estuary.tracking import ui_command
+
+        self.say(f"done: {steps} steps in {time.monotonic() - self.start:.0f}s; checkpoint {checkpoint}")
+        self.say(f"MLflow run {self.run.info.run_id}; browse it with: {ui_command(uri)}")

@@ -1,0 +1,119 @@
+"""`estuary train CONFIG [key=value ...]`: one asynchronous multi-environment GRPO run.
+
+    estuary train configs/tiny_cpu.yaml                       # everything embedded, on a laptop
+    ray job submit --working-dir . -- estuary train configs/tiny_cpu.yaml    # the same, on a cluster
+
+The loop: rollout actors generate across the environments and stream trajectory groups into
+Redis; the learner actor consumes them, steps, publishes weights and checkpoints; this driver
+logs each step to MLflow, evaluates on held-out seeds every `eval.every_steps`, and stops at
+`run.max_steps` or `run.time_budget_s`. `run.mode: sync` runs the same parts generate-then-train.
+Actors restart after a crash (the learner from its last checkpoint); a retried call simply runs
+again on the restarted actor.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+from configs.schema import Config
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    steps: int
+    checkpoint: str
+    evals: dict[str, dict[str, dict[str, float]]]
+    seconds: float
+    trained_groups: dict[int, list[str]]  # the group ids each policy version was trained on
+    timeline: list[tuple[float, int, float]]  # (seconds since start, version, mean eval reward) per evaluation
+
+
+def train(cfg: Config, on_step=None) -> TrainResult:
+    """Run to `max_steps` or the time budget; `on_step(version, services)` is called after each step."""
+    import mlflow
+    import ray
+
+    from configs.loader import to_yaml
+    from estuary.evaluate import evaluate
+    from estuary.run_log import RunLog
+    from estuary.run_setup import check_backlog, prepare_policy, quiet_libraries, run_dir_of, start_actors
+    from estuary.services import Services
+    from models.policy import load_policy
+
+    quiet_libraries()
+    check_backlog(cfg)
+    run_dir, started = run_dir_of(cfg), time.monotonic()
+    with Services(cfg.services, run_dir) as svc, mlflow.start_run(run_name=cfg.run.name) as run:
+        log = RunLog(run, to_yaml(cfg), asdict(cfg), run_dir, cfg.run.max_steps)
+        policy_dir = prepare_policy(cfg, run_dir, log.say)
+        learner, workers = start_actors(cfg, run_dir, policy_dir, svc.redis_url)
+        evaluator, timeline = load_policy(policy_dir, dtype=cfg.model.dtype), []
+
+        def held_out(version: int, label: str) -> dict:
+            results = evaluate(evaluator, cfg.environments, cfg.eval, cfg.rollout, cfg.run.seed)
+            log.evaluation(results, version, label)
+            timeline.append((time.monotonic() - started, version, _mean_reward(results)))
+            return results
+
+        evals = {"start": held_out(0, "start")}
+        version = ray.get(learner.version.remote())
+        running = [w.run.remote() for w in workers] if cfg.run.mode == "async" else []
+        per_worker = -(-cfg.learner.groups_per_step // len(workers))
+        samples: list[dict] = []
+        trained: dict[int, list[str]] = {}
+        while version < cfg.run.max_steps and not _out_of_time(cfg, started):
+            if cfg.run.mode == "sync":
+                ray.get([w.produce.remote(per_worker) for w in workers])
+            report = ray.get(learner.step.remote(timeout_s=5.0 if cfg.run.mode == "async" else 1.0))
+            if report is None:
+                continue
+            version = report["version"]
+            log.step(report, _rollout_counters(ray, workers))
+            samples += report.get("samples", [])
+            trained[version] = report["group_ids"]  # a restarted learner re-trains lost steps: last word wins
+            if on_step is not None:
+                on_step(version, svc)
+            if cfg.eval.every_steps and version % cfg.eval.every_steps == 0 and version < cfg.run.max_steps:
+                _pull_newest(cfg, run_dir, evaluator)
+                held_out(version, f"step-{version}")
+        ray.get([w.stop.remote() for w in workers])
+        ray.get(running)
+        checkpoint = ray.get(learner.finish.remote())
+        _pull_newest(cfg, run_dir, evaluator)
+        evals["end"] = held_out(version, "end")
+        log.samples(samples)
+        mlflow.log_param("final_checkpoint", checkpoint)
+        log.summary(svc.mlflow_uri, version, checkpoint)
+        return TrainResult(run.info.run_id, version, checkpoint, evals, time.monotonic() - started, trained, timeline)
+
+
+def _mean_reward(results: dict[str, dict[str, float]]) -> float:
+    """Mean over environments of the unbudgeted eval reward."""
+    plain = [r["reward"] for name, r in results.items() if ":budget" not in name]
+    return sum(plain) / max(1, len(plain))
+
+
+def _out_of_time(cfg: Config, started: float) -> bool:
+    return bool(cfg.run.time_budget_s) and time.monotonic() - started > cfg.run.time_budget_s
+
+
+def _rollout_counters(ray, workers) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for counters in ray.get([w.counters.remote() for w in workers]):
+        for key, value in counters.items():
+            totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+def _pull_newest(cfg: Config, run_dir, policy) -> None:
+    """Bring the evaluation copy of the policy up to the newest published weights."""
+    from estuary.run_setup import sync_channel
+    from weights_sync.protocol import make_weight_sync
+
+    sync = make_weight_sync(cfg.weights_sync.transport, sync_channel(cfg, run_dir))
+    update = sync.pull(newer_than=-1)
+    if update is not None:
+        policy.model.load_state_dict(update.weights, strict=False)
+    sync.close()  # a reader's close drops its mappings only

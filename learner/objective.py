@@ -1,0 +1,112 @@
+"""One micro-batch's training loss: the GRPO policy loss plus KL, MoE balance and MTP terms.
+
+    loss, stats = microbatch_loss(module, model, batch, objective, ref_model=None)
+
+`module` is what runs the forward pass (the DeepSpeed engine, or the model itself); `model` is
+the underlying HF model, whose routers and MTP head are tapped. Terms:
+
+- policy loss (`learner.losses.policy_loss`) on policy-sampled tokens. With the decoupled
+  objective the proximal log-probs are `batch.prox_logp` when the trainer recomputed them
+  (several optimizer steps per batch), else the current weights' own (one step per batch: the
+  proximal policy *is* the current one, so no second forward pass is needed);
+- `kl_coef` * k3 KL to a frozen reference model;
+- `load_balance_coef` * the MoE balance loss over the trunk's routers;
+- `mtp_coef` * the MTP heads' cross-entropy on policy tokens. The policy's hidden states are
+  detached for it: the heads follow the policy, and the policy gradient stays the RL objective's.
+
+With `routing_replay`, the forward pass uses the experts the engine recorded (`batch.routed`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from learner.batching import MicroBatch
+from learner.losses import LossConfig, load_balance_loss, policy_loss
+from models.routing import RouterTap
+
+
+@dataclass(frozen=True)
+class Objective:
+    loss: LossConfig = field(default_factory=LossConfig)
+    decoupled: bool = True
+    load_balance_coef: float = 0.0
+    mtp_coef: float = 0.0
+    routing_replay: bool = False
+
+
+def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, T, V), ids (B, T) -> (log-prob of each token given its prefix, entropy), both (B, T).
+
+    Position 0 has no prefix: its log-prob and entropy are 0.
+    """
+    logp_all = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V) predicts tokens 1..T-1
+    logp = logp_all.gather(2, input_ids[:, 1:, None])[..., 0]
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    zero = torch.zeros_like(logp[:, :1])
+    return torch.cat([zero, logp], dim=1), torch.cat([zero, entropy], dim=1)
+
+
+def _replay(batch: MicroBatch) -> list[torch.Tensor] | None:
+    if batch.routed is None:
+        return None
+    b, t, layers, k = batch.routed.shape
+    flat = batch.routed.reshape(b * t, layers, k).long()
+    return [flat[:, layer] for layer in range(layers)]
+
+
+def forward(module, model, batch: MicroBatch, objective: Objective, hidden: bool = False):
+    """Run the policy on a micro-batch: (logits (B, T, V), final normed hidden (B, T, D) or None, RouterTap)."""
+    replay = _replay(batch) if objective.routing_replay else None
+    captured = []
+    # The trunk's output (after its final norm) is what the MTP head reads; a hook takes it from
+    # the one forward pass instead of asking transformers for every layer's hidden states.
+    handle = model.model.register_forward_hook(lambda _m, _i, o: captured.append(o.last_hidden_state)) \
+        if hidden else None
+    try:
+        with RouterTap(model, replay=replay) as tap:
+            logits = module(batch.input_ids).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    return logits, (captured[-1] if captured else None), tap
+
+
+@torch.no_grad()
+def reference_logprobs(model, batch: MicroBatch, objective: Objective) -> torch.Tensor:
+    """(B, T) log-probs under `model` without gradients (the proximal or reference policy)."""
+    logits, _, _ = forward(model, model, batch, objective)
+    return logprobs_from_logits(logits, batch.input_ids)[0]
+
+
+def microbatch_loss(module, model, batch: MicroBatch, objective: Objective, ref_model=None
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+    want_mtp = objective.mtp_coef > 0 and getattr(model, "mtp", None) is not None
+    logits, hidden, tap = forward(module, model, batch, objective, hidden=want_mtp)
+    logp, entropy = logprobs_from_logits(logits, batch.input_ids)
+    prox = None
+    if objective.decoupled:
+        prox = batch.prox_logp if batch.prox_logp is not None else logp.detach()
+    ref = reference_logprobs(ref_model, batch, objective) if ref_model is not None else None
+    loss, stats = policy_loss(logp, batch.behav_logp, batch.advantages, batch.loss_mask, objective.loss,
+                              prox=prox, ref_logp=ref)
+    mask = batch.loss_mask
+    n = mask.sum().clamp(min=1)
+    stats["entropy"] = float((entropy * mask).sum() / n)
+    stats["mismatch_kl"] = float((((batch.behav_logp - logp.detach()) * mask).sum() / n))
+    if objective.load_balance_coef and tap.router_logits:
+        real = (torch.arange(batch.input_ids.shape[1])[None, :] < batch.lengths[:, None]).reshape(-1)
+        balance = torch.stack([load_balance_loss(lg, ex, real) for lg, ex in
+                               zip(tap.router_logits, tap.experts, strict=True)]).mean()
+        loss = loss + objective.load_balance_coef * balance
+        stats["load_balance"] = float(balance.detach())
+    if want_mtp:
+        from models.mtp import mtp_logits, mtp_loss
+
+        draft = mtp_loss(mtp_logits(model, batch.input_ids, hidden.detach()), batch.input_ids, mask)
+        loss = loss + objective.mtp_coef * draft
+        stats["mtp_loss"] = float(draft.detach())
+    return loss, stats

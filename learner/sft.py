@@ -1,0 +1,115 @@
+"""Warm-start SFT on the environments' reference answers (the first stage of `estuary train`).
+
+    result = run_sft(policy_dir, cfg.sft, cfg.environments, seed=0)   # trains and saves in place
+
+Examples are whole reference conversations: each environment (drawn by its weight) is reset with
+a training seed and answered turn by turn with `reference_answer()`, the environment's replies
+in between, so multi-turn tool use is learned as the policy will meet it. Only the assistant's
+tokens are trained on. As in Nemotron's recipe, `cut_fraction` of the traces that think are cut
+at a random point of the thinking and closed with `</think>`, the answer following, so that the
+policy learns to answer after budget control forces the close.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from configs.schema import EnvironmentConfig, SftConfig
+from rollout.worker import env_factory
+
+_THINK = re.compile(r"<think>(.*?)</think>", re.S)
+
+
+@dataclass
+class SftResult:
+    loss_start: float
+    loss_end: float
+    examples: int
+    seconds: float
+
+
+def cut_thinking(text: str, tokenizer, rng: random.Random) -> str:
+    """Cut the thinking after a random number of its tokens and close it with `</think>`."""
+    match = _THINK.search(text)
+    if match is None:
+        return text
+    thought = tokenizer.encode(match.group(1), add_special_tokens=False)
+    kept = tokenizer.decode(thought[: rng.randrange(len(thought) + 1)]) if thought else ""
+    return text[: match.start()] + f"<think>{kept}</think>" + text[match.end():]
+
+
+def reference_conversation(env, tokenizer, seed: int, rng: random.Random, cut: float) -> tuple[list[int], list[int]]:
+    """(token ids, mask with 1 on assistant tokens) of one reference episode."""
+    messages, _ = env.reset(seed=seed)
+    ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+    mask = [0] * len(ids)
+    for _ in range(max(1, env.max_turns)):
+        answer = env.reference_answer()
+        if rng.random() < cut:
+            answer = cut_thinking(answer, tokenizer, rng)
+        turn = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+        ids, mask = ids + turn, mask + [1] * len(turn)
+        reply, _, terminated, truncated, _ = env.step(answer)
+        if terminated or truncated or not reply:
+            break
+        rendered = tokenizer.apply_chat_template(reply, add_generation_prompt=True, tokenize=False)
+        more = tokenizer.encode("\n" + rendered, add_special_tokens=False)
+        ids, mask = ids + more, mask + [0] * len(more)
+    return ids, mask
+
+
+def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width)
+    for r, (tokens, m) in enumerate(rows):
+        ids[r, : len(tokens)], mask[r, : len(m)] = torch.tensor(tokens), torch.tensor(m, dtype=torch.float)
+    return ids, mask
+
+
+def sft_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the masked tokens given their prefixes; ids, mask (B, T)."""
+    logits = model(ids).logits[:, :-1].float()  # (B, T-1, V) predicts tokens 1..T-1
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    weights = mask[:, 1:].reshape(-1)
+    return (losses * weights).sum() / weights.sum().clamp(min=1)
+
+
+def run_sft(policy_dir: str | Path, cfg: SftConfig, envs: dict[str, EnvironmentConfig], seed: int = 0,
+            seed_limit: int = 1_000_000) -> SftResult:
+    from models.policy import load_policy
+
+    start = time.perf_counter()
+    policy = load_policy(policy_dir)
+    model, tok = policy.model, policy.tokenizer
+    rng = random.Random(seed)
+    names = [n for n in envs if envs[n].weight > 0]
+    made = {n: env_factory(envs[n])() for n in names}
+    rows = []
+    for _ in range(cfg.steps * cfg.batch_size // 2 or 1):  # each example is seen about twice
+        name = rng.choices(names, weights=[envs[n].weight for n in names])[0]
+        rows.append(reference_conversation(made[name], tok, rng.randrange(seed_limit), rng, cfg.cut_fraction))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    losses = []
+    for step in range(cfg.steps):
+        ids, mask = _batch(rng.sample(rows, min(cfg.batch_size, len(rows))), tok.pad_token_id)
+        for group in opt.param_groups:  # linear decay to 10%: the last steps settle the policy
+            group["lr"] = cfg.lr * (1 - 0.9 * step / max(1, cfg.steps))
+        loss = sft_loss(model, ids, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    policy.save(policy_dir)
+    head = max(1, len(losses) // 10)
+    return SftResult(sum(losses[:head]) / head, sum(losses[-head:]) / head, len(rows), time.perf_counter() - start)

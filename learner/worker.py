@@ -1,0 +1,209 @@
+"""The learner loop as a plain class: stream -> filters -> GRPO step -> publish -> checkpoint -> ack.
+
+    worker = LearnerWorker(cfg.learner, policy, stream, run_dir, sync=make_weight_sync(...))
+    while worker.version < cfg.run.max_steps:
+        report = worker.step(timeout_s=5)     # None when not enough groups arrived in time
+    worker.finish()                           # final checkpoint, acknowledges the rest
+
+What one step does, in order:
+1. Read trajectory groups until `groups_per_step` usable ones are in hand. A group is dropped
+   (and counted) when it is staler than `max_staleness` versions (per environment where the
+   environment sets its own; `stale_policy: downweight` scales its advantages instead) or, with
+   dynamic sampling, when all its rewards are equal (zero advantage: no signal).
+2. Advantages per group; samples cut at the length limit lose their loss mask with
+   `overlong_filter`; micro-batches packed by `micro_batch_tokens`.
+3. `minibatches` optimizer steps (the policy version counts optimizer steps).
+4. Publish the weights every `publish_every` steps; engines pull them when ready.
+5. Commit: every `checkpoint_every` steps a checkpoint records the step, the version and the
+   stream entries trained on since the previous one; only then are those entries acknowledged
+   (dropped groups are acknowledged at once: they change no weights).
+   A learner killed in between restarts from the checkpoint, and the stream hands it back, in
+   order, the entries it had read and not acknowledged, so the lost steps are re-trained on the
+   same data and nothing is trained twice. With `checkpoint_every: 0` entries are acknowledged
+   after each step (an in-memory commit: a crash then loses the steps since the start).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from configs.schema import LearnerConfig
+from learner.advantages import group_advantages
+from learner.batching import pack
+from learner.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
+from learner.losses import LossConfig
+from learner.objective import Objective
+from learner.trainer import Trainer, TrainerOptions, all_reduce
+from models.policy import Policy
+from streams.redis_stream import Entry, TrajectoryStream
+from streams.trajectory import POLICY, PROMPT, Trajectory, TrajectoryGroup
+
+
+@dataclass
+class StepReport:
+    version: int
+    stats: dict[str, float]
+    groups: list[TrajectoryGroup]
+    staleness: list[int] = field(default_factory=list)
+
+
+def objective_from(cfg: LearnerConfig, mtp_coef: float = 0.0) -> Objective:
+    loss = LossConfig(clip_low=cfg.clip_low, clip_high=cfg.clip_high, aggregation=cfg.loss_aggregation,
+                      ratio_level=cfg.ratio_level, is_correction=cfg.is_correction, is_cap=cfg.is_cap,
+                      kl_coef=cfg.kl_coef)
+    return Objective(loss=loss, decoupled=cfg.decoupled, load_balance_coef=cfg.load_balance_coef,
+                     mtp_coef=mtp_coef, routing_replay=cfg.routing_replay)
+
+
+def _without_policy_tokens(t: Trajectory) -> Trajectory:
+    mask = np.where(t.loss_mask == POLICY, PROMPT, t.loss_mask).astype(np.uint8)
+    return Trajectory(t.token_ids, mask, t.logprobs, t.versions, t.reward, t.reward_parts,
+                      t.finish_reason, t.routed_experts)
+
+
+class LearnerWorker:
+    def __init__(self, cfg: LearnerConfig, policy: Policy, stream: TrajectoryStream, run_dir: str | Path,
+                 sync=None, env_staleness: dict[str, int] | None = None, mtp_coef: float = 0.0) -> None:
+        self.cfg, self.policy, self.stream, self.sync = cfg, policy, stream, sync
+        self.run_dir = Path(run_dir)
+        self.env_staleness = env_staleness or {}
+        self.objective = objective_from(cfg, mtp_coef)
+        self.trainer = Trainer(policy.model, TrainerOptions(
+            backend=cfg.backend, zero_stage=cfg.zero_stage, lr=cfg.lr, weight_decay=cfg.weight_decay,
+            warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm, freeze_router=cfg.freeze_router,
+            keep_reference=cfg.kl_coef > 0))
+        self.version = 0
+        self.counters: Counter[str] = Counter()
+        self._uncommitted: list[Entry] = []  # trained on since the last commit
+        self._kept: list[tuple[Entry, float, int]] = []  # usable groups waiting for a step
+        self._resume()
+        self.publish()
+
+    # -- commit and resume ---------------------------------------------------------------------
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return
+        meta = restore_checkpoint(path, self.policy, self.trainer)
+        self.version = int(meta["version"])
+        self.counters.update(meta.get("counters", {}))
+        consumed = meta["rank"].get("stream", {})
+        # The kill may have come between writing the checkpoint and acknowledging its entries.
+        self.stream.ack_ids(consumed.get("entries", []))
+
+    def checkpoint(self) -> Path:
+        """Commit: write a checkpoint naming the consumed entries, then acknowledge them."""
+        consumed = {"entries": [e.entry_id for e in self._uncommitted],
+                    "groups": [e.group.group_id for e in self._uncommitted]}
+        path = save_checkpoint(self.run_dir, self.policy, self.trainer, step=self.version, version=self.version,
+                               extra={"counters": dict(self.counters)}, rank_extra={"stream": consumed})
+        self.stream.ack(self._uncommitted)
+        self._uncommitted = []
+        return path
+
+    def publish(self) -> float:
+        """Offer the current weights to the engines; returns the seconds it took (0 without a sync)."""
+        start = time.perf_counter()
+        state = self.trainer.full_state_dict() if (self.sync is not None or self.trainer.world_size > 1) else None
+        if self.sync is None or state is None:  # only rank 0 publishes
+            return 0.0
+        if self.sync.latest_version() >= self.version:
+            # A resumed learner re-trains steps whose versions the engines already hold; it
+            # publishes again from the first version past them (versions only go up).
+            return 0.0
+        self.sync.publish(state, self.version)
+        return time.perf_counter() - start
+
+    def finish(self) -> Path:
+        return self.checkpoint()
+
+    # -- one step ------------------------------------------------------------------------------
+    def _admit(self, group: TrajectoryGroup) -> tuple[bool, float, int]:
+        """(usable, advantage scale, staleness) of a group at the current version."""
+        staleness = self.version - group.min_version if group.min_version >= 0 else 0
+        limit = self.env_staleness.get(group.env_id, self.cfg.max_staleness)
+        scale = 1.0
+        if staleness > limit:
+            if self.cfg.stale_policy == "drop":
+                self.counters["dropped_stale"] += 1
+                return False, 0.0, staleness
+            scale = 1.0 / (1 + staleness - limit)  # older data counts less, never nothing
+            self.counters["downweighted_stale"] += 1
+        rewards = [s.reward for s in group.samples]
+        if len(rewards) < 2 or (self.cfg.dynamic_sampling and max(rewards) - min(rewards) < 1e-9):
+            self.counters["dropped_zero_variance"] += 1
+            return False, 0.0, staleness
+        return True, scale, staleness
+
+    def collect(self, timeout_s: float | None) -> list[tuple[Entry, float, int]] | None:
+        """Usable groups for one step, or None if they did not arrive within `timeout_s`."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while len(self._kept) < self.cfg.groups_per_step:
+            if deadline is not None and time.monotonic() > deadline:
+                return None
+            entries = self.stream.read(count=self.cfg.groups_per_step - len(self._kept), block_ms=200)
+            dropped = []
+            for entry in entries:
+                self.counters["groups_read"] += 1
+                usable, scale, staleness = self._admit(entry.group)
+                if usable:
+                    self._kept.append((entry, scale, staleness))
+                else:
+                    dropped.append(entry)
+            # A dropped group changes no weights, and a resumed learner would drop it again, so it
+            # is acknowledged at once: the backlog of unacknowledged entries stays bounded by the
+            # groups trained since the last checkpoint (producers wait when the stream is full).
+            self.stream.ack(dropped)
+        kept, self._kept = self._kept[: self.cfg.groups_per_step], self._kept[self.cfg.groups_per_step:]
+        return kept
+
+    def _samples(self, kept) -> tuple[list[Trajectory], list[float]]:
+        samples, advantages = [], []
+        for entry, scale, _ in kept:
+            group = entry.group
+            rewards = torch.tensor([[s.reward for s in group.samples]], dtype=torch.float32)
+            adv = group_advantages(rewards, self.cfg.advantage)[0] * scale
+            for sample, a in zip(group.samples, adv.tolist(), strict=True):
+                if self.cfg.overlong_filter and sample.finish_reason == "length":
+                    sample = _without_policy_tokens(sample)
+                    self.counters["overlong_masked"] += 1
+                samples.append(sample)
+                advantages.append(a)
+        return samples, advantages
+
+    def step(self, timeout_s: float | None = None) -> StepReport | None:
+        kept = self.collect(timeout_s)
+        if self.trainer.world_size > 1:  # data-parallel ranks step together or not at all
+            ready = all_reduce([0.0 if kept is None else 1.0], "sum")[0] == self.trainer.world_size
+            if not ready:
+                if kept:
+                    self._kept = kept + self._kept
+                return None
+        if kept is None:
+            return None
+        start = time.perf_counter()
+        samples, advantages = self._samples(kept)
+        pad = self.policy.tokenizer.pad_token_id or 0
+        batches = pack(samples, advantages, self.cfg.micro_batch_tokens, pad, routing=self.cfg.routing_replay)
+        per_step = self.trainer.train(batches, self.objective, self.cfg.minibatches)
+        self.version = self.trainer.steps
+        stats = {k: float(np.mean([s.get(k, 0.0) for s in per_step])) for k in per_step[-1]}
+        stats["trained_tokens"] = float(sum(s.get("trained_tokens", 0) for s in per_step))
+        stats["train_s"] = time.perf_counter() - start
+        stats["tokens_per_s"] = stats["trained_tokens"] / max(stats["train_s"], 1e-9)
+        if self.version % self.cfg.publish_every == 0:
+            stats["publish_s"] = self.publish()
+        self._uncommitted += [entry for entry, _, _ in kept]
+        every = self.cfg.checkpoint_every
+        if every == 0:
+            self.stream.ack(self._uncommitted)
+            self._uncommitted = []
+        elif self.version // every > (self.version - len(per_step)) // every:
+            self.checkpoint()
+        return StepReport(self.version, stats, [e.group for e, _, _ in kept], [s for _, _, s in kept])

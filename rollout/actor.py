@@ -1,0 +1,96 @@
+"""The Ray actor around `RolloutWorker`: builds the engine, stream and weight-sync reader in its process.
+
+    actor = RolloutActor.options(num_cpus=1, max_restarts=-1).remote(spec)
+    ref = actor.run.remote()        # rounds until actor.stop.remote()
+
+Threaded (`max_concurrency=2`) so that `stop` and `counters` answer while `run` is busy. A
+restarted actor (Ray brings it back after a crash) draws fresh prompt seeds instead of
+replaying its first life's.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import ray
+
+from configs.schema import EnvironmentConfig, ModelConfig, RolloutConfig, StreamConfig
+
+
+@dataclass
+class RolloutSpec:
+    rollout: RolloutConfig
+    envs: dict[str, EnvironmentConfig]
+    model: ModelConfig
+    policy_dir: str
+    redis_url: str
+    stream: StreamConfig
+    sync_kind: str
+    sync_channel: str
+    seed: int
+    index: int = 0
+    routing: bool = False
+    seed_limit: int = 1_000_000
+
+
+def build_worker(spec: RolloutSpec, reconstructed: bool = False):
+    import torch
+
+    from estuary.run_setup import quiet_libraries
+
+    quiet_libraries()
+
+    from rollout.engines import make_engine
+    from rollout.worker import RolloutWorker
+    from streams.redis_stream import TrajectoryStream
+    from weights_sync.protocol import make_weight_sync
+
+    torch.set_num_threads(max(1, int(spec.rollout.cpus_per_worker)))
+    kwargs = {"max_batch": spec.rollout.max_concurrent_episodes, "max_len": spec.rollout.max_len,
+              "seed": spec.seed, "mtp_steps": spec.model.mtp_steps}
+    if spec.rollout.engine == "vllm":
+        kwargs = {"max_model_len": spec.rollout.max_len, "max_num_seqs": spec.rollout.max_concurrent_episodes,
+                  "seed": spec.seed, **spec.rollout.vllm_kwargs}
+    engine = make_engine(spec.rollout.engine, spec.policy_dir, dtype=spec.model.dtype, **kwargs)
+    stream = TrajectoryStream(spec.redis_url, key=spec.stream.key, consumer=f"rollout-{spec.index}",
+                              max_len=spec.stream.max_len, claim_idle_ms=spec.stream.claim_idle_ms)
+    sync = make_weight_sync(spec.sync_kind, spec.sync_channel)
+    seed = spec.seed * 1009 + spec.index + (random.SystemRandom().randrange(1 << 30) if reconstructed else 0)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec.policy_dir)
+    return RolloutWorker(spec.rollout, spec.envs, engine, tokenizer, stream, sync, seed=seed,
+                         routing=spec.routing, seed_limit=spec.seed_limit)
+
+
+@ray.remote(max_concurrency=2)
+class RolloutActor:
+    def __init__(self, spec: RolloutSpec) -> None:
+        import warnings
+
+        with warnings.catch_warnings():  # Ray's own property trips its own deprecation warning
+            warnings.simplefilter("ignore")
+            reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
+        self.worker = build_worker(spec, reconstructed)
+
+    def run(self, max_rounds: int | None = None) -> dict[str, int]:
+        return self.worker.run(max_rounds)
+
+    def produce(self, groups: int) -> dict[str, int]:
+        """Sync mode: rounds until at least `groups` more groups are published."""
+        target = self.worker.counters["groups"] + groups
+        while self.worker.counters["groups"] < target:
+            self.worker.round()
+        return dict(self.worker.counters)
+
+    def counters(self) -> dict[str, int]:
+        return dict(self.worker.counters)
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def stop(self) -> None:
+        self.worker.stop()

@@ -1,0 +1,130 @@
+"""The rollout worker as a plain class: environments + engine -> trajectory groups -> the stream.
+
+    worker = RolloutWorker(cfg.rollout, cfg.environments, policy_dir, stream, sync, seed=0)
+    worker.run(stop)            # rounds until `stop` is set (a Ray actor runs this on a thread)
+    groups = worker.round()     # one round: pull weights, generate, judge, publish
+
+Each round pulls the newest published weights (never waiting for them), picks prompts across
+the environments by their configured weights (each environment's `concurrency` caps its live
+episodes), runs G episodes per prompt (`rollout.episodes.run_groups`) and publishes one
+trajectory group per prompt. A group's failed episodes are dropped from it and counted in its
+metadata; a group with fewer than two samples left is not published (no advantage to learn).
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+from configs.schema import EnvironmentConfig, RolloutConfig
+from rollout.episodes import Prompt, run_groups
+from rollout.types import SamplingParams
+from streams.trajectory import TrajectoryGroup
+
+
+def sampling_params(cfg: RolloutConfig) -> SamplingParams:
+    s, b = cfg.sampling, cfg.budget
+    budget = (b.min_tokens, b.max_tokens) if b.max_tokens else None
+    return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
+                          thinking_budget=budget, grace_tokens=b.grace_tokens)
+
+
+def env_factory(cfg: EnvironmentConfig):
+    import environments
+
+    kwargs = dict(cfg.kwargs)
+    if cfg.rewards:
+        kwargs["rewards"] = list(cfg.rewards)
+    environments.make(cfg.id, **kwargs)  # fail at start-up, not in the first episode
+    return functools.partial(environments.make, cfg.id, **kwargs)
+
+
+class RolloutWorker:
+    def __init__(self, cfg: RolloutConfig, envs: dict[str, EnvironmentConfig], engine, tokenizer, stream,
+                 sync=None, seed: int = 0, routing: bool = False, seed_limit: int = 1_000_000) -> None:
+        if not envs:
+            raise ValueError("no environments configured: add at least one under `environments:`")
+        self.cfg, self.envs, self.engine, self.tokenizer = cfg, envs, engine, tokenizer
+        self.stream, self.sync, self.routing = stream, sync, routing
+        self.factories = {name: env_factory(env) for name, env in envs.items()}
+        self.params = sampling_params(cfg)
+        self.rng = random.Random(seed)
+        self.seed_limit = seed_limit  # training seeds stay below the held-out evaluation seeds
+        workers = sum(e.concurrency for e in envs.values())
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="env")
+        self.counters: Counter[str] = Counter()
+        self.stop_event = threading.Event()
+
+    def pull_weights(self) -> bool:
+        """Take the newest published version if there is one; returns whether the weights changed."""
+        if self.sync is None:
+            return False
+        update = self.sync.pull(newer_than=self.engine.version)
+        if update is None:
+            return False
+        self.engine.update_weights(update.weights, update.version)
+        self.counters["weight_updates"] += 1
+        return True
+
+    def prompts(self) -> list[Prompt]:
+        """This round's prompts: environments drawn by weight, each within its concurrency."""
+        g = self.cfg.group_size
+        room = {name: max(1, env.concurrency // g) for name, env in self.envs.items()}
+        names = [n for n in self.envs if self.envs[n].weight > 0]
+        chosen: list[Prompt] = []
+        for _ in range(max(1, self.cfg.max_concurrent_episodes // g)):
+            open_names = [n for n in names if room[n] > 0]
+            if not open_names:
+                break
+            name = self.rng.choices(open_names, weights=[self.envs[n].weight for n in open_names])[0]
+            room[name] -= 1
+            env = self.envs[name]
+            chosen.append(Prompt(name, env.id, self.factories[name], self.rng.randrange(self.seed_limit), env.timeout_s))
+        return chosen
+
+    def round(self) -> list[TrajectoryGroup]:
+        self.pull_weights()
+        groups = run_groups(self.engine, self.tokenizer, self.prompts(), self.cfg.group_size, self.params,
+                            self.pool, self.cfg.max_len, self.routing)
+        published = []
+        for group in groups:
+            failed = group.metadata["failed"]
+            self.counters["episodes_failed"] += len(failed)
+            self.counters["episodes"] += len(failed) + len(group.samples)
+            if len(group.samples) < 2:
+                self.counters["groups_unpublished"] += 1
+                continue
+            group.metadata["published_at"] = time.time()
+            if not self._publish(group):
+                break  # stopping while the stream is full: the rest of the round is dropped
+            published.append(group)
+        self.counters["groups"] += len(published)
+        return published
+
+    def _publish(self, group: TrajectoryGroup) -> bool:
+        """Publish, waiting while the stream is full, but giving up once the worker is stopped."""
+        while True:
+            try:
+                self.stream.publish(group, timeout_s=2.0)
+                return True
+            except TimeoutError:
+                if self.stop_event.is_set():
+                    return False
+
+    def run(self, max_rounds: int | None = None) -> dict[str, int]:
+        """Rounds until `stop()` (or `max_rounds`); returns the counters."""
+        rounds = 0
+        while not self.stop_event.is_set() and (max_rounds is None or rounds < max_rounds):
+            self.round()
+            rounds += 1
+        return dict(self.counters)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

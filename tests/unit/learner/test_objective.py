@@ -1,0 +1,107 @@
+"""The learner's extra terms on a real tiny MoE policy: routing replay, balance, MTP, KL, proximal."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from learner.batching import pack
+from learner.losses import LossConfig, load_balance_loss
+from learner.objective import Objective, forward, logprobs_from_logits, microbatch_loss
+from learner.trainer import Trainer, TrainerOptions
+from models.mtp import add_mtp_heads
+from models.policy import init_policy
+from models.routing import RouterTap, moe_routers
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_worker import make_group  # noqa: E402
+
+
+def _batch(policy, routing=False):
+    group = make_group(0)
+    return pack(group.samples, [1.0, -1.0, 0.5, -0.5], max_tokens=1000, routing=routing)[0]
+
+
+def test_load_balance_loss_is_one_when_balanced_and_larger_when_skewed():
+    logits = torch.zeros(4, 4)  # equal scores
+    balanced = torch.tensor([[0, 1], [2, 3], [0, 1], [2, 3]])
+    skewed = torch.tensor([[0, 1]] * 4)
+    mask = torch.ones(4)
+    assert load_balance_loss(logits, balanced, mask).item() == pytest.approx(1.0)
+    skew_logits = torch.tensor([[4.0, 4.0, -4.0, -4.0]] * 4)  # scores follow the routing
+    # f = (2, 2, 0, 0); P = (s, s, 1-2s...)/...: computed by hand below
+    p = torch.sigmoid(skew_logits[0]) / torch.sigmoid(skew_logits[0]).sum()
+    assert load_balance_loss(skew_logits, skewed, mask).item() == pytest.approx(float(2 * p[0] + 2 * p[1]))
+    assert load_balance_loss(skew_logits, skewed, mask).item() > 1.0
+
+
+def test_routing_replay_pins_the_experts_and_changes_log_probs_only_where_they_differ():
+    policy = init_policy("tiny-hybrid-moe", seed=0)
+    batch = _batch(policy)
+    objective = Objective(routing_replay=True)
+    with torch.no_grad():
+        logits, _, tap = forward(policy.model, policy.model, batch, Objective())
+    own = logprobs_from_logits(logits, batch.input_ids)[0]
+    layers = len(moe_routers(policy.model))
+    b, t = batch.input_ids.shape
+    recorded = torch.stack(tap.experts, dim=1).reshape(b, t, layers, -1).to(torch.int16)
+
+    batch.routed = recorded  # the engine's routing equals the trainer's: identical log-probs
+    with torch.no_grad():
+        same = logprobs_from_logits(forward(policy.model, policy.model, batch, objective)[0], batch.input_ids)[0]
+    assert torch.allclose(same, own, atol=1e-6)
+
+    forced = recorded.clone()
+    forced[0, 3] = (forced[0, 3] + 1) % policy.model.config.n_routed_experts  # other experts at one position
+    forced[1] = -1  # unknown for row 1: the trainer routes it itself
+    batch.routed = forced
+    with torch.no_grad():
+        logits2, _, tap2 = forward(policy.model, policy.model, batch, objective)
+    replayed = logprobs_from_logits(logits2, batch.input_ids)[0]
+    assert torch.equal(tap2.experts[0].reshape(b, t, -1)[0, 3].sort().values, forced[0, 3, 0].long().sort().values)
+    assert not torch.allclose(replayed[0, 4:], own[0, 4:], atol=1e-6)  # later positions see the change
+    assert torch.allclose(replayed[0, :4], own[0, :4], atol=1e-6)  # causal: earlier ones do not
+    assert torch.allclose(replayed[1], own[1], atol=1e-6)
+
+
+def test_mtp_aux_loss_trains_the_heads():
+    policy = init_policy("tiny-hybrid-moe", seed=0)
+    add_mtp_heads(policy.model, seed=0)
+    batch = _batch(policy)
+    objective = Objective(loss=LossConfig(is_correction="none"), mtp_coef=1.0)
+    trainer = Trainer(policy.model, TrainerOptions(backend="torch", lr=3e-3))
+    losses = [trainer.step([batch], objective)["mtp_loss"] for _ in range(8)]
+    assert losses[-1] < losses[0] - 0.1
+
+
+def test_minibatches_recompute_the_proximal_policy_so_the_clip_acts_on_later_steps():
+    policy = init_policy("tiny-hybrid-moe", seed=0)
+    batches = pack(make_group(0).samples + make_group(1).samples, [2.0, -2.0, 1.0, -1.0] * 2, max_tokens=20)
+    assert len(batches) >= 4
+    trainer = Trainer(policy.model, TrainerOptions(backend="torch", lr=5e-3))
+    stats = trainer.train(batches, Objective(loss=LossConfig(is_correction="none")), minibatches=4)
+    assert len(stats) == 4 and trainer.steps == 4
+    assert all(b.prox_logp is not None for b in batches)
+    assert stats[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # first step: current == proximal
+    assert any(abs(s["ratio_mean"] - 1.0) > 1e-4 for s in stats[1:])  # later steps moved away
+
+
+def test_kl_to_the_reference_is_zero_at_start_and_grows():
+    policy = init_policy("tiny-attention", seed=0)
+    batch = _batch(policy)
+    trainer = Trainer(policy.model, TrainerOptions(backend="torch", lr=5e-3, keep_reference=True))
+    objective = Objective(loss=LossConfig(is_correction="none", kl_coef=0.1))
+    first = trainer.step([batch], objective)
+    later = [trainer.step([batch], objective) for _ in range(3)]
+    assert first["kl"] == pytest.approx(0.0, abs=1e-7) and later[-1]["kl"] > 1e-4
+
+
+def test_replay_with_the_wrong_layer_count_is_a_clear_error():
+    policy = init_policy("tiny-hybrid-moe", seed=0)
+    with pytest.raises(ValueError, match="MoE layers"):
+        RouterTap(policy.model, replay=[torch.zeros(1, 2)])
+    loss, stats = microbatch_loss(policy.model, policy.model, _batch(policy), Objective(load_balance_coef=0.01))
+    assert stats["load_balance"] >= 1.0 - 1e-6 and torch.isfinite(loss)

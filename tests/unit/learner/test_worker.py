@@ -1,0 +1,177 @@
+"""The learner loop against a real embedded Redis: filters, commits, publication, exact resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from configs.schema import LearnerConfig
+from learner.worker import LearnerWorker
+from models.policy import init_policy
+from streams.redis_server import EmbeddedRedis
+from streams.redis_stream import TrajectoryStream
+from streams.trajectory import POLICY, PROMPT, Trajectory, TrajectoryGroup
+from weights_sync.local import SharedMemoryWeightSync
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def make_group(seed: int, rewards=(1.0, 0.0, 0.5, 0.0), version: int = 0, env: str = "estuary/math",
+               finish: str = "stop") -> TrajectoryGroup:
+    """G samples of one prompt with made-up tokens and log-probs (deterministic per seed)."""
+    gen = np.random.default_rng(seed)
+    prompt = list(gen.integers(5, 60, 4))
+    samples = []
+    for r in rewards:
+        response = list(gen.integers(30, 90, int(gen.integers(3, 7))))
+        ids = np.array(prompt + response)
+        mask = np.array([PROMPT] * len(prompt) + [POLICY] * len(response), np.uint8)
+        logp = np.where(mask == POLICY, -gen.uniform(3, 6, len(ids)), 0.0)
+        samples.append(Trajectory(ids, mask, logp, np.where(mask == POLICY, version, -1), reward=r,
+                                  finish_reason=finish))
+    return TrajectoryGroup(env, f"p{seed}", samples, group_id=f"g{seed}-{version}")
+
+
+def _cfg(**kw) -> LearnerConfig:
+    base = dict(backend="torch", lr=1e-3, groups_per_step=2, micro_batch_tokens=64, checkpoint_every=2,
+                max_staleness=2)
+    return LearnerConfig(**{**base, **kw})
+
+
+def test_step_filters_publishes_and_acknowledges_only_after_the_checkpoint(tmp_path):
+    with EmbeddedRedis() as server:
+        producer = TrajectoryStream(server.url, consumer="rollout")
+        groups = [make_group(0), make_group(1, rewards=(1.0, 1.0, 1.0, 1.0)),  # no signal
+                  make_group(2), make_group(3), make_group(4), make_group(5)]
+        for g in groups:
+            producer.publish(g)
+        sync = SharedMemoryWeightSync(tmp_path / "weights")
+        stream = TrajectoryStream(server.url, consumer="learner-0")
+        worker = LearnerWorker(_cfg(max_staleness=1), init_policy("tiny-hybrid-moe", seed=0), stream, tmp_path / "run", sync=sync)
+        assert sync.latest_version() == 0  # engines can start from the learner's weights at once
+        first = worker.step(timeout_s=10)
+        assert first.version == 1 and [g.group_id for g in first.groups] == ["g0-0", "g2-0"]
+        assert worker.counters["dropped_zero_variance"] == 1
+        assert first.stats["trained_tokens"] > 0 and first.stats["grad_norm"] > 0
+        assert sync.latest_version() == 1
+        assert stream.pending() == 2  # trained on, not yet committed; the dropped group was acked at once
+        second = worker.step(timeout_s=10)
+        assert second.version == 2 and stream.pending() == 0  # checkpoint at step 2, then XACK
+        assert (tmp_path / "run/checkpoints/LATEST").read_text() == "step-000002"
+        # staleness: at version 2 the last group (from version 0) is past max_staleness=1
+        producer.publish(make_group(9, version=2))
+        assert worker.step(timeout_s=3) is None  # 1 usable group left, 2 needed: no step
+        assert worker.counters["dropped_stale"] == 1 and len(worker._kept) == 1
+        sync.close()
+
+
+def test_downweighted_stale_groups_and_overlong_filter(tmp_path):
+    with EmbeddedRedis() as server:
+        producer = TrajectoryStream(server.url, consumer="rollout")
+        producer.publish(make_group(0, version=1, finish="length"))
+        producer.publish(make_group(1, version=5))
+        cfg = _cfg(stale_policy="downweight", overlong_filter=True, checkpoint_every=0)
+        worker = LearnerWorker(cfg, init_policy("tiny-attention", seed=0),
+                               TrajectoryStream(server.url, consumer="l"), tmp_path)
+        worker.version = 5
+        kept = worker.collect(timeout_s=10)
+        assert [round(scale, 3) for _, scale, _ in kept] == [round(1 / 3, 3), 1.0]  # 4 old, limit 2
+        samples, _ = worker._samples(kept)
+        assert all(not (s.loss_mask == POLICY).any() for s in samples[:4])  # cut samples: no loss
+        assert worker.counters["overlong_masked"] == 4
+
+
+LEARNER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from test_worker import _cfg
+    from learner.worker import LearnerWorker
+    from models.policy import init_policy
+    from streams.redis_stream import TrajectoryStream
+
+    url, run_dir, total, pause_after = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    stream = TrajectoryStream(url, key=run_dir, consumer="learner-0", redeliver_own=True)
+    worker = LearnerWorker(_cfg(max_staleness=100), init_policy("tiny-hybrid-moe", seed=0), stream, run_dir)
+    print("resumed at", worker.version, flush=True)
+    while worker.version < total:
+        report = worker.step(timeout_s=30)
+        print("step", report.version, [g.group_id for g in report.groups], flush=True)
+        if report.version == pause_after:
+            time.sleep(60)  # the test kills the process here: step 3 trained, not yet committed
+    worker.finish()
+    worker.policy.save(run_dir + "/final")
+    print("done", flush=True)
+""")
+
+
+def _learner(url: str, run_dir: Path, total: int, pause_after: int = -1) -> subprocess.Popen:
+    code = LEARNER.format(tests=str(Path(__file__).parent))
+    return subprocess.Popen([sys.executable, "-c", code, url, str(run_dir), str(total), str(pause_after)],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+
+def test_killed_learner_resumes_exactly_and_trains_nothing_twice(tmp_path):
+    total = 5
+    with EmbeddedRedis() as server:
+        for run in ("straight", "killed"):
+            producer = TrajectoryStream(server.url, key=str(tmp_path / run), consumer="rollout")
+            for seed in range(2 * total):
+                producer.publish(make_group(seed))
+        straight = _learner(server.url, tmp_path / "straight", total)
+        straight_log = straight.communicate(timeout=300)[0]
+        assert straight_log.strip().endswith("done"), straight_log
+
+        killed = _learner(server.url, tmp_path / "killed", total, pause_after=3)
+        log = []
+        for line in killed.stdout:
+            log.append(line)
+            if line.startswith("step 3"):
+                os.kill(killed.pid, signal.SIGKILL)
+                break
+        killed.wait(timeout=30)
+        resumed = _learner(server.url, tmp_path / "killed", total)
+        resumed_log = resumed.communicate(timeout=300)[0]
+        assert "resumed at 2" in resumed_log
+        # step 3 is re-trained on the same groups, from the redelivered, unacknowledged entries
+        assert [s for s in resumed_log.splitlines() if s.startswith("step 3")] == \
+               [s.strip() for s in log if s.startswith("step 3")]
+        stream = TrajectoryStream(server.url, key=str(tmp_path / "killed"), consumer="check")
+        assert stream.pending() == 0 and stream.depth() == 0
+        assert stream.client.scard(f"{tmp_path / 'killed'}:published") == 2 * total
+    a = load_file(tmp_path / "straight/final/model.safetensors")
+    b = load_file(tmp_path / "killed/final/model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_an_engine_picks_up_the_published_version_and_tags_its_tokens(tmp_path):
+    from rollout.torch_engine import TorchEngine
+    from rollout.types import Request, SamplingParams
+
+    with EmbeddedRedis() as server:
+        producer = TrajectoryStream(server.url, consumer="rollout")
+        for seed in range(2):
+            producer.publish(make_group(seed))
+        learner_sync = SharedMemoryWeightSync(tmp_path / "weights")
+        worker = LearnerWorker(_cfg(), init_policy("tiny-hybrid-moe", seed=0),
+                               TrajectoryStream(server.url, consumer="l"), tmp_path / "run", sync=learner_sync)
+        engine = TorchEngine(init_policy("tiny-hybrid-moe", seed=0), max_batch=2, max_len=64)  # its own copy
+        engine_sync = SharedMemoryWeightSync(tmp_path / "weights")
+        assert worker.step(timeout_s=10).version == 1
+        update = engine_sync.pull(newer_than=engine.version)
+        engine.update_weights(update.weights, update.version)
+        sample = engine.generate([Request([5, 6, 7], SamplingParams(max_new_tokens=4))])[0][0]
+        assert set(sample.versions) == {1}
+        learned = worker.policy.model.state_dict()
+        assert all(torch.equal(v, learned[k]) for k, v in engine.model.state_dict().items())
+        engine_sync.close()
+        learner_sync.close()

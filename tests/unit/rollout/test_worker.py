@@ -1,0 +1,124 @@
+"""The rollout worker with a real tiny engine, real environments and a real Redis stream."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import pytest
+
+import environments
+from configs.schema import EnvironmentConfig, RolloutConfig, SamplingConfig
+from environments.base import Task, TextEnv, TurnResult
+from models.policy import init_policy
+from rollout.torch_engine import TorchEngine
+from rollout.worker import RolloutWorker
+from streams.redis_server import EmbeddedRedis
+from streams.redis_stream import TrajectoryStream
+from streams.trajectory import FORCED, POLICY, PROMPT
+
+
+class TwoTurns(TextEnv):
+    """Asks for a second turn after the first, then scores 1 if the policy said anything."""
+
+    def generate(self, rng: random.Random) -> Task:
+        return Task(prompt=f"Say something about {rng.randrange(100)}.", answer="")
+
+    def from_row(self, row):
+        raise NotImplementedError
+
+    def score_turn(self, action: str) -> TurnResult:
+        if self.turn == 1:
+            return TurnResult(done=False, reply=[{"role": "user", "content": "And once more?"}])
+        return TurnResult(done=True, correct=float(len(action) % 2), verdict="ok")
+
+    def reference_turn(self) -> str:
+        return "ok"
+
+
+class Broken(TwoTurns):
+    def score_turn(self, action: str) -> TurnResult:
+        raise RuntimeError("scoring service down")
+
+
+class Hangs(TwoTurns):
+    def score_turn(self, action: str) -> TurnResult:
+        time.sleep(3)
+        return TurnResult(done=True)
+
+
+environments.register("test/two-turns", TwoTurns, max_turns=2)
+environments.register("test/broken", Broken)
+environments.register("test/hangs", Hangs)
+
+
+def _worker(server, envs, group_size=4, episodes=8, max_new_tokens=12):
+    policy = init_policy("tiny-hybrid-moe", seed=0)
+    cfg = RolloutConfig(group_size=group_size, max_concurrent_episodes=episodes, max_len=256,
+                        sampling=SamplingConfig(max_new_tokens=max_new_tokens))
+    engine = TorchEngine(policy, max_batch=episodes, max_len=256, seed=0)
+    stream = TrajectoryStream(server.url, consumer="rollout-0")
+    return RolloutWorker(cfg, envs, engine, policy.tokenizer, stream, seed=0), policy
+
+
+def test_groups_carry_multi_turn_tokens_masks_and_behaviour_log_probs():
+    with EmbeddedRedis() as server:
+        worker, policy = _worker(server, {"two": EnvironmentConfig(id="test/two-turns"),
+                                          "math": EnvironmentConfig(id="estuary/math", kwargs={"difficulty": 0})})
+        groups = worker.round()
+        assert groups and all(len(g.samples) == 4 for g in groups)
+        assert {g.metadata["env"] for g in groups} <= {"two", "math"}
+        learner = TrajectoryStream(server.url, consumer="learner")
+        got = learner.read(count=10, block_ms=500)
+        assert [e.group.group_id for e in got] == [g.group_id for g in groups]  # all published, in order
+        for group in groups:
+            for s in group.samples:
+                policy_tokens = np.isin(s.loss_mask, (POLICY, FORCED))
+                assert (s.logprobs[s.loss_mask == POLICY] < 0).all() and (s.logprobs[~policy_tokens] == 0).all()
+                assert set(s.versions[policy_tokens]) == {0} and set(s.versions[~policy_tokens]) == {-1}
+                assert s.loss_mask[0] == PROMPT
+            if group.metadata["env"] == "two":
+                s = group.samples[0]
+                spans = np.flatnonzero(np.diff((s.loss_mask == PROMPT).astype(int)) != 0)
+                assert len(spans) >= 3  # prompt, turn 1, the environment's reply, turn 2
+                assert "And once more?" in policy.tokenizer.decode(s.token_ids)
+                assert group.metadata["turns"] == [2] * 4
+
+
+def test_an_environment_that_raises_or_hangs_fails_its_episodes_and_the_worker_goes_on():
+    with EmbeddedRedis() as server:
+        envs = {"broken": EnvironmentConfig(id="test/broken"),
+                "hangs": EnvironmentConfig(id="test/hangs", timeout_s=0.5),
+                "two": EnvironmentConfig(id="test/two-turns")}
+        worker, _ = _worker(server, envs, group_size=2, episodes=6)
+        start = time.monotonic()
+        for _ in range(2):
+            worker.round()
+        assert time.monotonic() - start < 30
+        assert worker.counters["episodes_failed"] > 0 and worker.counters["groups"] > 0
+        failures = []
+        worker.stream = TrajectoryStream(server.url, consumer="rollout-0")
+        from rollout.episodes import Prompt, run_groups
+
+        for name in ("broken", "hangs"):
+            [group] = run_groups(worker.engine, worker.tokenizer, [Prompt(name, envs[name].id, worker.factories[name],
+                                 seed=1, timeout_s=0.5)], 2, worker.params, worker.pool, 256)
+            failures += group.metadata["failed"]
+        assert any("scoring service down" in f for f in failures)
+        assert any("timed out" in f for f in failures)
+
+
+def test_unknown_environment_fails_at_start_up():
+    with EmbeddedRedis() as server, pytest.raises(Exception, match="estuary/mathh"):
+        _worker(server, {"m": EnvironmentConfig(id="estuary/mathh")})
+
+
+def test_a_stopped_worker_does_not_wait_forever_on_a_full_stream():
+    with EmbeddedRedis() as server:
+        worker, _ = _worker(server, {"two": EnvironmentConfig(id="test/two-turns")}, group_size=2, episodes=4)
+        worker.stream = TrajectoryStream(server.url, consumer="rollout-0", max_len=1)  # nobody consumes
+        worker.stop()
+        start = time.monotonic()
+        published = worker.round()  # two groups: the first fills the stream, the second gives up
+        assert len(published) == 1 and time.monotonic() - start < 30

@@ -2,11 +2,12 @@
 
     .venv/bin/python -m bench.async_bench [--config tiny_cpu] [--target 0.2] [key=value ...]
 
-Runs `estuary train` twice with the same config and seed, `run.mode=async` then
-`run.mode=sync` (generate-then-train: rollouts wait for the learner and the learner for the
-rollouts). For each: wall time until the mean held-out eval reward first reaches `--target`
-(evaluations every `eval.every_steps`; evaluation time counts for both) and optimizer steps per
-hour. Ratios are sync/async (above 1: asynchronous is better; 2 is the limit when generation and
+Prepares the starting policy once (preset, SFT warm start, MTP heads: the stages before RL are
+the same for both and not what is compared), then runs `estuary train` from it twice with the
+same config and seed, `run.mode=async` then `run.mode=sync` (generate-then-train: rollouts wait
+for the learner and the learner for the rollouts). For each: wall time of the RL stage until the
+mean held-out eval reward first reaches `--target` (evaluations every `eval.every_steps`;
+evaluation time counts for both) and optimizer steps per hour. Ratios are sync/async (above 1: asynchronous is better; 2 is the limit when generation and
 training overlap perfectly).
 
 Prints a table, then `RESULT async_time_to_target_s ...` and `RESULT async_steps_per_hour ...`.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import tempfile
+from pathlib import Path
 
 
 def time_to(timeline: list[tuple[float, int, float]], target: float) -> float:
@@ -32,13 +34,16 @@ def main() -> None:
     args = parser.parse_args()
 
     from configs import load_config
+    from estuary.run_setup import prepare_policy
     from estuary.train import train
 
     rows = {}
     with tempfile.TemporaryDirectory() as out:
+        base = load_config(args.config, [f"run.output_dir={out}", *args.overrides])
+        policy = prepare_policy(base, Path(out) / "start")
         for mode in ("async", "sync"):
-            cfg = load_config(args.config, [f"run.output_dir={out}", f"run.name=bench-{mode}", f"run.mode={mode}",
-                                            *args.overrides])
+            cfg = load_config(args.config, [*args.overrides, f"run.output_dir={out}", f"run.name=bench-{mode}",
+                                            f"run.mode={mode}", f"model.path={policy}", "sft.steps=0"])
             result = train(cfg)
             rows[mode] = (time_to(result.timeline, args.target), result.steps / result.seconds * 3600,
                           result.timeline[-1][2], result.seconds)

@@ -1,7 +1,7 @@
 """MLflow set-up: a sqlite store under the run folder by default, or a given tracking URI.
 
 MLflow 3 refuses a plain file store, so the embedded default is `sqlite:///<run_dir>/mlflow.db`;
-`mlflow ui --backend-store-uri <that URI>` opens it. Telemetry is turned off before MLflow loads.
+`mlflow ui --backend-store-uri <that URI>` opens it; artifacts go to `<run_dir>/mlartifacts`. Telemetry is turned off before MLflow loads.
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ def setup_mlflow(cfg: MlflowConfig, run_dir: str | Path) -> str:
 
     uri = tracking_uri(cfg, run_dir)
     mlflow.set_tracking_uri(uri)
+    if not cfg.tracking_uri and mlflow.get_experiment_by_name(cfg.experiment) is None:
+        # A sqlite store's default artifact root is ./mlruns under whatever folder the user
+        # launched from; keep the artifacts next to the store, in the run folder.
+        artifacts = (Path(run_dir).resolve() / "mlartifacts").as_uri()
+        mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
     mlflow.set_experiment(cfg.experiment)
     return uri
 

@@ -130,3 +130,15 @@ def test_mlflow_given_uri_and_ui_hint(tmp_path):
     assert (tmp_path / "elsewhere.db").exists() and not (tmp_path / "run" / "mlflow.db").exists()
     assert ui_command(uri) == f"mlflow ui --backend-store-uri {uri}"
     assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+
+
+def test_embedded_mlflow_keeps_artifacts_in_the_run_folder_not_where_the_user_stands(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    setup_mlflow(MlflowConfig(experiment="e"), tmp_path / "run")
+    (tmp_path / "note.txt").write_text("hi")
+    with mlflow.start_run():
+        mlflow.log_artifact(str(tmp_path / "note.txt"))
+    assert list((tmp_path / "run" / "mlartifacts").rglob("note.txt"))
+    assert not (tmp_path / "mlruns").exists()

@@ -34,6 +34,7 @@ class RunLog:
         self.max_steps, self.start = max_steps, time.monotonic()
         self.tty = sys.stdout.isatty()
         self.last_line = ""
+        self.totals: dict[str, float] = {}  # rollout counters at the previous step
         params = flatten(config_tree)
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per call
             mlflow.log_params(dict(list(params.items())[i: i + 100]))
@@ -51,6 +52,8 @@ class RunLog:
         metrics = {f"learner/{k}": float(v) for k, v in stats.items()}
         metrics.update({f"rollout/{k}": float(v) for k, v in report["groups"].items()})
         metrics.update({f"rollout/{k}": float(v) for k, v in rollout.items()})
+        generated = self._generated_rewards(rollout)
+        metrics.update({f"rollout/{k}/generated_reward_mean": v for k, v in generated.items()})
         staleness = report["staleness"] or [0]
         metrics.update({"stream/depth": report["stream_depth"], "staleness/mean": float(np.mean(staleness)),
                         "staleness/max": float(max(staleness))})
@@ -58,8 +61,7 @@ class RunLog:
             metrics[f"staleness/count_{int(value)}"] = float(count)
         metrics.update({f"learner/{k}": float(v) for k, v in report["counters"].items()})
         self.mlflow.log_metrics(metrics, step=version)
-        rewards = "  ".join(f"{k.split('/')[0]} {v:.2f}" for k, v in sorted(report["groups"].items())
-                            if k.endswith("/reward_mean"))
+        rewards = "  ".join(f"{name} {v:.2f}" for name, v in sorted(generated.items()))
         line = (f"step {version}/{self.max_steps}  {time.monotonic() - self.start:5.0f}s  reward {rewards}  "
                 f"{stats.get('tokens_per_s', 0):.0f} tok/s  staleness {np.mean(staleness):.1f}")
         if self.tty:
@@ -68,6 +70,18 @@ class RunLog:
             self.last_line = line
         else:
             print(line, flush=True)
+
+    def _generated_rewards(self, rollout: dict[str, float]) -> dict[str, float]:
+        """Mean reward per environment of every sample generated since the previous step."""
+        out = {}
+        for key, total in rollout.items():
+            if key.endswith("/samples"):
+                name = key.removesuffix("/samples")
+                n = total - self.totals.get(key, 0.0)
+                if n > 0:
+                    out[name] = (rollout[f"{name}/reward_sum"] - self.totals.get(f"{name}/reward_sum", 0.0)) / n
+        self.totals = dict(rollout)
+        return out
 
     def evaluation(self, results: dict[str, dict[str, float]], step: int, label: str) -> None:
         self.mlflow.log_metrics({f"eval/{env}/{k}": v for env, r in results.items() for k, v in r.items()

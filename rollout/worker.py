@@ -95,6 +95,11 @@ class RolloutWorker:
             failed = group.metadata["failed"]
             self.counters["episodes_failed"] += len(failed)
             self.counters["episodes"] += len(failed) + len(group.samples)
+            # Every generated sample, before the learner's filters (dynamic sampling keeps only
+            # mixed groups, so the trained groups' mean says little about the policy itself).
+            name = group.metadata.get("env", group.env_id)
+            self.counters[f"{name}/reward_sum"] += sum(s.reward for s in group.samples)
+            self.counters[f"{name}/samples"] += len(group.samples)
             if len(group.samples) < 2:
                 self.counters["groups_unpublished"] += 1
                 continue

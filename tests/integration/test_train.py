@@ -42,6 +42,7 @@ def test_a_short_run_trains_logs_to_mlflow_and_checkpoints(tmp_path):
     assert client.get_metric_history(result.run_id, "learner/trained_tokens")[-1].value > 0
     assert any(k.startswith("eval/math/reward") for k in run.data.metrics)
     assert any(k.startswith("rollout/") and k.endswith("/reward_mean") for k in run.data.metrics)
+    assert any(k.endswith("/generated_reward_mean") for k in run.data.metrics)  # before the learner's filters
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "eval", "samples.json"} <= artifacts
 

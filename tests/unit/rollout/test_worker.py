@@ -72,6 +72,10 @@ def test_groups_carry_multi_turn_tokens_masks_and_behaviour_log_probs():
         learner = TrajectoryStream(server.url, consumer="learner")
         got = learner.read(count=10, block_ms=500)
         assert [e.group.group_id for e in got] == [g.group_id for g in groups]  # all published, in order
+        for name in {g.metadata["env"] for g in groups}:  # what every generated sample scored, per env
+            mine = [s.reward for g in groups if g.metadata["env"] == name for s in g.samples]
+            assert worker.counters[f"{name}/samples"] == len(mine)
+            assert worker.counters[f"{name}/reward_sum"] == pytest.approx(sum(mine))
         for group in groups:
             for s in group.samples:
                 policy_tokens = np.isin(s.loss_mask, (POLICY, FORCED))

@@ -63,11 +63,11 @@ def main() -> None:
     for label, model in (("tiny-hybrid-moe", init_policy("tiny-hybrid-moe").model), ("nemotron_h-100m", nemotron_100m())):
         o, r, n = measure(model)
         rows.append((label, n, o, r))
-    print(f"{'model':<18} {'params':>12} {'ours s':>9} {'raw copy s':>11} {'ratio':>6}")
+    print(f"{'model':<18} {'params':>12} {'ours ms':>9} {'raw copy ms':>12} {'ratio':>6}")
     for label, n, o, r in rows:
-        print(f"{label:<18} {n:>12,} {o:>9.4f} {r:>11.4f} {r / o:>6.2f}")
+        print(f"{label:<18} {n:>12,} {o * 1e3:>9.3f} {r * 1e3:>12.3f} {r / o:>6.2f}")
     for label, _n, o, r in rows:
-        print(f"RESULT weight_sync_latency_s_{label} ours={o:.4f} baseline={r:.4f} ratio={r / o:.2f}")
+        print(f"RESULT weight_sync_latency_s_{label} ours={o:.6f} baseline={r:.6f} ratio={r / o:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The rollout worker as a plain class: environments + engine -> trajectory groups -> the stream.
 
-    worker = RolloutWorker(cfg.rollout, cfg.environments, policy_dir, stream, sync, seed=0)
-    worker.run(stop)            # rounds until `stop` is set (a Ray actor runs this on a thread)
+    worker = RolloutWorker(cfg.rollout, cfg.environments, engine, tokenizer, stream, sync, seed=0)
     groups = worker.round()     # one round: pull weights, generate, judge, publish
+    worker.run()                # rounds until worker.stop() (a Ray actor runs this on a thread)
 
 Each round pulls the newest published weights (never waiting for them), picks prompts across
 the environments by their configured weights (each environment's `concurrency` caps its live

@@ -20,13 +20,13 @@ from streams.trajectory import FORCED, POLICY, PROMPT
 
 
 class TwoTurns(TextEnv):
-    """Asks for a second turn after the first, then scores 1 if the policy said anything."""
+    """Asks for a second turn after the first, then scores the parity of the answer's length (mixed rewards)."""
 
     def generate(self, rng: random.Random) -> Task:
         return Task(prompt=f"Say something about {rng.randrange(100)}.", answer="")
 
-    def from_row(self, row):
-        raise NotImplementedError
+    def from_row(self, row):  # generated tasks only: this test environment has no data set
+        raise TypeError("TwoTurns takes no dataset rows")
 
     def score_turn(self, action: str) -> TurnResult:
         if self.turn == 1:

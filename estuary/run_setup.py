@@ -63,22 +63,25 @@ def prepare_policy(cfg: Config, run_dir: Path, say=print) -> Path:
 
 
 def sync_channel(cfg: Config, run_dir: Path) -> str:
-    if cfg.weights_sync.transport == "local":
-        return str(run_dir / "weights")
-    if cfg.weights_sync.transport == "ray":
-        return cfg.run.name
+    return str(run_dir / "weights") if cfg.weights_sync.transport == "local" else cfg.run.name
+
+
+def check_run_config(cfg: Config) -> None:
+    """What `estuary train` cannot run, refused before any service starts or any SFT is paid."""
     from configs.errors import ConfigError
 
-    raise ConfigError("weights_sync.transport=collective needs a fixed group of engines; `estuary train` "
-                      "uses `local` (one machine) or `ray` (a cluster): set weights_sync.transport=ray")
-
-
-def check_backlog(cfg: Config) -> None:
-    """The stream must hold what the learner trains on between two checkpoints, or producers and
-    the learner wait on each other forever."""
-    from configs.errors import ConfigError
-
-    held = cfg.learner.groups_per_step * max(1, cfg.learner.checkpoint_every) * cfg.learner.num_learners
+    if cfg.weights_sync.transport == "collective":
+        raise ConfigError("weights_sync.transport=collective needs a fixed group of engines; `estuary train` "
+                          "uses `local` (one machine) or `ray` (a cluster): set weights_sync.transport=ray")
+    if cfg.learner.num_learners != 1:
+        # LearnerWorker runs data-parallel under a torch.distributed launcher (WORLD_SIZE > 1),
+        # but the driver starts one learner actor: say so instead of silently using one.
+        raise ConfigError(f"learner.num_learners={cfg.learner.num_learners}: `estuary train` starts one learner "
+                          "actor so far; set learner.num_learners=1 (data-parallel learners run LearnerWorker "
+                          "under torchrun or the deepspeed launcher)")
+    # The stream must hold what the learner trains on between two checkpoints, or producers and
+    # the learner wait on each other forever.
+    held = cfg.learner.groups_per_step * max(1, cfg.learner.checkpoint_every)
     if cfg.stream.max_len < 2 * held:
         raise ConfigError(
             f"stream.max_len={cfg.stream.max_len} is too small: the learner holds up to {held} unacknowledged "

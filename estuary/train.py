@@ -38,12 +38,12 @@ def train(cfg: Config, on_step=None) -> TrainResult:
     from configs.loader import to_yaml
     from estuary.evaluate import evaluate
     from estuary.run_log import RunLog
-    from estuary.run_setup import check_backlog, prepare_policy, quiet_libraries, run_dir_of, start_actors
+    from estuary.run_setup import check_run_config, prepare_policy, quiet_libraries, run_dir_of, start_actors
     from estuary.services import Services
     from models.policy import load_policy
 
     quiet_libraries()
-    check_backlog(cfg)
+    check_run_config(cfg)
     run_dir, started = run_dir_of(cfg), time.monotonic()
     with Services(cfg.services, run_dir) as svc, mlflow.start_run(run_name=cfg.run.name) as run:
         log = RunLog(run, to_yaml(cfg), asdict(cfg), run_dir, cfg.run.max_steps)

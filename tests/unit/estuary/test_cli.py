@@ -49,11 +49,16 @@ def test_model_init_writes_a_policy_transformers_loads(tmp_path, capsys):
     assert torch.isfinite(logits).all()
 
 
-def test_a_stream_too_small_for_the_checkpoint_interval_is_a_config_error():
+@pytest.mark.parametrize(("override", "message"), [
+    ("stream.max_len=100", "stream.max_len=100 is too small"),
+    ("learner.num_learners=4", "learner.num_learners=4: `estuary train` starts one learner"),
+    ("weights_sync.transport=collective", "set weights_sync.transport=ray"),
+])
+def test_what_estuary_train_cannot_run_is_refused_up_front(override, message):
     from configs import load_config
     from configs.errors import ConfigError
-    from estuary.run_setup import check_backlog
+    from estuary.run_setup import check_run_config
 
-    check_backlog(load_config("tiny_cpu", []))
-    with pytest.raises(ConfigError, match="stream.max_len=100 is too small"):
-        check_backlog(load_config("tiny_cpu", ["stream.max_len=100"]))
+    check_run_config(load_config("tiny_cpu", []))
+    with pytest.raises(ConfigError, match=message):
+        check_run_config(load_config("tiny_cpu", [override]))

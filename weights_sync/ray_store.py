@@ -52,7 +52,6 @@ class RayObjectStoreWeightSync:
         actor = ray.remote(num_cpus=0)(_Registry).options(
             name=f"estuary-weights:{channel}", namespace=namespace, get_if_exists=True, lifetime=None)
         self.registry = actor.remote()
-        self._dtypes: dict[str, torch.dtype] = {}
 
     def publish(self, weights: dict[str, torch.Tensor], version: int) -> None:
         arrays = {name: _to_numpy(t) for name, t in weights.items()}

@@ -1,10 +1,11 @@
 """MTP self-speculative decoding on vs off, with heads trained by `estuary model train-mtp`.
 
-    .venv/bin/python -m bench.mtp_bench [--draft-steps 2] [--batch 64] [--new-tokens 128]
+    .venv/bin/python -m bench.mtp_bench [--draft-steps 2] [--batch 8,64] [--new-tokens 128]
 
 Builds `tiny-hybrid-moe`, fits its MTP heads on its own generations (train-mtp), then generates
 the same workload with and without drafts: tokens/s, acceptance rate (accepted / drafted) and
-mean tokens per verification step (accepted drafts + 1).
+mean tokens per verification step (accepted drafts + 1), at batch 8 (the tail of a rollout,
+where few sequences are still running) and at batch 64.
 
 Prints a table, then `RESULT <name> ours=<drafts on> baseline=<drafts off> ratio=<on/off>`.
 """
@@ -35,7 +36,7 @@ def run(policy, batch: int, new_tokens: int, mtp_steps: int) -> tuple[float, Tor
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draft-steps", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", default="8,64", help="comma-separated batch sizes")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--train-steps", type=int, default=150)
     args = parser.parse_args()
@@ -44,20 +45,23 @@ def main() -> None:
         init_policy("tiny-hybrid-moe", seed=0).save(tmp)
         fit = train_mtp(tmp, samples=128, steps=args.train_steps)
         policy = load_policy(tmp)
-    off, _ = run(policy, args.batch, args.new_tokens, 0)
-    on, engine = run(policy, args.batch, args.new_tokens, args.draft_steps)
-    s = engine.stats
-    acceptance = s["accepted"] / max(1, s["drafted"])
-    mean_len = s["accepted"] / max(1, s["steps"]) + 1
     print(f"MTP heads: train-mtp loss {fit.loss_start:.3f} -> {fit.loss_end:.3f} ({fit.seconds:.0f}s)")
-    print(f"{'measure':<40} {'drafts on':>10} {'drafts off':>11} {'ratio':>7}")
-    label = f"tokens/s (K={args.draft_steps})"
-    print(f"{label:<40} {on:>10.1f} {off:>11.1f} {on / off:>7.2f}")
-    print(f"{'acceptance rate':<40} {acceptance:>10.3f}")
-    print(f"{'mean tokens per verification':<40} {mean_len:>10.2f}")
-    print(f"RESULT mtp_drafts_tok_per_s ours={on:.1f} baseline={off:.1f} ratio={on / off:.2f}")
-    print(f"RESULT mtp_acceptance_rate ours={acceptance:.3f} baseline=0 ratio=nan")
-    print(f"RESULT mtp_mean_accepted_length ours={mean_len:.2f} baseline=1 ratio={mean_len:.2f}")
+    print(f"{'batch':<6} {'tokens/s on':>12} {'tokens/s off':>13} {'ratio':>7} {'acceptance':>11} "
+          f"{'tokens/verify':>14}")
+    results = []
+    for batch in [int(b) for b in args.batch.split(",")]:
+        off, _ = run(policy, batch, args.new_tokens, 0)
+        on, engine = run(policy, batch, args.new_tokens, args.draft_steps)
+        s = engine.stats
+        acceptance = s["accepted"] / max(1, s["drafted"])
+        mean_len = s["accepted"] / max(1, s["steps"]) + 1
+        print(f"{batch:<6} {on:>12.1f} {off:>13.1f} {on / off:>7.2f} {acceptance:>11.3f} {mean_len:>14.2f}")
+        results += [(f"mtp_drafts_tok_per_s_b{batch}", f"{on:.1f}", f"{off:.1f}", f"{on / off:.2f}"),
+                    (f"mtp_acceptance_rate_b{batch}", f"{acceptance:.3f}", "0", "nan"),
+                    (f"mtp_mean_accepted_length_b{batch}", f"{mean_len:.2f}", "1", f"{mean_len:.2f}")]
+    print(f"(K={args.draft_steps} drafts per verification, {args.new_tokens} new tokens, 8 samples per prompt)")
+    for name, ours, base, ratio in results:
+        print(f"RESULT {name} ours={ours} baseline={base} ratio={ratio}")
 
 
 if __name__ == "__main__":

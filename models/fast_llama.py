@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from models.attention import as_range, attend
 from models.decode_state import DecodeState
-from models.fast_nemotron_h import _as_range, _attend
 
 
 class FastLlama:
@@ -58,7 +58,7 @@ class FastLlama:
             state.tensors[f"{i}.v"][slot, start:start + T] = v[0]
             keys = state.tensors[f"{i}.k"][slot, : start + T][None]
             vals = state.tensors[f"{i}.v"][slot, : start + T][None]
-            out = _attend(q, keys, vals, causal_offset=start, scale=attn.scaling)
+            out = attend(q, keys, vals, causal_offset=start, scale=attn.scaling)
             h = h + attn.o_proj(out.reshape(1, T, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         state.lengths[slot] = start + T
@@ -78,9 +78,9 @@ class FastLlama:
             cache_k, cache_v = state.tensors[f"{i}.k"], state.tensors[f"{i}.v"]
             cache_k[slots, lengths] = k[:, 0]
             cache_v[slots, lengths] = v[:, 0]
-            run = _as_range(slots)
+            run = as_range(slots)
             rows = run if run is not None else slots
-            out = _attend(q, cache_k[rows, :span], cache_v[rows, :span], key_mask=valid, scale=attn.scaling)
+            out = attend(q, cache_k[rows, :span], cache_v[rows, :span], key_mask=valid, scale=attn.scaling)
             h = h + attn.o_proj(out.reshape(h.shape[0], 1, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         state.lengths[slots] = lengths + 1

@@ -12,8 +12,15 @@ update to the HF model is seen at once) and matches its full-sequence logits. Wh
   any set of slots, any lengths);
 - `snapshot`/`restore` of a slot's recurrent state, for speculative decoding's rollback.
 
+- `verify`/`rollback`: several tokens per slot in one pass and the state after each, for
+  speculative decoding; `mtp_step`: the MTP head's draft step.
+
 The SSM prefill uses transformers' reference chunked scan (`mamba2_chunk_scan`), the decode step
 its recurrence; dt is clamped at `time_step_min` as in the full forward the learner trains with.
+On CPU in fp32, decode and verify run the Mamba step, the attention over a slot's cache, the
+routed experts and the residual norms as fused C++ kernels (`models/cpu_kernels.py`): at decode
+batch sizes the eager path's ~35 small ops per layer cost more in dispatch than in arithmetic.
+The eager path stays as the reference, the GPU path and the fallback, with the same numerics.
 """
 
 from __future__ import annotations
@@ -22,8 +29,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from transformers.activations import ReLUSquaredActivation
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
+from models.attention import as_range, attend
+from models.cpu_kernels import kernels
 from models.decode_state import ContextOverflow, DecodeState
 
 
@@ -67,6 +77,7 @@ class FastNemotronH:
         )
         self.eps = c.layer_norm_epsilon
         self.layers = model.model.layers
+        self._cache: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}
 
     # -- state --------------------------------------------------------------------------------
     def new_state(self, slots: int, max_len: int) -> DecodeState:
@@ -97,7 +108,7 @@ class FastNemotronH:
             routing=routing,
         )
         state.lengths[slot] = start + tokens.numel()
-        hidden = _rms(h, self.model.model.norm_f.weight, self.eps)[0]
+        hidden = h[0]
         logits = self.model.lm_head(hidden).float()
         return (logits, hidden) if return_hidden else logits
 
@@ -114,7 +125,7 @@ class FastNemotronH:
             routing=routing,
         )
         state.lengths[slots] = lengths + 1
-        return self.model.lm_head(_rms(h, self.model.model.norm_f.weight, self.eps)).float()
+        return self.model.lm_head(h).float()
 
     @torch.no_grad()
     def verify(self, state: DecodeState, slots: torch.Tensor, tokens: torch.Tensor):
@@ -135,33 +146,71 @@ class FastNemotronH:
             routing=None,
         )
         state.lengths[slots] = lengths + t
-        hidden = _rms(h, self.model.model.norm_f.weight, self.eps)
+        hidden = h
         return self.model.lm_head(hidden).float(), hidden, (history, lengths)
+
+    @torch.no_grad()
+    def mtp_step(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The MTP head (`models.mtp.MTPHead.forward`) on the fused kernels where they serve:
+        embeds, hidden (B, D) -> next hidden (B, D). Attention sees the current position only."""
+        head, fused = self.model.mtp, _fused_for(hidden)
+        if fused is None:
+            return head(embeds, hidden)
+        first = head.layers[0]
+        both = [fused.residual_rms(embeds.contiguous(), None, first.enorm.weight, self.eps),
+                fused.residual_rms(hidden.contiguous(), None, first.hnorm.weight, self.eps)]
+        h, delta = first.eh_proj(torch.cat(both, dim=-1)), None
+        for kind, block in zip(head.kinds, head.layers, strict=True):
+            h, x = self._residual_norm(fused, h, delta, block.norm.weight)
+            if kind == "full_attention":  # one position: the softmax weight is 1, output = v
+                attn, d = block.mixer, self.dims
+                v = attn.v_proj(x).view(-1, d.kv_heads, 1, d.attn_head_dim)
+                v = v.expand(-1, -1, d.attn_heads // d.kv_heads, -1).reshape(x.shape[0], -1)
+                delta = attn.o_proj(v)
+            elif kind == "moe":
+                delta = self._moe(block.mixer, x, None)
+            else:
+                delta = block.mixer(x)
+        return self._residual_norm(fused, h, delta, head.layers[-1].final_layernorm.weight)[1]
 
     def rollback(self, state: DecodeState, slots: torch.Tensor, keep: torch.Tensor, saved) -> None:
         """Keep the first `keep[b]` (>= 1) verified tokens of each slot, as if only they were fed."""
         history, lengths = saved
         rows = torch.arange(slots.numel(), device=slots.device)
         for name, per_position in history.items():  # (B, T, ...) state after each position
-            state.tensors[name][slots] = per_position[rows, keep - 1]
+            fused = _fused_for(per_position)
+            if fused is not None:  # copies only the rows that rejected a draft
+                fused.restore_rows(state.tensors[name], per_position, slots, keep)
+            else:
+                state.tensors[name][slots] = per_position[rows, keep - 1]
         state.lengths[slots] = lengths + keep
 
     def _layers(self, h: torch.Tensor, mamba, attention, routing: list | None) -> torch.Tensor:
-        """The residual stack, shared by extend/decode/verify: they differ only in how Mamba and
-        attention layers use the state (`mamba(mixer, i, x)`, `attention(mixer, i, x)`)."""
+        """The residual stack and final norm, shared by extend/decode/verify: they differ only in
+        how Mamba and attention layers use the state (`mamba(mixer, i, x)`, `attention(mixer, i, x)`).
+        Returns the normed final hidden states."""
+        fused, delta = _fused_for(h), None
+        if fused is not None:
+            h = h.contiguous()  # the embedding output, ours to update in place
         for i, layer in enumerate(self.layers):
-            x = _rms(h, layer.norm.weight, self.eps)
+            h, x = self._residual_norm(fused, h, delta, layer.norm.weight)
             kind = self.dims.layer_types[i]
             if kind == "linear_attention":
-                out = mamba(layer.mixer, i, x)
+                delta = mamba(layer.mixer, i, x)
             elif kind == "full_attention":
-                out = attention(layer.mixer, i, x)
+                delta = attention(layer.mixer, i, x)
             elif kind == "moe":  # experts see a flat list of tokens
-                out = self._moe(layer.mixer, x.reshape(-1, x.shape[-1]), routing).view(x.shape)
+                delta = self._moe(layer.mixer, x.reshape(-1, x.shape[-1]), routing).view(x.shape)
             else:
-                out = layer.mixer(x)
-            h = h + out
-        return h
+                delta = layer.mixer(x)
+        return self._residual_norm(fused, h, delta, self.model.model.norm_f.weight)[1]
+
+    def _residual_norm(self, fused, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor):
+        """(h + delta, its RMSNorm); the fused kernel adds delta into h in place."""
+        if fused is not None:
+            return h, fused.residual_rms(h, delta, weight, self.eps)
+        h = h if delta is None else h + delta
+        return h, _rms(h, weight, self.eps)
 
     # -- Mamba-2 ------------------------------------------------------------------------------
     def _split(self, mixer, x: torch.Tensor):
@@ -190,11 +239,27 @@ class FastNemotronH:
         y = mixer.norm(y.reshape(1, T, d.d_inner), gate)
         return mixer.out_proj(y.to(x.dtype))
 
+    def _mamba_fused(self, fused, mixer, state: DecodeState, i: int, slots: torch.Tensor, x: torch.Tensor,
+                     history: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D) through the fused CPU kernel (models/cpu_kernels.py)."""
+        d = self.dims
+        out = fused.mamba_decode(
+            mixer.in_proj(x).contiguous(), state.tensors[f"{i}.conv"], state.tensors[f"{i}.ssm"], slots,
+            mixer.conv1d.weight.view(d.conv_dim, d.kernel), mixer.conv1d.bias, mixer.dt_bias, mixer.A_log,
+            mixer.D, mixer.norm.weight, d.groups, mixer.norm.group_size, d.dt_min,
+            mixer.norm.variance_epsilon, history is not None)
+        if history is not None:
+            history[f"{i}.conv"], history[f"{i}.ssm"] = out[1], out[2]
+        return mixer.out_proj(out[0])
+
     def _mamba_step(self, mixer, state: DecodeState, i: int, slots: torch.Tensor, x: torch.Tensor):
+        fused = _fused_for(x)
+        if fused is not None:
+            return self._mamba_fused(fused, mixer, state, i, slots, x[:, None])[:, 0]
         d = self.dims
         b, rep = x.shape[0], d.heads // d.groups
         gate, xbc, dt = self._split(mixer, x)  # (B, *)
-        run = _as_range(slots)
+        run = as_range(slots)
         conv_all, ssm_all = state.tensors[f"{i}.conv"], state.tensors[f"{i}.ssm"]
         conv_prev = conv_all[run] if run is not None else conv_all[slots]
         window = torch.cat([conv_prev, xbc[:, :, None]], dim=2)  # (B, C, k)
@@ -227,6 +292,9 @@ class FastNemotronH:
     def _mamba_multi(self, mixer, state: DecodeState, i: int, slots: torch.Tensor, x: torch.Tensor,
                      history: dict[str, torch.Tensor]) -> torch.Tensor:
         """x (B, T, D): a short recurrence over T positions, recording the state after each."""
+        fused = _fused_for(x)
+        if fused is not None:
+            return self._mamba_fused(fused, mixer, state, i, slots, x, history)
         d = self.dims
         b, t, _ = x.shape
         rep, k1 = d.heads // d.groups, d.kernel - 1
@@ -257,8 +325,23 @@ class FastNemotronH:
         y = mixer.norm(y.reshape(b, t, d.d_inner), gate)
         return mixer.out_proj(y.to(x.dtype))
 
+    def _attn_fused(self, fused, attn, state: DecodeState, i: int, slots: torch.Tensor,
+                    lengths: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D) through the fused CPU kernel: no gather of the slots' caches."""
+        d = self.dims
+        b, t, _ = x.shape
+        q = attn.q_proj(x).view(b, t, d.attn_heads, d.attn_head_dim)
+        k = attn.k_proj(x).view(b, t, d.kv_heads, d.attn_head_dim)
+        v = attn.v_proj(x).view(b, t, d.kv_heads, d.attn_head_dim)
+        out = fused.attn_decode(q, k, v, state.tensors[f"{i}.k"], state.tensors[f"{i}.v"], slots, lengths,
+                                attn.scaling)
+        return attn.o_proj(out.view(b, t, -1))
+
     def _attn_multi(self, attn, state: DecodeState, i: int, slots: torch.Tensor, lengths: torch.Tensor,
                     x: torch.Tensor) -> torch.Tensor:
+        fused = _fused_for(x)
+        if fused is not None:
+            return self._attn_fused(fused, attn, state, i, slots, lengths, x)
         d = self.dims
         b, t, _ = x.shape
         q = attn.q_proj(x).view(b, t, d.attn_heads, d.attn_head_dim)
@@ -271,7 +354,7 @@ class FastNemotronH:
         span = int(lengths.max()) + t
         keys, vals = cache_k[slots, :span], cache_v[slots, :span]
         allowed = torch.arange(span, device=x.device)[None, None, :] <= pos[:, :, None]  # (B, T, L)
-        out = _attend(q, keys, vals, key_mask=allowed, scale=attn.scaling)
+        out = attend(q, keys, vals, key_mask=allowed, scale=attn.scaling)
         return attn.o_proj(out.reshape(b, t, -1))
 
     # -- attention (no RoPE in NemotronH) -----------------------------------------------------
@@ -285,11 +368,14 @@ class FastNemotronH:
         state.tensors[f"{i}.v"][slot, start:start + T] = v
         keys = state.tensors[f"{i}.k"][slot, : start + T]  # (L, kvh, hd)
         vals = state.tensors[f"{i}.v"][slot, : start + T]
-        out = _attend(q[None], keys[None], vals[None], causal_offset=start, scale=attn.scaling)
+        out = attend(q[None], keys[None], vals[None], causal_offset=start, scale=attn.scaling)
         return attn.o_proj(out.reshape(1, T, -1))
 
     def _attn_step(self, attn, state: DecodeState, i: int, slots: torch.Tensor, lengths: torch.Tensor,
                    x: torch.Tensor):
+        fused = _fused_for(x)
+        if fused is not None:
+            return self._attn_fused(fused, attn, state, i, slots, lengths, x[:, None])[:, 0]
         d = self.dims
         q = attn.q_proj(x).view(-1, 1, d.attn_heads, d.attn_head_dim)
         k = attn.k_proj(x).view(-1, d.kv_heads, d.attn_head_dim)
@@ -298,44 +384,42 @@ class FastNemotronH:
         cache_k[slots, lengths] = k
         cache_v[slots, lengths] = v
         span = int(lengths.max()) + 1
-        run = _as_range(slots)
+        run = as_range(slots)
         rows = run if run is not None else slots  # a slice is a view: no copy of the cache
         keys, vals = cache_k[rows, :span], cache_v[rows, :span]  # (B, L, kvh, hd)
         valid = torch.arange(span, device=x.device)[None, :] <= lengths[:, None]  # (B, L)
-        out = _attend(q, keys, vals, key_mask=valid, scale=attn.scaling)
+        out = attend(q, keys, vals, key_mask=valid, scale=attn.scaling)
         return attn.o_proj(out.reshape(x.shape[0], -1))
+
+    def _transposed(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight (E, a, b) as a contiguous (E, b, a), cached until the weight changes: an in-place
+        update (a weight sync's `copy_`) bumps its version, a reassignment its storage."""
+        key = (weight.data_ptr(), weight._version)
+        cached = self._cache.get(id(weight))
+        if cached is None or cached[0] != key:
+            cached = (key, weight.detach().transpose(1, 2).contiguous())
+            self._cache[id(weight)] = cached
+        return cached[1]
 
     # -- MoE ----------------------------------------------------------------------------------
     def _moe(self, moe, x: torch.Tensor, routing: list | None) -> torch.Tensor:
         """x (T, D) -> (T, D); appends the (T, k) expert ids to `routing` when given."""
-        _, weights, experts = moe.gate(x)
+        fused, gate = _fused_for(x), moe.gate
+        latent = moe.fc1_latent_proj(x)
+        if fused is not None and gate.num_group == 1 and isinstance(moe.experts.act_fn, ReLUSquaredActivation):
+            scores = F.linear(x, gate.weight.float()).sigmoid()  # as the router computes them
+            out, experts, _ = fused.moe_experts(
+                scores, gate.e_score_correction_bias, latent.contiguous(), self._transposed(moe.experts.up_proj),
+                self._transposed(moe.experts.down_proj), gate.top_k, gate.norm_topk_prob,
+                gate.routed_scaling_factor)
+        else:
+            _, weights, experts = gate(x)
+            out = moe.experts(latent, experts, weights)
         if routing is not None:
             routing.append(experts.detach().to("cpu", torch.int16))
-        latent = moe.fc1_latent_proj(x)
-        out = moe.experts(latent, experts, weights)
         return moe.fc2_latent_proj(out) + moe.shared_experts(x)
 
 
-def _as_range(slots: torch.Tensor) -> slice | None:
-    """`slots` as a slice when they are consecutive and ascending (the common case)."""
-    first, n = int(slots[0]), slots.numel()
-    if int(slots[-1]) - first + 1 == n and (n == 1 or bool((slots[1:] - slots[:-1] == 1).all())):
-        return slice(first, first + n)
-    return None
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-            causal_offset: int | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """q (B, Tq, H, hd), k/v (B, L, kvh, hd) -> (B, Tq, H, hd), with GQA by head repetition."""
-    rep = q.shape[2] // k.shape[2]
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if rep > 1:  # SDPA's enable_gqa takes a slow path on CPU; repeating k/v is faster here
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    mask = None
-    if causal_offset is not None:
-        tq, L = q.shape[2], k.shape[2]
-        mask = torch.arange(L, device=q.device)[None, :] <= (torch.arange(tq, device=q.device)[:, None] + causal_offset)
-    elif key_mask is not None:  # (B, L) for all queries, or (B, Tq, L) per query
-        mask = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.transpose(1, 2)
+def _fused_for(x: torch.Tensor):
+    """The fused kernels when they serve `x` (CPU fp32 and built), else None: the eager path."""
+    return kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None

@@ -30,14 +30,15 @@ def _processed(logits: torch.Tensor, params: list) -> torch.Tensor:
 
 
 @torch.no_grad()
-def draft(model, tokens: torch.Tensor, hidden: torch.Tensor, steps: int, params: list,
+def draft(decoder, tokens: torch.Tensor, hidden: torch.Tensor, steps: int, params: list,
           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """K draft tokens per row from the MTP head: (drafts (B, K), their log-dists (B, K, V), hidden)."""
+    model = decoder.model
     embed = model.get_input_embeddings()
     drafts, dists = [], []
     h, tok = hidden, tokens
     for _ in range(steps):
-        h = model.mtp(embed(tok), h)
+        h = decoder.mtp_step(embed(tok), h)
         lp = _processed(model.lm_head(h).float()[:, None], params)[:, 0]
         tok, _ = sample(lp, generator)
         drafts.append(tok)
@@ -59,16 +60,18 @@ def spec_step(engine, active: list) -> list:
     params = [s.request.params for s in active]
     pending = torch.tensor([s.pending for s in active], device=dev)
     hidden = torch.stack([s.hidden for s in active])
-    drafts, draft_lp, _ = draft(engine.model, pending, hidden, k, params, engine._gen)
+    drafts, draft_lp, _ = draft(engine.decoder, pending, hidden, k, params, engine._gen)
     logits, new_hidden, saved = engine.decoder.verify(state=engine.state, slots=slots,
                                                       tokens=torch.cat([pending[:, None], drafts], 1))
     target_lp = _processed(logits, params)  # (B, K+1, V)
     accepted, tokens, token_lp = speculative_accept(target_lp, draft_lp, drafts, engine._gen)
-    plain_tok, plain_lp = sample(target_lp[:, 0], engine._gen)
-    eligible = torch.tensor([can_draft(s, k) for s in active], device=dev)
-    accepted = torch.where(eligible, accepted, torch.zeros_like(accepted))
-    tokens[:, 0] = torch.where(eligible | (accepted > 0), tokens[:, 0], plain_tok)
-    token_lp[:, 0] = torch.where(eligible | (accepted > 0), token_lp[:, 0], plain_lp)
+    flags = [can_draft(s, k) for s in active]
+    eligible = torch.tensor(flags, device=dev)
+    if not all(flags):  # those rows take one token sampled from the target instead
+        plain_tok, plain_lp = sample(target_lp[:, 0], engine._gen)
+        accepted = torch.where(eligible, accepted, torch.zeros_like(accepted))
+        tokens[:, 0] = torch.where(eligible, tokens[:, 0], plain_tok)
+        token_lp[:, 0] = torch.where(eligible, token_lp[:, 0], plain_lp)
     engine.stats["drafted"] += int(eligible.sum()) * k
     engine.stats["accepted"] += int(accepted.sum())
     engine.stats["steps"] += int(eligible.sum())

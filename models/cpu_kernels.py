@@ -1,0 +1,61 @@
+"""Fused CPU kernels for the fast decoders, built on first use and cached.
+
+On CPU the tiny and small policies decode at batch sizes where each PyTorch op costs more in
+dispatch than in arithmetic; a Mamba-2 step is ~35 such ops per layer. `mamba_decode`
+(`models/csrc/decode_kernels.cpp`) does the conv, the state update and the gated norm of a step in
+one call. The extension is JIT-built with the system C++ compiler into `TORCH_EXTENSIONS_DIR`
+(default `~/.cache/estuary/torch_extensions`; ~30 s once per machine). Where no compiler is found,
+or with `ESTUARY_CPU_KERNELS=0`, the decoders fall back to the eager path with the same numerics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+_SOURCE = Path(__file__).parent / "csrc" / "decode_kernels.cpp"
+_lock = threading.Lock()
+_module = None
+_failed = False
+
+
+def enabled() -> bool:
+    return os.environ.get("ESTUARY_CPU_KERNELS", "1") != "0"
+
+
+def kernels():
+    """The compiled extension, or None (disabled, or the build failed: logged once)."""
+    global _module, _failed
+    if not enabled():
+        return None
+    if _module is not None or _failed:
+        return _module
+    with _lock:
+        if _module is None and not _failed:
+            try:
+                from torch.utils.cpp_extension import load
+
+                os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/estuary/torch_extensions"))
+                isa, flags = _isa()
+                _module = load(name=f"estuary_decode_kernels_{isa}", sources=[str(_SOURCE)],
+                               extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", *flags], extra_ldflags=["-fopenmp"],
+                               verbose=False)
+            except Exception as exc:  # no compiler, no headers: the eager path still works
+                _failed = True
+                log.warning("fused CPU kernels unavailable (%s); decoding with eager PyTorch ops", exc)
+    return _module
+
+
+def _isa() -> tuple[str, list[str]]:
+    """AVX2/FMA code where this CPU has them (a separate build name, so a home directory shared
+    by different machines never loads a build its CPU cannot run), else baseline x86-64/arm."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    if {"avx2", "fma"} <= flags:
+        return "avx2", ["-mavx2", "-mfma"]
+    return "generic", []

@@ -32,6 +32,21 @@ def processed_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: t
     return torch.log_softmax(kept, dim=-1)
 
 
+def processed_for(logits: torch.Tensor, params: list) -> torch.Tensor:
+    """`processed_logprobs` with one SamplingParams per row: logits (B, V) or (B, T, V).
+
+    When no row scales or truncates (temperature 1, no top-k, top-p 1: the RL default) this is a
+    log-softmax, without building the per-row setting tensors every decoding step.
+    """
+    if all(p.temperature == 1.0 and p.top_k <= 0 and p.top_p >= 1.0 for p in params):
+        return torch.log_softmax(logits.float(), dim=-1)
+    dev, t = logits.device, logits.shape[1] if logits.dim() == 3 else 1
+    temp = torch.tensor([p.temperature for p in params], device=dev).repeat_interleave(t)
+    top_k = torch.tensor([p.top_k for p in params], device=dev).repeat_interleave(t)
+    top_p = torch.tensor([p.top_p for p in params], device=dev).repeat_interleave(t)
+    return processed_logprobs(logits.reshape(-1, logits.shape[-1]), temp, top_k, top_p).view(logits.shape)
+
+
 def sample(logprobs: torch.Tensor, generator: torch.Generator | None = None
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """logprobs (B, V) -> (tokens (B,), their log-probs (B,)).

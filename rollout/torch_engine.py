@@ -20,7 +20,7 @@ import torch
 
 from models.fast_llama import fast_decoder
 from rollout.budget import BudgetControl, BudgetState
-from rollout.sampling import processed_logprobs, sample
+from rollout.sampling import processed_for, sample
 from rollout.types import FINISH_LENGTH, FINISH_STOP, Request, Sample
 
 
@@ -170,13 +170,7 @@ class TorchEngine:
 
     def _sample_step(self, active: list[_Seq]) -> list[_Seq]:
         """One token per sequence from its current logits (then fed, unless drafting takes over)."""
-        params = [s.request.params for s in active]
-        lp = processed_logprobs(
-            torch.stack([s.logits for s in active]),
-            torch.tensor([p.temperature for p in params], device=self.device),
-            torch.tensor([p.top_k for p in params], device=self.device),
-            torch.tensor([p.top_p for p in params], device=self.device),
-        )
+        lp = processed_for(torch.stack([s.logits for s in active]), [s.request.params for s in active])
         sampled, sampled_lp = sample(lp, self._gen)
         tokens, token_lp = sampled.tolist(), sampled_lp.tolist()  # one transfer, not B indexings
         feed: list[_Seq] = []

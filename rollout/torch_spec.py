@@ -15,18 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from rollout.sampling import processed_logprobs, sample
+from rollout.sampling import processed_for, sample
 from rollout.speculative import speculative_accept
-
-
-def _processed(logits: torch.Tensor, params: list) -> torch.Tensor:
-    """logits (B, T, V) with one SamplingParams per row -> processed log-probs (B, T, V)."""
-    b, t, v = logits.shape
-    dev = logits.device
-    temp = torch.tensor([p.temperature for p in params], device=dev).repeat_interleave(t)
-    top_k = torch.tensor([p.top_k for p in params], device=dev).repeat_interleave(t)
-    top_p = torch.tensor([p.top_p for p in params], device=dev).repeat_interleave(t)
-    return processed_logprobs(logits.reshape(b * t, v), temp, top_k, top_p).view(b, t, v)
 
 
 @torch.no_grad()
@@ -39,7 +29,7 @@ def draft(decoder, tokens: torch.Tensor, hidden: torch.Tensor, steps: int, param
     h, tok = hidden, tokens
     for _ in range(steps):
         h = decoder.mtp_step(embed(tok), h)
-        lp = _processed(model.lm_head(h).float()[:, None], params)[:, 0]
+        lp = processed_for(model.lm_head(h), params)
         tok, _ = sample(lp, generator)
         drafts.append(tok)
         dists.append(lp)
@@ -63,19 +53,19 @@ def spec_step(engine, active: list) -> list:
     drafts, draft_lp, _ = draft(engine.decoder, pending, hidden, k, params, engine._gen)
     logits, new_hidden, saved = engine.decoder.verify(state=engine.state, slots=slots,
                                                       tokens=torch.cat([pending[:, None], drafts], 1))
-    target_lp = _processed(logits, params)  # (B, K+1, V)
+    target_lp = processed_for(logits, params)  # (B, K+1, V)
     accepted, tokens, token_lp = speculative_accept(target_lp, draft_lp, drafts, engine._gen)
     flags = [can_draft(s, k) for s in active]
-    eligible = torch.tensor(flags, device=dev)
     if not all(flags):  # those rows take one token sampled from the target instead
+        eligible = torch.tensor(flags, device=dev)
         plain_tok, plain_lp = sample(target_lp[:, 0], engine._gen)
         accepted = torch.where(eligible, accepted, torch.zeros_like(accepted))
         tokens[:, 0] = torch.where(eligible, tokens[:, 0], plain_tok)
         token_lp[:, 0] = torch.where(eligible, token_lp[:, 0], plain_lp)
-    engine.stats["drafted"] += int(eligible.sum()) * k
-    engine.stats["accepted"] += int(accepted.sum())
-    engine.stats["steps"] += int(eligible.sum())
     acc, toks, lps = accepted.tolist(), tokens.tolist(), token_lp.tolist()
+    engine.stats["drafted"] += sum(flags) * k
+    engine.stats["accepted"] += sum(acc)
+    engine.stats["steps"] += sum(flags)
     keep, finished = [], []
     for i, seq in enumerate(active):
         emitted = 0
@@ -88,8 +78,12 @@ def spec_step(engine, active: list) -> list:
                 break
         # fed: pending + the drafts kept before the last emitted token
         keep.append(emitted)
-        seq.pending, seq.hidden = seq.tokens[-1], new_hidden[i, emitted - 1]
+        seq.pending = seq.tokens[-1]
         if seq.finish is not None:
             finished.append(seq)
-    engine.decoder.rollback(engine.state, slots, torch.tensor(keep, device=dev), saved)
+    kept = torch.tensor(keep, device=dev)
+    last_fed = new_hidden[torch.arange(len(active), device=dev), kept - 1].unbind(0)  # one gather
+    for seq, hidden in zip(active, last_fed, strict=True):
+        seq.hidden = hidden
+    engine.decoder.rollback(engine.state, slots, kept, saved)
     return finished

@@ -1,11 +1,13 @@
 """Fused CPU kernels for the fast decoders, built on first use and cached.
 
 On CPU the tiny and small policies decode at batch sizes where each PyTorch op costs more in
-dispatch than in arithmetic; a Mamba-2 step is ~35 such ops per layer. `mamba_decode`
-(`models/csrc/decode_kernels.cpp`) does the conv, the state update and the gated norm of a step in
-one call. The extension is JIT-built with the system C++ compiler into `TORCH_EXTENSIONS_DIR`
-(default `~/.cache/estuary/torch_extensions`; ~30 s once per machine). Where no compiler is found,
-or with `ESTUARY_CPU_KERNELS=0`, the decoders fall back to the eager path with the same numerics.
+dispatch than in arithmetic; a Mamba-2 step is ~35 such ops per layer. `models/csrc/decode_kernels.cpp`
+does each of these in one call: `mamba_decode` (conv, state update, gated norm), `attn_decode`
+(attention over a slot's KV cache, no gather), `moe_experts` (router top-k and routed experts),
+`residual_rms` and `restore_rows` (speculative rollback). The extension is JIT-built with the
+system C++ compiler into `TORCH_EXTENSIONS_DIR` (default `~/.cache/estuary/torch_extensions`;
+~50 s once per machine, done by scripts/setup.sh). Where no compiler is found, or with
+`ESTUARY_CPU_KERNELS=0`, the decoders fall back to the eager path with the same numerics.
 """
 
 from __future__ import annotations

@@ -10,8 +10,7 @@ update to the HF model is seen at once) and matches its full-sequence logits. Wh
   continuation costs only the new tokens);
 - `decode(state, slots, tokens)`: one token for each of a batch of slots (continuous batching:
   any set of slots, any lengths);
-- `snapshot`/`restore` of a slot's recurrent state, for speculative decoding's rollback.
-
+- `snapshot`/`restore` of a slot's recurrent state, for speculative decoding's rollback;
 - `verify`/`rollback`: several tokens per slot in one pass and the state after each, for
   speculative decoding; `mtp_step`: the MTP head's draft step.
 

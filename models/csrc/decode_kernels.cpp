@@ -105,6 +105,13 @@ void run_row(const Dims& d, const float* zx, float* conv, float* ssm, const floa
   }
 }
 
+// Every slot id names a row of a state with `rows` rows: a bad id would write outside it.
+void check_slots(const int64_t* sp, int64_t n, int64_t rows, const char* who) {
+  for (int64_t b = 0; b < n; ++b) {
+    TORCH_CHECK(sp[b] >= 0 && sp[b] < rows, who, ": slot ", sp[b], " is outside the state's ", rows, " slots");
+  }
+}
+
 }  // namespace
 
 // zxbcdt (B, T, d_inner + C + H) = [gate | xBC | dt]; conv_state (S, C, K-1); ssm_state
@@ -137,6 +144,9 @@ std::vector<torch::Tensor> mamba_decode(torch::Tensor zxbcdt, torch::Tensor conv
   TORCH_CHECK(conv_state.size(1) == d.C && conv_state.size(2) == d.K - 1, "mamba_decode: conv state shape");
   auto slot_ids = slots.to(torch::kLong).contiguous();
   const int64_t* sp = slot_ids.data_ptr<int64_t>();
+  TORCH_CHECK(slot_ids.numel() == d.B, "mamba_decode: one slot per row");
+  check_slots(sp, d.B, conv_state.size(0), "mamba_decode");
+  TORCH_CHECK(ssm_state.size(0) == conv_state.size(0), "mamba_decode: conv and SSM states differ in slots");
   auto y = torch::empty({d.B, d.T, d.d_inner}, zxbcdt.options());
   torch::Tensor conv_hist, ssm_hist;
   if (record) {
@@ -279,6 +289,8 @@ torch::Tensor attn_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, tor
   auto slot_ids = slots.to(torch::kLong).contiguous();
   auto lens = lengths.to(torch::kLong).contiguous();
   const int64_t *sp = slot_ids.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
+  TORCH_CHECK(slot_ids.numel() == B && lens.numel() == B, "attn_decode: one slot and one length per row");
+  check_slots(sp, B, std::min(cache_k.size(0), cache_v.size(0)), "attn_decode");
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(lp[b] + T <= max_len, "attn_decode: a sequence would exceed the cache length");
   }
@@ -339,6 +351,8 @@ void restore_rows(torch::Tensor state, torch::Tensor history, torch::Tensor slot
   TORCH_CHECK(history.numel() == B * T * row, "restore_rows: history shape does not match the state");
   auto s = slots.to(torch::kLong).contiguous(), k = keep.to(torch::kLong).contiguous();
   const int64_t *sp = s.data_ptr<int64_t>(), *kp = k.data_ptr<int64_t>();
+  TORCH_CHECK(s.numel() == B && k.numel() == B, "restore_rows: one slot and one keep per row");
+  check_slots(sp, B, state.size(0), "restore_rows");
   const int64_t bytes = row * state.element_size();
   char* dst = static_cast<char*>(state.data_ptr());
   const char* src = static_cast<const char*>(history.data_ptr());

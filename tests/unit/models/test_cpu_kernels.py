@@ -110,3 +110,15 @@ def test_disabled_kernels_fall_back_to_eager(monkeypatch):
     monkeypatch.setenv("ESTUARY_CPU_KERNELS", "0")
     assert kernels() is None
     assert fnh._fused_for(torch.zeros(2, 2)) is None
+
+
+def test_a_slot_outside_the_state_is_refused_not_written():
+    k = kernels()
+    state, history = torch.zeros(2, 4), torch.ones(1, 3, 4)
+    with pytest.raises(RuntimeError, match="slot 5 is outside the state's 2 slots"):
+        k.restore_rows(state, history, torch.tensor([5]), torch.tensor([1]))
+    cache = torch.zeros(2, 8, 1, 4)
+    q, kv = torch.ones(1, 1, 2, 4), torch.ones(1, 1, 1, 4)
+    with pytest.raises(RuntimeError, match="slot -1 is outside"):
+        k.attn_decode(q, kv, kv, cache, cache.clone(), torch.tensor([-1]), torch.tensor([0]), 1.0)
+    assert not state.any() and not cache.any()

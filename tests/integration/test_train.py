@@ -9,8 +9,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from configs import load_config
 from estuary.train import train
 from streams.redis_server import free_port

@@ -70,10 +70,10 @@ def test_bad_collective_address_is_a_clear_error():
 
 
 def test_ray_object_store_transport(tmp_path):
+    import ray
+
     from configs.schema import RayConfig
     from estuary.ray_runtime import init_ray
-
-    import ray
 
     init_ray(RayConfig(num_cpus=1))
     try:

@@ -1,11 +1,12 @@
 """MTP self-speculative decoding on vs off, with heads trained by `estuary model train-mtp`.
 
-    .venv/bin/python -m bench.mtp_bench [--draft-steps 2] [--batch 8,64] [--new-tokens 128]
+    .venv/bin/python -m bench.mtp_bench [--draft-steps 2] [--batch 1,8,64] [--new-tokens 128]
 
 Builds `tiny-hybrid-moe`, fits its MTP heads on its own generations (train-mtp), then generates
 the same workload with and without drafts: tokens/s, acceptance rate (accepted / drafted) and
-mean tokens per verification step (accepted drafts + 1), at batch 8 (the tail of a rollout,
-where few sequences are still running) and at batch 64.
+mean tokens per verification step (accepted drafts + 1), at batch 1 (one sequence: where
+speculative decoding usually pays most), batch 8 (the tail of a rollout, where few sequences are
+still running) and batch 64. Up to 8 samples share a prompt.
 
 Prints a table, then `RESULT <name> ours=<drafts on> baseline=<drafts off> ratio=<on/off>`.
 """
@@ -26,8 +27,9 @@ from rollout.types import Request, SamplingParams
 
 def run(policy, batch: int, new_tokens: int, mtp_steps: int) -> tuple[float, TorchEngine]:
     engine = TorchEngine(policy, max_batch=batch, max_len=256, seed=0, mtp_steps=mtp_steps)
-    params = SamplingParams(n=8, max_new_tokens=new_tokens, ignore_eos=True)
-    reqs = [Request(p, params) for p in prompts(policy, batch // 8)]
+    per_prompt = min(8, batch)
+    params = SamplingParams(n=per_prompt, max_new_tokens=new_tokens, ignore_eos=True)
+    reqs = [Request(p, params) for p in prompts(policy, max(1, batch // per_prompt))]
     engine.generate(reqs[:1])  # warm-up
     engine.stats = {"drafted": 0, "accepted": 0, "steps": 0}
     return best_of(lambda: engine.generate(reqs)), engine
@@ -36,7 +38,7 @@ def run(policy, batch: int, new_tokens: int, mtp_steps: int) -> tuple[float, Tor
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draft-steps", type=int, default=2)
-    parser.add_argument("--batch", default="8,64", help="comma-separated batch sizes")
+    parser.add_argument("--batch", default="1,8,64", help="comma-separated batch sizes")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--train-steps", type=int, default=150)
     args = parser.parse_args()
@@ -59,7 +61,7 @@ def main() -> None:
         results += [(f"mtp_drafts_tok_per_s_b{batch}", f"{on:.1f}", f"{off:.1f}", f"{on / off:.2f}"),
                     (f"mtp_acceptance_rate_b{batch}", f"{acceptance:.3f}", "0", "nan"),
                     (f"mtp_mean_accepted_length_b{batch}", f"{mean_len:.2f}", "1", f"{mean_len:.2f}")]
-    print(f"(K={args.draft_steps} drafts per verification, {args.new_tokens} new tokens, 8 samples per prompt)")
+    print(f"(K={args.draft_steps} drafts per verification, {args.new_tokens} new tokens, up to 8 samples per prompt)")
     for name, ours, base, ratio in results:
         print(f"RESULT {name} ours={ours} baseline={base} ratio={ratio}")
 

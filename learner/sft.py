@@ -25,6 +25,7 @@ from configs.schema import EnvironmentConfig, SftConfig
 from rollout.worker import env_factory
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.S)
+MICRO_ROWS = 8  # rows per length-sorted micro-batch (batch 16 on 2 cores: 0.62 s/step, 0.77 as one padded batch)
 
 
 @dataclass
@@ -56,6 +57,8 @@ def reference_conversation(env, tokenizer, seed: int, rng: random.Random, cut: f
             answer = cut_thinking(answer, tokenizer, rng)
         turn = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
         ids, mask = ids + turn, mask + [1] * len(turn)
+        if env.max_turns <= 1:
+            break  # a single-turn episode ends here: scoring the reference (a sandbox run) adds nothing
         reply, _, terminated, truncated, _ = env.step(answer)
         if terminated or truncated or not reply:
             break
@@ -74,12 +77,31 @@ def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Ten
     return ids, mask
 
 
-def sft_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the masked tokens given their prefixes; ids, mask (B, T)."""
+def sft_loss(model, ids: torch.Tensor, mask: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the masked tokens given their prefixes (mean, or sum); ids, mask (B, T)."""
     logits = model(ids).logits[:, :-1].float()  # (B, T-1, V) predicts tokens 1..T-1
     losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
     weights = mask[:, 1:].reshape(-1)
-    return (losses * weights).sum() / weights.sum().clamp(min=1)
+    total = (losses * weights).sum()
+    return total if reduction == "sum" else total / weights.sum().clamp(min=1)
+
+
+def accumulate(model, rows: list[tuple[list[int], list[int]]], pad: int, micro_rows: int) -> float:
+    """Back-propagate the mean token loss of `rows` in length-sorted micro-batches; returns it.
+
+    The gradient is the one a single padded batch gives (summed token losses over the batch's
+    trained tokens), but rows of similar length share a micro-batch, so little compute goes
+    to padding: reference conversations range from ~60 tokens (math) to ~300 (tool use).
+    """
+    rows = sorted(rows, key=lambda r: len(r[0]))
+    trained = sum(sum(m[1:]) for _, m in rows) or 1
+    total = 0.0
+    for start in range(0, len(rows), micro_rows):
+        ids, mask = _batch(rows[start: start + micro_rows], pad)
+        loss = sft_loss(model, ids, mask, reduction="sum") / trained
+        loss.backward()
+        total += loss.item()
+    return total
 
 
 def run_sft(policy_dir: str | Path, cfg: SftConfig, envs: dict[str, EnvironmentConfig], seed: int = 0,
@@ -100,15 +122,13 @@ def run_sft(policy_dir: str | Path, cfg: SftConfig, envs: dict[str, EnvironmentC
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     losses = []
     for step in range(cfg.steps):
-        ids, mask = _batch(rng.sample(rows, min(cfg.batch_size, len(rows))), tok.pad_token_id)
+        batch = rng.sample(rows, min(cfg.batch_size, len(rows)))
         for group in opt.param_groups:  # linear decay to 10%: the last steps settle the policy
             group["lr"] = cfg.lr * (1 - 0.9 * step / max(1, cfg.steps))
-        loss = sft_loss(model, ids, mask)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        losses.append(accumulate(model, batch, tok.pad_token_id, MICRO_ROWS))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(loss.item())
     model.eval()
     policy.save(policy_dir)
     head = max(1, len(losses) // 10)

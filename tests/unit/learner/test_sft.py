@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import random
 
+import torch
+
 from configs.schema import EnvironmentConfig, SftConfig
-from learner.sft import cut_thinking, reference_conversation, run_sft
-from models.policy import write_preset
+from learner.sft import _batch, accumulate, cut_thinking, reference_conversation, run_sft, sft_loss
+from models.policy import init_policy, write_preset
 from models.tokenizer import build_tokenizer
 from rollout.worker import env_factory
 
@@ -41,3 +43,39 @@ def test_sft_lowers_the_loss_and_saves_the_policy(tmp_path):
     result = run_sft(tmp_path / "p", SftConfig(steps=30, lr=3e-3, batch_size=8, cut_fraction=0.3), envs)
     assert result.loss_end < result.loss_start - 1.0
     assert (tmp_path / "p/model.safetensors").read_bytes() != before
+
+
+def test_length_sorted_micro_batches_give_the_one_batch_gradient():
+    policy = init_policy("tiny-hybrid-moe", seed=0)
+    model, tok = policy.model, policy.tokenizer
+    rng = random.Random(0)
+    rows = []
+    for env_id in ("estuary/math", "estuary/tool_use", "estuary/code", "estuary/long_context"):
+        env = env_factory(EnvironmentConfig(id=env_id, kwargs={"difficulty": 0}))()
+        rows += [reference_conversation(env, tok, seed, rng, cut=0.3) for seed in range(2)]
+    assert max(len(r[0]) for r in rows) > 2 * min(len(r[0]) for r in rows)  # lengths differ a lot
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        loss = fn()
+        return loss, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    def one_batch():
+        loss = sft_loss(model, *_batch(rows, tok.pad_token_id))
+        loss.backward()
+        return loss.item()
+
+    loss_one, g_one = grads(one_batch)
+    loss_acc, g_acc = grads(lambda: accumulate(model, rows, tok.pad_token_id, micro_rows=3))
+    assert abs(loss_one - loss_acc) < 1e-5 * loss_one
+    assert len(g_one) == len(g_acc)
+    for a, b in zip(g_one, g_acc, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_single_turn_references_are_not_scored(monkeypatch):
+    tok = build_tokenizer()
+    env = env_factory(EnvironmentConfig(id="estuary/code", kwargs={"difficulty": 0}))()
+    monkeypatch.setattr(env, "step", lambda *a, **k: (_ for _ in ()).throw(AssertionError("scored")))
+    ids, mask = reference_conversation(env, tok, seed=1, rng=random.Random(0), cut=0.0)
+    assert "def " in tok.decode([i for i, m in zip(ids, mask, strict=True) if m])

@@ -51,14 +51,15 @@ def reference_conversation(env, tokenizer, seed: int, rng: random.Random, cut: f
     messages, _ = env.reset(seed=seed)
     ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
     mask = [0] * len(ids)
-    for _ in range(max(1, env.max_turns)):
+    turns = max(1, env.max_turns)
+    for index in range(turns):
         answer = env.reference_answer()
         if rng.random() < cut:
             answer = cut_thinking(answer, tokenizer, rng)
         turn = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
         ids, mask = ids + turn, mask + [1] * len(turn)
-        if env.max_turns <= 1:
-            break  # a single-turn episode ends here: scoring the reference (a sandbox run) adds nothing
+        if index == turns - 1:
+            break  # the episode ends after its last turn: scoring it (a sandbox run for code) adds nothing
         reply, _, terminated, truncated, _ = env.step(answer)
         if terminated or truncated or not reply:
             break

@@ -3,8 +3,9 @@
 A test environment pays 1 when the answer contains the letter "e". A random-init policy's
 answers (three random tokens) contain one about half of the time; a few GRPO steps through
 the whole data path (engine log-probs -> trajectory schema -> Redis stream -> learner ->
-shared-memory weight sync -> engine) must make that much more frequent. A sign error in the advantages or the loss, log-probs misaligned with their
-tokens, or weights that never reach the engine all leave the reward flat.
+shared-memory weight sync -> engine) must make that much more frequent. A sign error in the
+advantages or the loss, log-probs misaligned with their tokens, or weights that never reach
+the engine all leave the reward flat.
 """
 
 from __future__ import annotations
@@ -49,20 +50,21 @@ def test_grpo_raises_the_reward_of_a_habit_through_the_whole_data_path(tmp_path)
     envs = {"letter": EnvironmentConfig(id="test/letter-e", concurrency=64, timeout_s=10)}
     learner_cfg = LearnerConfig(backend="torch", lr=5e-3, groups_per_step=4, micro_batch_tokens=4096,
                                 checkpoint_every=0, max_staleness=1)
+    publisher, reader = SharedMemoryWeightSync(tmp_path / "weights"), SharedMemoryWeightSync(tmp_path / "weights")
     with EmbeddedRedis() as server:
         learner = LearnerWorker(learner_cfg, init_policy("tiny-hybrid-moe", seed=0),
-                                TrajectoryStream(server.url, consumer="learner"), tmp_path / "run",
-                                sync=SharedMemoryWeightSync(tmp_path / "weights"))
+                                TrajectoryStream(server.url, consumer="learner"), tmp_path / "run", sync=publisher)
         engine = TorchEngine(init_policy("tiny-hybrid-moe", seed=0), max_batch=64, max_len=128)
         worker = RolloutWorker(rollout, envs, engine, engine.tokenizer,
-                               TrajectoryStream(server.url, consumer="rollout"),
-                               SharedMemoryWeightSync(tmp_path / "weights"), seed=0)
+                               TrajectoryStream(server.url, consumer="rollout"), reader, seed=0)
         rewards = []
         for _ in range(16):  # generate, then train (no step once nearly every group is all 1s)
             groups = worker.round()
             rewards.append(np.mean([s.reward for g in groups for s in g.samples]))
             learner.step(timeout_s=2)
         worker.close()
+    reader.close()
+    publisher.close()  # unlinks the shared-memory ring
     first, last = np.mean(rewards[:3]), np.mean(rewards[-3:])
     assert engine.version >= 5  # the engine generated with the learner's newer weights
     assert last > first + 0.25, rewards

@@ -42,6 +42,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--train-steps", type=int, default=150)
     args = parser.parse_args()
+    batches = [int(b) for b in args.batch.split(",")]
+    uneven = [b for b in batches if b < 1 or (b > 8 and b % 8)]
+    if uneven:  # up to 8 samples share a prompt: other sizes would run fewer sequences than labelled
+        parser.error(f"--batch {uneven}: use 1 to 8, or a multiple of 8 (8 samples share each prompt)")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         init_policy("tiny-hybrid-moe", seed=0).save(tmp)
@@ -51,7 +55,7 @@ def main() -> None:
     print(f"{'batch':<6} {'tokens/s on':>12} {'tokens/s off':>13} {'ratio':>7} {'acceptance':>11} "
           f"{'tokens/verify':>14}")
     results = []
-    for batch in [int(b) for b in args.batch.split(",")]:
+    for batch in batches:
         off, _ = run(policy, batch, args.new_tokens, 0)
         on, engine = run(policy, batch, args.new_tokens, args.draft_steps)
         s = engine.stats

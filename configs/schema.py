@@ -128,9 +128,9 @@ class SamplingConfig:
 @dataclass
 class BudgetConfig:
     min_tokens: int = 0
-    """Smallest thinking budget sampled per request (with `max_tokens`; both 0: no budget)."""
+    """Smallest thinking budget drawn per prompt (shared by its group, stated in its system message)."""
     max_tokens: int = 0
-    """Largest thinking budget sampled per request (0: no budget)."""
+    """Largest thinking budget drawn per prompt (0: no budget)."""
     grace_tokens: int = 8
     """Tokens allowed past the budget to reach a newline before `</think>` is forced."""
 
@@ -211,9 +211,15 @@ class LearnerConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
     num_learners: int = 1
-    """Data-parallel learner processes."""
+    """Data-parallel learner ranks: Ray actors in one placement group, one torch.distributed group
+    (gloo on CPU, NCCL on GPU) and one DeepSpeed engine; `groups_per_step` is split across them."""
     gpus_per_learner: float = 0.0
-    """GPUs Ray reserves for each learner."""
+    """GPUs Ray reserves for each learner rank (a placement-group bundle)."""
+    cpus_per_learner: float = 1.0
+    """CPUs Ray reserves for each learner rank (a placement-group bundle); also its torch threads."""
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them (long
+    sequences: activation memory falls from every layer's to one layer's plus the layer inputs)."""
     lr: float = 1e-5
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
@@ -223,11 +229,14 @@ class LearnerConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0: off)."""
     groups_per_step: int = 8
-    """Trajectory groups consumed per optimizer step."""
+    """Trajectory groups consumed per optimizer step, in total over every learner rank."""
     micro_batch_tokens: int = 4096
     """Token budget of one packed micro-batch; steps accumulate gradients over micro-batches."""
     minibatches: int = 1
     """Optimizer steps per consumed batch (PPO mini-batches); >1 recomputes proximal log-probs first."""
+    epochs: int = 1
+    """Passes over each consumed batch (PPO epochs): `epochs` x `minibatches` optimizer steps, each clipped
+    against the proximal policy (the weights before the batch), so the clip binds from the second step."""
     advantage: str = "grpo"
     """Advantage estimator: `grpo` (mean/std), `loo` (leave-one-out), `drgrpo` (mean only)."""
     loss_aggregation: str = "token"
@@ -274,10 +283,13 @@ class LearnerConfig:
         _one_of("learner", "is_correction", self.is_correction, ("none", "truncate", "mask"))
         _one_of("learner", "stale_policy", self.stale_policy, ("drop", "downweight"))
         _positive("learner", "lr", self.lr)
+        _positive("learner", "num_learners", self.num_learners)
+        _positive("learner", "cpus_per_learner", self.cpus_per_learner)
         _positive("learner", "groups_per_step", self.groups_per_step)
         _positive("learner", "micro_batch_tokens", self.micro_batch_tokens)
         _positive("learner", "publish_every", self.publish_every)
         _positive("learner", "minibatches", self.minibatches)
+        _positive("learner", "epochs", self.epochs)
 
 
 @dataclass
@@ -293,15 +305,39 @@ class WeightSyncConfig:
 
 
 @dataclass
+class ClusterConfig:
+    gpus_per_node: int = 8
+    """GPUs on one node: the placement plan (`estuary plan`) counts nodes with it."""
+    gpu_memory_gb: float = 80.0
+    """Memory of one GPU in GiB: the plan refuses a role whose estimate exceeds it."""
+
+    def __post_init__(self) -> None:
+        _positive("cluster", "gpus_per_node", self.gpus_per_node)
+        _positive("cluster", "gpu_memory_gb", self.gpu_memory_gb)
+
+
+@dataclass
 class EvalConfig:
     every_steps: int = 10
     """Steps between held-out evaluations (0: only before and after training)."""
-    instances: int = 32
-    """Held-out instances per environment."""
+    instances: int = 256
+    """Held-out instances per environment (the standard error shrinks as 1/sqrt(instances))."""
+    samples_per_instance: int = 4
+    """Samples drawn per instance (n): pass@1 averages them, pass@k needs n >= k."""
+    pass_k: int = 4
+    """k of the reported pass@k (unbiased estimator from `samples_per_instance` samples)."""
     seed_offset: int = 1_000_000
     """Held-out seeds start here, far from the training seeds."""
     budgets: list[int] = field(default_factory=list)
-    """Extra thinking budgets to evaluate at (beside no budget)."""
+    """Extra thinking budgets to evaluate at (beside no budget), each stated in the prompts."""
+
+    def __post_init__(self) -> None:
+        _positive("eval", "instances", self.instances)
+        _positive("eval", "samples_per_instance", self.samples_per_instance)
+        _positive("eval", "pass_k", self.pass_k)
+        if self.pass_k > self.samples_per_instance:
+            raise ConfigError(f"eval.pass_k={self.pass_k} exceeds eval.samples_per_instance="
+                              f"{self.samples_per_instance}: pass@k needs at least k samples per instance")
 
 
 @dataclass
@@ -313,7 +349,12 @@ class SftConfig:
     batch_size: int = 16
     """Examples per SFT step."""
     cut_fraction: float = 0.3
-    """Share of reasoning traces cut at a random budget and closed with `</think>`."""
+    """Share of reference conversations given a thinking budget below their first thought's length:
+    stated in the system message, the thought cut there and closed with `</think>` (the others get
+    a budget drawn from `rollout.budget`, or none)."""
+    cache: bool = True
+    """Reuse a warm start (preset + SFT + MTP heads) cached under `$ESTUARY_CACHE/warm_start`, keyed by
+    everything that determines it (`estuary/warm_start.py`); false: always rebuild."""
 
 
 @dataclass
@@ -334,6 +375,8 @@ class Config:
     """The GRPO learner."""
     weights_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     """How refreshed weights reach the engines."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """The machines the plan places learners and engines on (GPUs per node, GPU memory)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation."""
     sft: SftConfig = field(default_factory=SftConfig)

@@ -8,7 +8,7 @@ Add your own with `environments.register(id, entry_point="pkg.module:Class", **d
 from a plug-in package through the `estuary.environments` entry-point group.
 """
 
-from environments.base import DatasetError, Generation, Task, TextEnv, TurnResult
+from environments.base import HACK_VERDICTS, DatasetError, Generation, Task, TextEnv, TurnResult
 from environments.registry import (
     EnvironmentNotFound,
     describe,
@@ -19,6 +19,6 @@ from environments.registry import (
 )
 
 __all__ = [
-    "DatasetError", "EnvironmentNotFound", "Generation", "Task", "TextEnv", "TurnResult",
+    "HACK_VERDICTS", "DatasetError", "EnvironmentNotFound", "Generation", "Task", "TextEnv", "TurnResult",
     "describe", "estuary_ids", "make", "plugin_errors", "register",
 ]

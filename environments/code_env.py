@@ -6,44 +6,27 @@ up to 3: loops over lists and strings). Datasets in HumanEval form (`task_id`, `
 detected per row. The program is the first fenced python block of the answer (else the bare text
 after `</think>`); a HumanEval answer without `def <entry_point>` is taken as the body that
 continues the prompt. Reward: 1 if every test passes, or the fraction passed (`partial_credit`).
+
+The tests never run beside the answer: the answer runs alone in the sandbox and the tests run in
+this process, calling it through a pipe that carries plain data only (`isolated_tests`).
+Verdicts: passed, failed, syntax_error, timeout, sandbox_violation, and the hack-like
+`HACK_VERDICTS` (bad_result, escaped_exception, exited, protocol_violation).
 """
 
 from __future__ import annotations
 
-import json
 import random
 import re
-import secrets
 from typing import Any
 
 from environments.base import DatasetError, Task, TextEnv, TurnResult
 from environments.code_tasks import TEMPLATES
-from environments.sandbox import Limits, SandboxPool, default_pool, violation_reason
+from environments.isolated_tests import HACK_VERDICTS, run_isolated
+from environments.sandbox import Limits, SandboxPool, default_pool
+
+__all__ = ["HACK_VERDICTS", "CodeEnv", "detect_format", "extract_program"]  # code's hack-like verdicts
 
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.S)
-
-_HARNESS = """
-import json, sys
-_TESTS = json.loads({tests!r})
-_g = {{"__name__": "__solution__"}}
-try:
-    exec(compile(open("solution.py").read(), "solution.py", "exec"), _g)
-except SyntaxError as e:
-    print({nonce!r} + json.dumps({{"stage": "syntax", "error": repr(e)}}), flush=True)
-    sys.exit(0)
-except BaseException as e:
-    print({nonce!r} + json.dumps({{"stage": "load", "error": repr(e)[:500]}}), flush=True)
-    sys.exit(0)
-_passed, _errors = 0, []
-for _i, _t in enumerate(_TESTS):
-    try:
-        exec(compile(_t, f"test_{{_i}}", "exec"), _g)
-        _passed += 1
-    except BaseException as e:
-        _errors.append(f"test {{_i}}: {{e!r}}"[:300])
-print({nonce!r} + json.dumps({{"stage": "tests", "passed": _passed, "errors": _errors}}), flush=True)
-"""
-
 
 def extract_program(answer: str) -> str:
     """The code in a response: the first fenced block, else the text after the thinking."""
@@ -115,34 +98,20 @@ class CodeEnv(TextEnv):
 
     def score_turn(self, action: str) -> TurnResult:
         assert self.task is not None
-        verdict, passed, detail = self.run_tests(self.program_for(action), self.task.data["tests"])
-        total = len(self.task.data["tests"])
+        data = self.task.data
+        verdict, passed, detail = self.run_tests(self.program_for(action), data["tests"],
+                                                 data["prefix"], data["entry_point"])
+        total = len(data["tests"])
         correct = passed / total if self.partial_credit else float(passed == total)
         return TurnResult(done=True, correct=correct, verdict=verdict,
                           detail={"tests_passed": passed, "tests_total": total, **detail})
 
-    def run_tests(self, program: str, tests: list[str]) -> tuple[str, int, dict[str, Any]]:
-        """(verdict, tests passed, detail) for `program` against `tests`, in the sandbox."""
-        nonce = f"@@estuary-{secrets.token_hex(8)}@@"
-        harness = _HARNESS.format(tests=json.dumps(tests), nonce=nonce)
-        result = (self.pool or default_pool()).run(harness, self.limits, files={"solution.py": program})
-        report = None
-        for line in result.stdout.splitlines():
-            if line.startswith(nonce):
-                report = json.loads(line[len(nonce):])
-        if result.verdict in ("timeout", "sandbox_violation"):
-            return result.verdict, 0, {"error": result.reason}
-        if report is None:
-            return "failed", 0, {"error": (result.stderr.strip().splitlines() or ["no result"])[-1]}
-        if report["stage"] == "syntax":
-            return "syntax_error", 0, {"error": report["error"]}
-        error = report["error"] if report["stage"] == "load" else "; ".join(report["errors"])[:1000]
-        passed = report.get("passed", 0)
-        reason = violation_reason(error)
-        if reason:  # a limit hit inside the harness (MemoryError, fork refused, ...)
-            return "sandbox_violation", passed, {"error": f"{reason}: {error}"}
-        verdict = "passed" if passed == len(tests) else "failed"
-        return verdict, passed, {"error": error}
+    def run_tests(self, program: str, tests: list[str], prefix: str = "",
+                  entry_point: str = "") -> tuple[str, int, dict[str, Any]]:
+        """(verdict, tests passed, detail) for `program` against `tests`, isolated from it."""
+        outcome = run_isolated(self.pool or default_pool(), self.limits, program, tests,
+                               prefix=prefix, entry_point=entry_point)
+        return outcome.verdict, outcome.passed, {"error": outcome.error}
 
     def reference_turn(self) -> str:
         assert self.task is not None

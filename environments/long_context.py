@@ -8,6 +8,10 @@ starts, from a seeded choice of filler sentences, so a 1M-token prompt takes wel
 Lengths are in tokens at `chars_per_token` (4 for typical BPE tokenizers).
 
 A dataset row has `context`, `question` and `answer` (a string or a list of strings).
+
+An answer listing more than `MAX_LIST_FACTOR` times as many distinct values as the gold answer
+scores 0 (`too_many_values`): F1 would otherwise pay a policy for listing every candidate key,
+value or variable name without reading the context.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ _FILLER = (
     "Children learned to read under the tall oak tree.",
 )
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+MAX_LIST_FACTOR = 2
 
 
 def _key(rng: random.Random) -> str:
@@ -142,6 +147,8 @@ class LongContextEnv(TextEnv):
         if not predicted:
             return TurnResult(done=True, correct=0.0, verdict="no_answer")
         gold = self.task.answer
+        if len(set(predicted)) > MAX_LIST_FACTOR * len(gold):
+            return TurnResult(done=True, correct=0.0, verdict="too_many_values")
         if self.task.data["metric"] == "em":
             score = float(predicted == gold)
         else:

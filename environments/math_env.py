@@ -3,7 +3,8 @@
 Generated tasks scale with `difficulty` (0: one operation on small numbers, up to 3: multi-step
 word problems and larger equations). A dataset row has `problem` and `answer` (a GSM8K
 `... #### 72` answer, a number, or MATH LaTeX, possibly `\\boxed{}`) and an optional `solution`.
-The reward is answer equivalence by math-verify (thread-safe here), 1 or 0.
+The reward is answer equivalence by math-verify (thread-safe here), 1 or 0; hedged answers
+(several candidates) and ones that expand to something huge score 0 (`rewards.math`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 from typing import Any
 
 from environments.base import DatasetError, Task, TextEnv, TurnResult
-from rewards.math import math_equal
+from rewards.math import boxed_contents, grade_math
 
 INSTRUCTION = "Think briefly, then give the final answer as \\boxed{...}."
 _BOXED = re.compile(r"\\boxed\{")
@@ -104,8 +105,8 @@ class MathEnv(TextEnv):
         assert self.task is not None
         if not _BOXED.search(action.rsplit("</think>", 1)[-1]) and not re.search(r"\d", action):
             return TurnResult(done=True, correct=0.0, verdict="no_answer")
-        ok = math_equal(action, self.task.answer)
-        return TurnResult(done=True, correct=float(ok), verdict="correct" if ok else "wrong")
+        ok, verdict = grade_math(action, self.task.answer)  # correct | wrong | hedged | too_large
+        return TurnResult(done=True, correct=float(ok), verdict=verdict)
 
     def reference_turn(self) -> str:
         assert self.task is not None
@@ -115,15 +116,5 @@ class MathEnv(TextEnv):
 
 def _unbox(text: str) -> str:
     """The content of the last \\boxed{...} (braces balanced), else the text itself."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return text.strip().strip("$")
-    depth, i = 0, start + len("\\boxed{")
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            if depth == 0:
-                return text[i:j]
-            depth -= 1
-    return text[i:]
+    boxes = boxed_contents(text)
+    return boxes[-1] if boxes else text.strip().strip("$")

@@ -4,6 +4,13 @@
     result = pool.run("print(1 + 1)", Limits(wall_s=5))
     result.verdict, result.stdout            # ("ok", "2\n")
 
+    with pool.channel(worker_code, Limits(wall_s=5)) as chan:   # a program that talks back:
+        reply = chan.request(b'{"call": ...}\n')                #   one line out, one line back
+    chan.result.verdict                                           # how it ended, as for run()
+
+`guarded(code)` prepends an audit hook (`environments/sandbox_guard.py`) for programs that need
+only computation: no reads outside their folder and the standard library, no subprocesses.
+
 Each execution gets a fresh temporary folder (removed afterwards), closed stdin, a scrubbed
 environment, `python -I -S` (no site-packages, no user paths), its own process group and
 resource limits: CPU time, address space, processes/threads, file size (which also bounds
@@ -23,7 +30,9 @@ containers), and the weaker fallback is used otherwise:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import os
 import queue
 import resource
@@ -34,11 +43,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from environments.sandbox_channel import Channel, wait_exit
+
 IS_ROOT = os.geteuid() == 0
-SANDBOX_UID_BASE = 61000  # one uid per pool slot, so a slot's leftovers can be found and killed
+SANDBOX_UID_BASE = 62000  # one uid per pool slot, so a slot's leftovers can be found and killed
+SANDBOX_UID_RANGE = 4096
+# Pools in other processes (rollout workers on one node, parallel test runs) must never share a
+# uid: each kills every process of its uids after a run. A uid is held by an flock on its file.
+_UID_LOCKS = Path(tempfile.gettempdir()) / "estuary-sandbox-uids"
 
 _CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
 _MS_REC, _MS_PRIVATE, _MS_NOSUID, _MS_NODEV, _MS_BIND = 0x4000, 0x40000, 0x2, 0x4, 0x1000
@@ -91,7 +107,15 @@ _VIOLATIONS = (
     ("Permission denied", "forbidden file access"),
     ("Read-only file system", "forbidden file access"),
     ("File too large", "file size / output limit exceeded"),
+    ("not allowed in the Estuary sandbox", "forbidden operation"),
 )
+
+_GUARD = (Path(__file__).with_name("sandbox_guard.py")).read_text()
+
+
+def guarded(code: str) -> str:
+    """`code` behind the audit-hook prelude of `sandbox_guard.py` (for computation-only code)."""
+    return _GUARD + "\n" + code
 
 
 def violation_reason(text: str) -> str | None:
@@ -209,6 +233,25 @@ def _classify(code: int | None, stderr: str, timed_out: bool) -> tuple[str, str]
     return ("sandbox_violation", reason) if reason else ("error", last)
 
 
+def _claim_uids(n: int) -> tuple[list[int], list[int]]:
+    """`n` sandbox uids that no other live pool holds, and the locked descriptors that hold them
+    (released when this process ends, however it ends)."""
+    _UID_LOCKS.mkdir(mode=0o700, exist_ok=True)
+    uids, fds = [], []
+    for uid in range(SANDBOX_UID_BASE, SANDBOX_UID_BASE + SANDBOX_UID_RANGE):
+        fd = os.open(_UID_LOCKS / str(uid), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        uids.append(uid)
+        fds.append(fd)
+        if len(uids) == n:
+            return uids, fds
+    raise RuntimeError(f"every sandbox uid from {SANDBOX_UID_BASE} is held by another process")
+
+
 def _world_executable(path: str) -> bool:
     """True if any uid may run `path` (the file and every folder above it are o+x)."""
     real = Path(os.path.realpath(path))
@@ -239,17 +282,49 @@ class SandboxPool:
         # As root, code runs under a slot uid, which needs an interpreter outside root's home.
         self.isolated_uid = shared is not None
         self.python = shared or python or sys.executable
+        self.uids, self._uid_locks = _claim_uids(max_parallel) if self.isolated_uid else ([], [])
 
     def run(self, code: str, limits: Limits = Limits(), files: dict[str, str] | None = None) -> ExecResult:
         """Execute `code` (a Python program) with `limits`; never raises for what the code does."""
-        slot = self._slots.get()
-        try:
-            return self._run(code, limits, files or {}, slot)
-        finally:
-            self._slots.put(slot)
+        with self._prepared(code, files or {}) as (workdir, uid, out, err):
+            start = time.monotonic()
+            proc = self._spawn(workdir, out, err, limits, uid)
+            timed_out = wait_exit(proc, limits.wall_s)
+            return _finish(proc, uid, out, err, limits, start, timed_out)
 
-    def _run(self, code: str, limits: Limits, files: dict[str, str], slot: int) -> ExecResult:
-        uid = SANDBOX_UID_BASE + slot if self.isolated_uid else None
+    @contextlib.contextmanager
+    def channel(self, code: str, limits: Limits = Limits(),
+                files: dict[str, str] | None = None) -> Iterator[Channel]:
+        """Run `code` as `main.py RFD WFD` with a line pipe each way (see `Channel`).
+
+        The program is stopped when the block ends, or at `limits.wall_s`; then `chan.result`
+        says how it ended, as `run` would.
+        """
+        with self._prepared(code, files or {}) as (workdir, uid, out, err):
+            down_r, down_w = os.pipe()
+            up_r, up_w = os.pipe()
+            try:
+                start = time.monotonic()
+                proc = self._spawn(workdir, out, err, limits, uid, fds=(down_r, up_w))
+            except BaseException:
+                os.close(down_w)
+                os.close(up_r)
+                raise
+            finally:
+                os.close(down_r)
+                os.close(up_w)
+            chan = Channel(proc, down_w, up_r, start + limits.wall_s)
+            try:
+                yield chan
+            finally:
+                chan.close()
+                chan.result = _finish(proc, uid, out, err, limits, start, chan.timed_out)
+
+    @contextlib.contextmanager
+    def _prepared(self, code: str, files: dict[str, str]):
+        """A slot, and a fresh folder with `code` as main.py plus `files`, owned by the slot's uid."""
+        slot = self._slots.get()
+        uid = self.uids[slot] if self.isolated_uid else None
         workdir = Path(tempfile.mkdtemp(prefix="estuary-sbx-"))
         try:
             prelude = "" if uid is not None else _BLOCK_SOCKETS
@@ -264,14 +339,15 @@ class SandboxPool:
             # Read back through the parent's own descriptors, never by path: the code owns the
             # folder and could swap the files for forged output.
             with open(out_path, "w+b") as out, open(err_path, "w+b") as err:
-                return self._execute(workdir, out, err, limits, uid)
+                yield workdir, uid, out, err
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+            self._slots.put(slot)
 
-    def _execute(self, workdir: Path, out, err, limits: Limits, uid: int | None) -> ExecResult:
-        start = time.monotonic()
-        proc = subprocess.Popen(
-            [self.python, "-I", "-S", "-B", "main.py"],
+    def _spawn(self, workdir: Path, out, err, limits: Limits, uid: int | None,
+               fds: tuple[int, ...] = ()) -> subprocess.Popen:
+        return subprocess.Popen(
+            [self.python, "-I", "-S", "-B", "main.py", *map(str, fds)],
             cwd=workdir,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -279,23 +355,22 @@ class SandboxPool:
             env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"},
             preexec_fn=lambda: _child_setup(limits, str(workdir), uid),
             close_fds=True,
+            pass_fds=fds,
         )
-        timed_out = False
-        try:
-            proc.wait(timeout=limits.wall_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            # Whatever it started goes too, also processes that left the group with setsid().
-            _kill_group(proc.pid)
-            if uid is not None:
-                _kill_uid(uid)
-            proc.wait()
-        wall = time.monotonic() - start
-        stdout = _read_head(out, limits.output_bytes)
-        stderr = _read_head(err, limits.output_bytes)
-        verdict, reason = _classify(proc.returncode, stderr, timed_out)
-        return ExecResult(verdict, proc.returncode, stdout, stderr, wall, reason)
+
+
+def _finish(proc: subprocess.Popen, uid: int | None, out, err, limits: Limits, start: float,
+            timed_out: bool) -> ExecResult:
+    # Whatever it started goes too, also processes that left the group with setsid().
+    _kill_group(proc.pid)
+    if uid is not None:
+        _kill_uid(uid)
+    proc.wait()
+    wall = time.monotonic() - start
+    stdout = _read_head(out, limits.output_bytes)
+    stderr = _read_head(err, limits.output_bytes)
+    verdict, reason = _classify(proc.returncode, stderr, timed_out)
+    return ExecResult(verdict, proc.returncode, stdout, stderr, wall, reason)
 
 
 def _read_head(file, limit: int) -> str:

@@ -10,23 +10,35 @@ every query word) and `lookup` (`title`: one document). Each instance builds its
 document store about fictional places. The environment answers a call with a `tool` message
 holding `<tool_response>...</tool_response>`; a turn without a call is the final answer,
 `\\boxed{...}`. Reward: answer equivalence, minus 0.1 per malformed call; `max_turns` bounds it.
+With `partial_credit=true` a wrong answer earns 0.3 x the share of the needed documents looked up
+by title (the training signal of a weak policy; pass rates count only right answers).
+
+What a policy cannot game: `python` runs behind the sandbox's audit hook (no reads outside its
+fresh folder and the standard library, so no dataset, host file or other episode's data), the
+calculator refuses results of more than `MAX_DIGITS` digits, a turn that writes its own
+`<tool_response>` ends the episode as `forged_tool_response` (0), and the final answer is graded
+like `estuary/math` (hedged or huge answers score 0).
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import math
 import operator
 import random
 import re
 from typing import Any
 
 from environments.base import DatasetError, Task, TextEnv, TurnResult
-from environments.sandbox import Limits, SandboxPool, default_pool
-from rewards.math import math_equal
+from environments.sandbox import Limits, SandboxPool, default_pool, guarded
+from rewards.math import grade_math
 
 _CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+_FORGED = re.compile(r"</?tool_response>")
 MALFORMED_PENALTY = 0.1
+LOOKUP_CREDIT = 0.3  # `partial_credit`: a wrong answer after looking up every needed document
+MAX_DIGITS = 1000  # calculator results; a power tower would hold the GIL for minutes
 SYSTEM = (
     "You can call tools. Write one call per turn as "
     '<tool_call>{"name": TOOL, "arguments": {...}}</tool_call>. Tools: calculator(expression), '
@@ -67,8 +79,9 @@ def calculate(expression: str) -> float | int:
             return node.value
         if isinstance(node, ast.BinOp) and type(node.op) in _BIN:
             left, right = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 64:
-                raise ValueError("exponent too large")
+            if isinstance(node.op, ast.Pow) and (abs(right) > 64 or (
+                    abs(left) > 1 and right * math.log10(abs(left)) > MAX_DIGITS)):
+                raise ValueError("result too large")
             return _BIN[type(node.op)](left, right)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             return ev(node.operand) if isinstance(node.op, ast.UAdd) else -ev(node.operand)
@@ -85,10 +98,13 @@ class ToolUseEnv(TextEnv):
 
     description = "multi-turn tool calls (calculator, sandboxed python, search/lookup); answer reward"
 
-    def __init__(self, max_turns: int = 4, pool: SandboxPool | None = None, **kwargs: Any) -> None:
+    def __init__(self, max_turns: int = 4, pool: SandboxPool | None = None, partial_credit: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(max_turns=max_turns, **kwargs)
         self.pool = pool
+        self.partial_credit = partial_credit
         self.malformed = 0
+        self.looked_up: set[str] = set()  # titles of this episode's documents the policy looked up
 
     # -- tasks ------------------------------------------------------------------------------
     def generate(self, rng: random.Random) -> Task:
@@ -124,6 +140,7 @@ class ToolUseEnv(TextEnv):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         self.malformed = 0
+        self.looked_up = set()
         return super().reset(seed=seed, options=options)
 
     # -- tools ------------------------------------------------------------------------------
@@ -139,13 +156,16 @@ class ToolUseEnv(TextEnv):
             return str(calculate(str(args["expression"])))
         if name == "lookup":
             title = str(args["title"])
+            if title in docs:
+                self.looked_up.add(title)
             return docs.get(title, f"no document titled {title!r}")
         if name == "search":
             words = str(args["query"]).lower().split()
             hits = [text for text in docs.values() if all(w in text.lower() for w in words)]
             return "\n".join(hits[:3]) or "no results"
         if name == "python":
-            result = (self.pool or default_pool()).run(str(args["code"]), Limits(wall_s=5, cpu_s=5))
+            code = guarded(str(args["code"]))
+            result = (self.pool or default_pool()).run(code, Limits(wall_s=5, cpu_s=5))
             return (result.stdout or result.stderr)[-2000:] or f"({result.verdict})"
         raise KeyError(name)
 
@@ -154,9 +174,13 @@ class ToolUseEnv(TextEnv):
         assert self.task is not None
         text = action.rsplit("</think>", 1)[-1]
         calls = _CALL.findall(text)
-        if not calls:
-            ok = math_equal(text, self.task.answer)
-            return TurnResult(done=True, correct=float(ok), verdict="correct" if ok else "wrong",
+        if not calls or _FORGED.search(text):
+            # Only the environment writes tool responses; a policy that writes its own is
+            # inventing results, right answer or not.
+            ok, verdict = (False, "forged_tool_response") if _FORGED.search(text) else grade_math(
+                text, self.task.answer)
+            credit = 1.0 if ok else (self._lookup_credit() if verdict == "wrong" else 0.0)
+            return TurnResult(done=True, correct=credit, verdict=verdict,
                               detail={"malformed_calls": self.malformed},
                               penalty=MALFORMED_PENALTY * self.malformed)
         try:
@@ -169,6 +193,16 @@ class ToolUseEnv(TextEnv):
         message = {"role": "tool", "content": f"<tool_response>{reply}</tool_response>"}
         return TurnResult(done=False, reply=[message], detail={"malformed_calls": self.malformed},
                           penalty=MALFORMED_PENALTY * self.malformed)
+
+    def _lookup_credit(self) -> float:
+        """With `partial_credit`, a wrong final answer still earns LOOKUP_CREDIT times the share of
+        the documents the question needs that the policy looked up by title: the first correct
+        call is the skill a weak policy shows before it copies the value right. Only a lookup by
+        the exact title counts (a search matches any text, so an empty query would pay)."""
+        needed = {str(args["title"]) for name, args in self.task.data.get("plan", []) if name == "lookup"}
+        if not self.partial_credit or not needed:
+            return 0.0
+        return LOOKUP_CREDIT * len(needed & self.looked_up) / len(needed)
 
     def reference_turn(self) -> str:
         assert self.task is not None

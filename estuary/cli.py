@@ -3,6 +3,7 @@
     estuary config show configs/tiny_cpu.yaml learner.lr=3e-6   # the resolved config
     estuary model init tiny-hybrid-moe out/tiny                 # a tiny random-init policy
     estuary envs                                                # registered environments
+    estuary plan configs/nemotron3_nano_gpu.yaml                # placement and memory per GPU
 
 Bad input (an unknown config key, a wrong type, a missing file) ends with one line on stderr
 and exit status 2.
@@ -14,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-PRESET_NAMES = ("tiny-hybrid-moe", "tiny-hybrid-dense", "tiny-attention")  # models/presets.py
+PRESET_NAMES = ("tiny-hybrid-moe", "small-hybrid-moe", "tiny-hybrid-dense", "tiny-attention")  # models/presets.py
 
 
 class UsageError(Exception):
@@ -57,9 +58,29 @@ def _train_mtp(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from configs import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        return _print_plan(cfg)
     from estuary.train import train
 
-    train(load_config(args.config, args.overrides))
+    train(cfg)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from configs import load_config
+
+    return _print_plan(load_config(args.config, args.overrides))
+
+
+def _print_plan(cfg) -> int:
+    """The plan, then what `estuary train` itself would still refuse (an error, exit status 2)."""
+    from estuary.plan import plan_run
+    from estuary.run_setup import check_run_config
+
+    print(plan_run(cfg).render())
+    check_run_config(cfg)
     return 0
 
 
@@ -77,9 +98,13 @@ def _eval(args: argparse.Namespace) -> int:
         cfg.eval.instances = args.instances
     results = evaluate(load_policy(args.checkpoint, dtype=cfg.model.dtype), cfg.environments, cfg.eval,
                        cfg.rollout, cfg.run.seed, only=args.env)
-    print(f"{'environment':<24} {'reward':>7} {'pass':>6} {'n':>4}")
+    from estuary.run_log import eval_summary
+
+    n, k = cfg.eval.samples_per_instance, cfg.eval.pass_k
+    print(f"{cfg.eval.instances} instances x {n} samples per environment (mean ± standard error, pass@{k} "
+          f"unbiased from {n})")
     for name, r in results.items():
-        print(f"{name:<24} {r['reward']:>7.3f} {r['pass_rate']:>6.2f} {int(r['instances']):>4}")
+        print(f"{name:<24} {eval_summary(r)}")
     return 0
 
 
@@ -132,14 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("train", help="run asynchronous multi-environment GRPO (local or in a Ray job)")
     run.add_argument("config", help="YAML preset (path, or a name under configs/: tiny_cpu)")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    run.add_argument("--dry-run", action="store_true", help="validate and print the plan (`estuary plan`); start nothing")
     run.set_defaults(handler=_train)
+
+    plan = sub.add_parser("plan", help="validate a config and print its placement and memory per GPU")
+    plan.add_argument("config", help="YAML preset (path, or a name under configs/)")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    plan.set_defaults(handler=_plan)
 
     ev = sub.add_parser("eval", help="score a policy on held-out environment instances")
     ev.add_argument("checkpoint", help="policy directory (a run's checkpoints/step-N or any HF directory)")
     ev.add_argument("--config", default="tiny_cpu", help="config that defines the environments (default tiny_cpu)")
     ev.add_argument("--env", action="append", help="environment name from the config (repeatable; default all)")
     ev.add_argument("--instances", type=int, default=0, help="held-out instances per environment")
-    ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. eval.budgets=[8])")
+    ev.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="config overrides (e.g. eval.budgets=[8] eval.samples_per_instance=8)")
     ev.set_defaults(handler=_eval)
 
     envs = sub.add_parser("envs", help="list registered environments (built-in and plug-ins)")

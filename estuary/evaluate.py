@@ -1,51 +1,62 @@
-"""Held-out evaluation: mean reward and pass rate per environment, at each thinking budget.
+"""Held-out evaluation per environment, at each thinking budget: mean reward +- standard error,
+pass@1 and pass@k, on enough instances to resolve the effects a run reports.
 
     results = evaluate(policy, cfg.environments, cfg.eval, cfg.rollout, seed=0)
-    results["math"]["reward"], results["math:budget8"]["pass_rate"]   # thinking budget 8
+    results["math"]["reward"], results["math"]["reward_se"], results["math:budget8"]["pass_at_4"]
 
-Instances use seeds `eval.seed_offset + i` (training seeds stay below `seed_offset`), one sample
-each, with the training sampling settings and a fresh engine seeded by `seed`, so the same
-weights always get the same score. `estuary eval CHECKPOINT` runs this from the command line.
+Instances use seeds `eval.seed_offset + i` (training seeds stay below `seed_offset`), with
+`eval.samples_per_instance` samples each, the training sampling settings and, per environment
+and budget, a fresh engine seeded by `seed`: the same weights always get the same score, whatever
+other environments are evaluated. An environment's instances go to the engine as one batch (each
+prompt prefilled once for its n samples). A budget is stated in the prompts, as in training.
+Pass rates count exact correctness (the environment's `correct` part is 1), never shaped reward;
+an episode whose environment failed counts as wrong, with reward 0 (`failed` says how many).
+`estuary eval CHECKPOINT` runs this from the command line.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 import numpy as np
 
 from configs.schema import EnvironmentConfig, EvalConfig, RolloutConfig
+from estuary.eval_stats import summarise
 from rollout.episodes import Prompt, run_groups
 from rollout.worker import env_factory, sampling_params
+from streams.trajectory import TrajectoryGroup
 
 
 def evaluate(policy, envs: dict[str, EnvironmentConfig], cfg: EvalConfig, rollout: RolloutConfig,
              seed: int = 0, only: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Results keyed `env` (no budget) and `env:budgetN`, each from `summarise` plus `failed`."""
     from rollout.torch_engine import TorchEngine
 
     names = [n for n in envs if only is None or n in only]
-    factories = {n: env_factory(envs[n]) for n in names}
-    base = sampling_params(rollout)
+    params, n = sampling_params(rollout), cfg.samples_per_instance
+    slots = max(rollout.max_concurrent_episodes, n)  # a request's n samples must fit at once
     results: dict[str, dict[str, float]] = {}
-    batch = max(1, rollout.max_concurrent_episodes)
-    with ThreadPoolExecutor(max_workers=max(1, sum(envs[n].concurrency for n in names))) as pool:
-        for budget in [None, *cfg.budgets]:
-            params = replace(base, thinking_budget=budget)
-            engine = TorchEngine(policy, max_batch=batch, max_len=rollout.max_len, seed=seed)
-            prompts = [Prompt(n, envs[n].id, factories[n], cfg.seed_offset + i, envs[n].timeout_s)
-                       for n in names for i in range(cfg.instances)]
-            groups = []
-            for start in range(0, len(prompts), batch):
-                groups += run_groups(engine, policy.tokenizer, prompts[start: start + batch], 1, params, pool,
-                                     rollout.max_len)
-            for name in names:
-                samples = [s for g in groups if g.metadata["env"] == name for s in g.samples]
+    with ThreadPoolExecutor(max_workers=max(1, sum(envs[e].concurrency for e in names))) as pool:
+        for name in names:
+            env, make = envs[name], env_factory(envs[name])
+            for budget in [None, *cfg.budgets]:
+                engine = TorchEngine(policy, max_batch=slots, max_len=rollout.max_len, seed=seed)
+                prompts = [Prompt(name, env.id, make, cfg.seed_offset + i, env.timeout_s, thinking_budget=budget)
+                           for i in range(cfg.instances)]
+                groups = run_groups(engine, policy.tokenizer, prompts, n, params, pool, rollout.max_len)
                 key = name if budget is None else f"{name}:budget{budget}"
-                results[key] = {
-                    "reward": float(np.mean([s.reward for s in samples])) if samples else 0.0,
-                    "pass_rate": float(np.mean([s.reward_parts.get("correct", 0.0) >= 1 for s in samples]))
-                    if samples else 0.0,
-                    "instances": float(len(samples)),
-                }
+                results[key] = _scores(groups, n, cfg.pass_k)
     return results
+
+
+def _scores(groups: list[TrajectoryGroup], n: int, k: int) -> dict[str, float]:
+    """Per-instance rewards and exact correctness (I, n) -> `summarise`; failed episodes fill the rest."""
+    rewards = np.zeros((len(groups), n))
+    correct = np.zeros((len(groups), n), dtype=bool)
+    failed = 0
+    for i, group in enumerate(groups):
+        failed += len(group.metadata["failed"])
+        for j, s in enumerate(group.samples):
+            rewards[i, j] = s.reward
+            correct[i, j] = s.reward_parts.get("correct", 0.0) >= 1.0
+    return {**summarise(rewards, correct, k), "failed": float(failed)}

@@ -14,6 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
+from estuary.eval_stats import plus_minus
+
+
+def eval_summary(r: dict[str, float]) -> str:
+    """`reward 0.42±0.03 pass@1 0.12±0.02 pass@4 0.30±0.04` from one environment's eval results."""
+    parts = [f"reward {plus_minus(r['reward'], r['reward_se'])}"]
+    for key in sorted((k for k in r if k.startswith("pass_at_") and not k.endswith("_se")),
+                      key=lambda k: int(k.removeprefix("pass_at_"))):
+        parts.append(f"pass@{key.removeprefix('pass_at_')} {plus_minus(r[key], r[key + '_se'])}")
+    if r.get("failed"):  # counted as wrong: say so, a failing environment is not a weak policy
+        parts.append(f"({int(r['failed'])} failed)")
+    return " ".join(parts)
+
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     out = {}
@@ -47,19 +60,20 @@ class RunLog:
         print(text, flush=True)
         self.last_line = ""
 
-    def step(self, report: dict, rollout: dict[str, float]) -> None:
-        version, stats = report["version"], report["stats"]
+    def step(self, report, rollout: dict[str, float]) -> None:
+        """Log a `learner.worker.StepReport` (summarised by the learner actor) and the rollout counters."""
+        version, stats = report.version, report.stats
         metrics = {f"learner/{k}": float(v) for k, v in stats.items()}
-        metrics.update({f"rollout/{k}": float(v) for k, v in report["groups"].items()})
+        metrics.update({f"rollout/{k}": float(v) for k, v in report.group_metrics.items()})
         metrics.update({f"rollout/{k}": float(v) for k, v in rollout.items()})
         generated = self._generated_rewards(rollout)
         metrics.update({f"rollout/{k}/generated_reward_mean": v for k, v in generated.items()})
-        staleness = report["staleness"] or [0]
-        metrics.update({"stream/depth": report["stream_depth"], "staleness/mean": float(np.mean(staleness)),
+        staleness = report.staleness or [0]
+        metrics.update({"stream/depth": report.stream_depth, "staleness/mean": float(np.mean(staleness)),
                         "staleness/max": float(max(staleness))})
         for value, count in zip(*np.unique(staleness, return_counts=True), strict=True):
             metrics[f"staleness/count_{int(value)}"] = float(count)
-        metrics.update({f"learner/{k}": float(v) for k, v in report["counters"].items()})
+        metrics.update({f"learner/{k}": float(v) for k, v in report.counters.items()})
         self.mlflow.log_metrics(metrics, step=version)
         rewards = "  ".join(f"{name} {v:.2f}" for name, v in sorted(generated.items()))
         line = (f"step {version}/{self.max_steps}  {time.monotonic() - self.start:5.0f}s  reward {rewards}  "
@@ -85,9 +99,9 @@ class RunLog:
 
     def evaluation(self, results: dict[str, dict[str, float]], step: int, label: str) -> None:
         self.mlflow.log_metrics({f"eval/{env}/{k}": v for env, r in results.items() for k, v in r.items()
-                                 if k != "instances"}, step=step)
+                                 if k not in ("instances", "samples")}, step=step)
         self.mlflow.log_dict(results, f"eval/{label}.json")
-        table = ", ".join(f"{env} {r['reward']:.2f}" for env, r in results.items())
+        table = "; ".join(f"{env} {eval_summary(r)}" for env, r in results.items())
         self.say(f"eval ({label}, step {step}): {table}")
 
     def samples(self, rows: list[dict]) -> None:

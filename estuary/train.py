@@ -36,14 +36,17 @@ def train(cfg: Config, on_step=None) -> TrainResult:
     import ray
 
     from configs.loader import to_yaml
+    from configs.runtime import quiet_libraries
     from estuary.evaluate import evaluate
+    from estuary.plan import plan_run
     from estuary.run_log import RunLog
-    from estuary.run_setup import check_run_config, prepare_policy, quiet_libraries, run_dir_of, start_actors
+    from estuary.run_setup import check_run_config, prepare_policy, run_dir_of, start_actors
     from estuary.services import Services
     from models.policy import load_policy
 
     quiet_libraries()
     check_run_config(cfg)
+    plan_run(cfg)  # refuses a placement or memory plan that cannot fit before anything starts
     run_dir, started = run_dir_of(cfg), time.monotonic()
     with Services(cfg.services, run_dir) as svc, mlflow.start_run(run_name=cfg.run.name) as run:
         log = RunLog(run, to_yaml(cfg), asdict(cfg), run_dir, cfg.run.max_steps)
@@ -58,7 +61,7 @@ def train(cfg: Config, on_step=None) -> TrainResult:
             return results
 
         evals = {"start": held_out(0, "start")}
-        version = ray.get(learner.version.remote())
+        version = learner.version()
         running = [w.run.remote() for w in workers] if cfg.run.mode == "async" else []
         per_worker = -(-cfg.learner.groups_per_step // len(workers))
         samples: list[dict] = []
@@ -66,13 +69,13 @@ def train(cfg: Config, on_step=None) -> TrainResult:
         while version < cfg.run.max_steps and not _out_of_time(cfg, started):
             if cfg.run.mode == "sync":
                 ray.get([w.produce.remote(per_worker) for w in workers])
-            report = ray.get(learner.step.remote(timeout_s=5.0 if cfg.run.mode == "async" else 1.0))
+            report = learner.step(timeout_s=5.0 if cfg.run.mode == "async" else 1.0)
             if report is None:
                 continue
-            version = report["version"]
+            version = report.version
             log.step(report, _rollout_counters(ray, workers))
-            samples += report.get("samples", [])
-            trained[version] = report["group_ids"]  # a restarted learner re-trains lost steps: last word wins
+            samples += report.samples
+            trained[version] = report.group_ids  # a restarted learner re-trains lost steps: last word wins
             if on_step is not None:
                 on_step(version, svc)
             if cfg.eval.every_steps and version % cfg.eval.every_steps == 0 and version < cfg.run.max_steps:
@@ -80,7 +83,8 @@ def train(cfg: Config, on_step=None) -> TrainResult:
                 held_out(version, f"step-{version}")
         ray.get([w.stop.remote() for w in workers])
         ray.get(running)
-        checkpoint = ray.get(learner.finish.remote())
+        checkpoint = learner.finish()
+        learner.close()
         _pull_newest(cfg, run_dir, evaluator)
         evals["end"] = held_out(version, "end")
         log.samples(samples)
@@ -109,11 +113,33 @@ def _rollout_counters(ray, workers) -> dict[str, float]:
 
 def _pull_newest(cfg: Config, run_dir, policy) -> None:
     """Bring the evaluation copy of the policy up to the newest published weights."""
-    from estuary.run_setup import sync_channel
-    from weights_sync.protocol import make_weight_sync
+    from configs.runtime import sync_channel
 
-    sync = make_weight_sync(cfg.weights_sync.transport, sync_channel(cfg, run_dir))
-    update = sync.pull(newer_than=-1)
-    if update is not None:
-        policy.model.load_state_dict(update.weights, strict=False)
-    sync.close()  # a reader's close drops its mappings only
+    sync = sync_channel(cfg, run_dir).open()
+    try:
+        update = sync.pull(newer_than=-1)
+        if update is not None:
+            load_published(policy.model, update.weights)
+    finally:
+        sync.close()  # a reader's close drops its mappings only
+
+
+class WeightMismatch(RuntimeError):
+    """A published version does not cover the evaluation model's weights (or has others)."""
+
+
+def load_published(model, weights: dict) -> None:
+    """Load a published version into the evaluation model; refuse one that leaves any policy weight
+    untouched or names weights the model lacks (evaluating a half-updated model reports nonsense).
+
+    MTP heads (`mtp.*`) are optional on both sides: evaluation never drafts, so heads the model
+    lacks are skipped and heads the version lacks keep their values; heads both hold are loaded.
+    """
+    own = model.state_dict()
+    policy = {k for k in own if not k.startswith("mtp.")}
+    given = {k for k in weights if not k.startswith("mtp.")}
+    missing, unknown = sorted(policy - given), sorted(given - policy)
+    if missing or unknown:
+        raise WeightMismatch(f"the published weights do not match the evaluation model: {len(missing)} policy "
+                             f"weights missing (e.g. {missing[:3]}), {len(unknown)} unknown (e.g. {unknown[:3]})")
+    model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)

@@ -1,7 +1,7 @@
 """The Ray actor around `LearnerWorker`: loads the policy, joins the stream, publishes weights.
 
     learner = LearnerActor.options(num_cpus=1, max_restarts=-1).remote(spec)
-    report = ray.get(learner.step.remote(timeout_s=5))    # a plain dict, or None
+    report = ray.get(learner.step.remote(timeout_s=5))    # a summarised StepReport, or None
 
 A restarted learner resumes from its last checkpoint, and its stream consumer (same name) gets
 back the entries it had not acknowledged. Reports carry per-environment rollout metrics
@@ -11,10 +11,15 @@ back the entries it had not acknowledged. Reports carry per-environment rollout 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import ray
 
-from configs.schema import LearnerConfig, ModelConfig, StreamConfig
+from configs.runtime import SyncChannel
+from configs.schema import LearnerConfig, ModelConfig, SamplingConfig, StreamConfig
+
+if TYPE_CHECKING:
+    from learner.worker import StepReport
 
 
 @dataclass
@@ -25,33 +30,50 @@ class LearnerSpec:
     run_dir: str
     redis_url: str
     stream: StreamConfig
-    sync_kind: str
-    sync_channel: str
+    sync: SyncChannel
     env_staleness: dict[str, int]
+    sampling: SamplingConfig
+    """The rollout's sampler settings (`rollout.sampling`): the learner's log-probs use the same."""
     cpus: int = 1
+    """Torch threads of this learner (its placement bundle's CPUs)."""
+    rank: int = 0
+    """This learner's rank in the data-parallel group."""
+    world_size: int = 1
+    """Learner ranks in the group (`learner.num_learners`)."""
+    master: str = ""
+    """`host:port` of rank 0's torch.distributed rendezvous (several ranks only)."""
 
 
 def build_learner(spec: LearnerSpec):
     import torch
 
-    from estuary.run_setup import quiet_libraries
+    from configs.runtime import quiet_libraries
 
     quiet_libraries()
 
     from learner.worker import LearnerWorker
     from models.policy import load_policy
     from streams.redis_stream import TrajectoryStream
-    from weights_sync.protocol import make_weight_sync
 
     torch.set_num_threads(max(1, spec.cpus))
+    if spec.world_size > 1:  # the rendezvous LearnerWorker's trainer joins (read by deepspeed)
+        import os
+
+        host, port = spec.master.rsplit(":", 1)
+        os.environ.update(MASTER_ADDR=host, MASTER_PORT=port, RANK=str(spec.rank),
+                          WORLD_SIZE=str(spec.world_size), LOCAL_RANK="0")  # Ray shows each rank its own GPU
     policy = load_policy(spec.policy_dir, dtype=spec.model.dtype)
-    stream = TrajectoryStream(spec.redis_url, key=spec.stream.key, consumer="learner-0",
-                              max_len=spec.stream.max_len, claim_idle_ms=spec.stream.claim_idle_ms,
-                              redeliver_own=True)
-    sync = make_weight_sync(spec.sync_kind, spec.sync_channel)
+    # Rank 0 reads the stream and publishes; the other ranks get their share from it.
+    stream = sync = None
+    if spec.rank == 0:
+        stream = TrajectoryStream(spec.redis_url, key=spec.stream.key, consumer="learner-0",
+                                  max_len=spec.stream.max_len, claim_idle_ms=spec.stream.claim_idle_ms,
+                                  redeliver_own=True)
+        sync = spec.sync.open()
     mtp = spec.model.mtp_loss_coef if getattr(policy.model, "mtp", None) is not None else 0.0
     return LearnerWorker(spec.learner, policy, stream, spec.run_dir, sync=sync,
-                         env_staleness=spec.env_staleness, mtp_coef=mtp)
+                         env_staleness=spec.env_staleness, mtp_coef=mtp, temperature=spec.sampling.temperature,
+                         top_p=spec.sampling.top_p, top_k=spec.sampling.top_k)
 
 
 @ray.remote
@@ -67,16 +89,19 @@ class LearnerActor:
     def version(self) -> int:
         return self.worker.version
 
-    def step(self, timeout_s: float) -> dict | None:
+    def step(self, timeout_s: float) -> StepReport | None:
+        """One step, summarised for the driver: metrics and a few samples instead of the groups
+        (every rank must be called; rank 0's report covers the whole step, the others' None)."""
+        from dataclasses import replace
+
         from learner.metrics import group_metrics
 
         report = self.worker.step(timeout_s=timeout_s)
-        if report is None:
+        if report is None or self.worker.stream is None:
             return None
-        return {"version": report.version, "stats": report.stats, "staleness": report.staleness,
-                "group_ids": [g.group_id for g in report.groups],
-                "groups": group_metrics(report.groups), "counters": dict(self.worker.counters),
-                "stream_depth": self.worker.stream.depth(), "samples": self._samples(report)}
+        return replace(report, groups=[], group_metrics=group_metrics(report.groups),
+                       counters=dict(self.worker.counters), stream_depth=self.worker.stream.depth(),
+                       samples=self._samples(report))
 
     def _samples(self, report, per_step: int = 2) -> list[dict]:
         """A few decoded samples per step, for the run's sample table."""
@@ -89,3 +114,11 @@ class LearnerActor:
 
     def finish(self) -> str:
         return str(self.worker.finish())
+
+
+@ray.remote(num_cpus=0)
+def rendezvous_address() -> str:
+    """`host:port` for rank 0's torch.distributed store, found on the node rank 0 is placed on."""
+    from streams.redis_server import free_port
+
+    return f"{ray.util.get_node_ip_address()}:{free_port()}"

@@ -5,9 +5,15 @@
 Examples are whole reference conversations: each environment (drawn by its weight) is reset with
 a training seed and answered turn by turn with `reference_answer()`, the environment's replies
 in between, so multi-turn tool use is learned as the policy will meet it. Only the assistant's
-tokens are trained on. As in Nemotron's recipe, `cut_fraction` of the traces that think are cut
-at a random point of the thinking and closed with `</think>`, the answer following, so that the
-policy learns to answer after budget control forces the close.
+tokens are trained on.
+
+Thinking budgets are shown as rollouts show them: a conversation's budget is stated in its system
+message (`rollout.budget.with_budget`) and every thought longer than it is cut there and closed
+with `</think>`, the answer following, as budget control would force it. As in Nemotron's
+recipe, `cut_fraction` of the conversations that think get a budget below their first thought's
+length (so the policy learns to answer after a forced close); the others get one drawn like the
+rollouts' (`budget`, often not binding: the policy learns the line is a limit, not a target), or
+none when the run has no budgets.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from configs.schema import EnvironmentConfig, SftConfig
+from rollout.budget import draw_budget, with_budget
 from rollout.worker import env_factory
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.S)
@@ -36,26 +43,47 @@ class SftResult:
     seconds: float
 
 
-def cut_thinking(text: str, tokenizer, rng: random.Random) -> str:
-    """Cut the thinking after a random number of its tokens and close it with `</think>`."""
+def thought_tokens(text: str, tokenizer) -> int:
+    """Tokens between `<think>` and `</think>` (0 without a thought)."""
+    match = _THINK.search(text)
+    return len(tokenizer.encode(match.group(1), add_special_tokens=False)) if match else 0
+
+
+def cut_thinking(text: str, tokenizer, budget: int) -> str:
+    """Keep the first `budget` tokens of a longer thought and close it with `</think>`."""
     match = _THINK.search(text)
     if match is None:
         return text
     thought = tokenizer.encode(match.group(1), add_special_tokens=False)
-    kept = tokenizer.decode(thought[: rng.randrange(len(thought) + 1)]) if thought else ""
+    if len(thought) <= budget:
+        return text
+    kept = tokenizer.decode(thought[:budget])
     return text[: match.start()] + f"<think>{kept}</think>" + text[match.end():]
 
 
-def reference_conversation(env, tokenizer, seed: int, rng: random.Random, cut: float) -> tuple[list[int], list[int]]:
+def conversation_budget(first_answer: str, tokenizer, rng: random.Random, cut: float,
+                        budget: tuple[int, int] | None) -> int | None:
+    """A reference conversation's thinking budget (see the module docstring)."""
+    length = thought_tokens(first_answer, tokenizer)
+    if length and rng.random() < cut:
+        return rng.randrange(length)  # below the thought's length: the close is forced
+    return draw_budget(budget, rng)
+
+
+def reference_conversation(env, tokenizer, seed: int, rng: random.Random, cut: float,
+                           budget: tuple[int, int] | None = None) -> tuple[list[int], list[int]]:
     """(token ids, mask with 1 on assistant tokens) of one reference episode."""
     messages, _ = env.reset(seed=seed)
-    ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+    first = env.reference_answer()
+    limit = conversation_budget(first, tokenizer, rng, cut, budget)
+    ids = list(tokenizer.apply_chat_template(with_budget(messages, limit), add_generation_prompt=True,
+                                             return_dict=False))
     mask = [0] * len(ids)
     turns = max(1, env.max_turns)
     for index in range(turns):
-        answer = env.reference_answer()
-        if rng.random() < cut:
-            answer = cut_thinking(answer, tokenizer, rng)
+        answer = env.reference_answer() if index else first
+        if limit is not None:  # budget control closes every turn's thought at the budget
+            answer = cut_thinking(answer, tokenizer, limit)
         turn = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
         ids, mask = ids + turn, mask + [1] * len(turn)
         if index == turns - 1:
@@ -106,7 +134,8 @@ def accumulate(model, rows: list[tuple[list[int], list[int]]], pad: int, micro_r
 
 
 def run_sft(policy_dir: str | Path, cfg: SftConfig, envs: dict[str, EnvironmentConfig], seed: int = 0,
-            seed_limit: int = 1_000_000) -> SftResult:
+            seed_limit: int = 1_000_000, budget: tuple[int, int] | None = None) -> SftResult:
+    """`budget`: the rollouts' thinking-budget range (`rollout.worker.budget_range`), None without."""
     from models.policy import load_policy
 
     start = time.perf_counter()
@@ -118,7 +147,8 @@ def run_sft(policy_dir: str | Path, cfg: SftConfig, envs: dict[str, EnvironmentC
     rows = []
     for _ in range(cfg.steps * cfg.batch_size // 2 or 1):  # each example is seen about twice
         name = rng.choices(names, weights=[envs[n].weight for n in names])[0]
-        rows.append(reference_conversation(made[name], tok, rng.randrange(seed_limit), rng, cfg.cut_fraction))
+        rows.append(reference_conversation(made[name], tok, rng.randrange(seed_limit), rng, cfg.cut_fraction,
+                                           budget))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     losses = []

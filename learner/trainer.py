@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from learner.batching import MicroBatch
+from learner.collectives import all_reduce, control_group, world
 from learner.losses import LossConfig
 from learner.objective import Objective, microbatch_loss, reference_logprobs
 
@@ -37,6 +38,7 @@ class TrainerOptions:
     max_grad_norm: float = 1.0
     freeze_router: bool = True
     keep_reference: bool = False  # keep a frozen copy of the initial policy (for the KL term)
+    activation_checkpointing: bool = False  # recompute layer activations in backward (long sequences)
 
 
 def _init_process_group() -> None:
@@ -66,22 +68,6 @@ def freeze_routers(model: torch.nn.Module) -> int:
     return frozen
 
 
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_reduce(values: list[float], op: str) -> list[float]:
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return t.tolist()
-
-
 def _empty_like(batch: MicroBatch | None) -> MicroBatch:
     """A one-token micro-batch that trains on nothing (keeps ranks' forward passes aligned)."""
     one = torch.zeros(1, 2, dtype=torch.long)
@@ -90,12 +76,30 @@ def _empty_like(batch: MicroBatch | None) -> MicroBatch:
                       else torch.full((1, 2, *batch.routed.shape[2:]), -1, dtype=torch.int16))
 
 
+def _buckets(state: dict[str, torch.Tensor], max_bytes: int):
+    """(name, tensor) pairs in runs of at most `max_bytes` (a bigger tensor goes alone)."""
+    bucket, size = [], 0
+    for name, t in state.items():
+        n = getattr(t, "ds_numel", t.numel()) * t.element_size()  # a ZeRO-3 parameter's full size
+        if bucket and size + n > max_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += n
+    if bucket:
+        yield bucket
+
+
 class Trainer:
     def __init__(self, model: torch.nn.Module, options: TrainerOptions) -> None:
         self.options = options
         self.model = model
         if options.freeze_router:
             freeze_routers(model)
+        if options.activation_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ValueError(f"{type(model).__name__} does not support learner.activation_checkpointing")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.reference = None
         if options.keep_reference:
             import copy
@@ -122,37 +126,55 @@ class Trainer:
             self.engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         elif options.backend != "torch":
             raise ValueError(f"unknown learner backend {options.backend!r}; choose deepspeed or torch")
-        self.rank, self.world_size = _world()
+        self.rank, self.world_size = world()
         if self.world_size > 1 and self.engine is None:
             raise ValueError("several learners need learner.backend=deepspeed (the torch backend is single-process)")
+        if self.world_size > 1:
+            control_group()  # every rank creates it here, at the same point (a collective call)
         self.optimizer = optimizer
         self.steps = 0
 
-    def train(self, batches: list[MicroBatch], objective: Objective, minibatches: int = 1) -> list[dict[str, float]]:
-        """`minibatches` optimizer steps over `batches` (PPO-style); one statistics dict per step.
+    def train(self, batches: list[MicroBatch], objective: Objective, minibatches: int = 1,
+              epochs: int = 1) -> list[dict[str, float]]:
+        """`epochs` passes of `minibatches` optimizer steps over `batches` (PPO-style); one statistics
+        dict per step.
 
         With the decoupled objective and more than one step, the proximal log-probs (the weights
-        before the first step) are recomputed for every micro-batch first.
+        before the first step) are recomputed for every micro-batch first: every later step's
+        ratio is taken against them, so the clip bounds how far the batch moves the policy.
         """
         if self.world_size > 1:  # every rank runs the same number of forward passes (ZeRO-3)
             most = int(all_reduce([len(batches)], "max")[0])
             batches = batches + [_empty_like(batches[0] if batches else None) for _ in range(most - len(batches))]
-        if minibatches > 1 and objective.decoupled:
+        if minibatches * epochs > 1 and objective.decoupled:
             for batch in batches:
                 batch.prox_logp = reference_logprobs(self.model, batch, objective)
         chunks = [batches[i::minibatches] for i in range(minibatches)]
-        return [self.step(chunk, objective) for chunk in chunks]
+        return [self.step(chunk, objective) for _ in range(epochs) for chunk in chunks]
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's weights on rank 0 (None on others); a collective call under ZeRO-3."""
-        if self.engine is not None and self.options.zero_stage == 3:
-            import deepspeed
+    def full_state_dict(self, bucket_bytes: int = 256 << 20) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on rank 0 (None on others); a collective call under ZeRO-3.
 
-            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
-                if self.rank != 0:
-                    return None
-                return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        return self.model.state_dict() if self.rank == 0 else None
+        Under ZeRO-3 the parameters are gathered `bucket_bytes` at a time and copied to host
+        memory, so no device ever holds more than one bucket beyond its own shard (gathering a
+        30B model at once does not fit on one GPU).
+        """
+        if self.engine is None or self.options.zero_stage != 3:
+            return self.model.state_dict() if self.rank == 0 else None
+        state: dict[str, torch.Tensor] = {}
+        for bucket in _buckets(self.model.state_dict(keep_vars=True), bucket_bytes):
+            state.update(self._gathered(bucket))
+        return state if self.rank == 0 else None
+
+    def _gathered(self, bucket: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Host copies of one bucket of (possibly ZeRO-3-partitioned) tensors on rank 0."""
+        import deepspeed
+
+        partitioned = list({id(t): t for _, t in bucket if hasattr(t, "ds_id")}.values())
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+            if self.rank != 0:
+                return {}
+            return {name: t.detach().to("cpu", copy=True) for name, t in bucket}
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -5,14 +5,22 @@
         report = worker.step(timeout_s=5)     # None when not enough groups arrived in time
     worker.finish()                           # final checkpoint, acknowledges the rest
 
+With several data-parallel ranks (`WORLD_SIZE` > 1) rank 0 alone reads the stream and hands each
+rank a share of the step's `groups_per_step` groups (balanced by tokens); all ranks train one
+DeepSpeed step together, rank 0 publishes, and rank 0 acknowledges only after every rank's
+checkpoint shard is written.
+
 What one step does, in order:
 1. Read trajectory groups until `groups_per_step` usable ones are in hand. A group is dropped
    (and counted) when it is staler than `max_staleness` versions (per environment where the
    environment sets its own; `stale_policy: downweight` scales its advantages instead) or, with
-   dynamic sampling, when all its rewards are equal (zero advantage: no signal).
-2. Advantages per group; samples cut at the length limit lose their loss mask with
-   `overlong_filter`; micro-batches packed by `micro_batch_tokens`.
-3. `minibatches` optimizer steps (the policy version counts optimizer steps).
+   dynamic sampling, when all its rewards are equal (zero advantage: no signal). A group whose
+   rewards differ only by shaping is kept: its advantages stay on the shaping's scale.
+2. Advantages per group, from the task reward (the `correct` part) with the shaping terms
+   (every other part) added on their own scale (`task_and_shaping_advantages`); samples cut
+   at the length limit lose their loss mask with `overlong_filter`; micro-batches packed by
+   `micro_batch_tokens`.
+3. `epochs` x `minibatches` optimizer steps (the policy version counts optimizer steps).
 4. Publish the weights every `publish_every` steps; engines pull them when ready.
 5. Commit: every `checkpoint_every` steps a checkpoint records the step, the version and the
    stream entries trained on since the previous one; only then are those entries acknowledged
@@ -34,12 +42,13 @@ import numpy as np
 import torch
 
 from configs.schema import LearnerConfig
-from learner.advantages import group_advantages
+from learner.advantages import task_and_shaping_advantages
 from learner.batching import pack
 from learner.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
+from learner.collectives import gather_to_all, scatter_from_rank0
 from learner.losses import LossConfig
 from learner.objective import Objective
-from learner.trainer import Trainer, TrainerOptions, all_reduce
+from learner.trainer import Trainer, TrainerOptions
 from models.policy import Policy
 from streams.redis_stream import Entry, TrajectoryStream
 from streams.trajectory import POLICY, PROMPT, Trajectory, TrajectoryGroup
@@ -47,18 +56,60 @@ from streams.trajectory import POLICY, PROMPT, Trajectory, TrajectoryGroup
 
 @dataclass
 class StepReport:
+    """One optimizer step, as the learner reports it (and, summarised, as the driver logs it)."""
+
     version: int
+    """Policy version after the step (optimizer steps so far)."""
     stats: dict[str, float]
+    """Token-weighted training statistics over every rank (loss, grad_norm, trained_tokens, ...)."""
     groups: list[TrajectoryGroup]
+    """The groups trained on; empty once `summarised` (the driver never moves trajectories)."""
     staleness: list[int] = field(default_factory=list)
+    """Policy versions each trained group lagged behind, one per group."""
+    group_ids: list[str] = field(default_factory=list)
+    """Ids of the trained groups (what each version was trained on)."""
+    group_metrics: dict[str, float] = field(default_factory=dict)
+    """Per-environment rollout metrics of the trained groups (`learner.metrics.group_metrics`)."""
+    counters: dict[str, float] = field(default_factory=dict)
+    """The learner's running counters (groups read, dropped stale, dropped zero-variance, ...)."""
+    stream_depth: int = 0
+    """Unacknowledged entries in the trajectory stream after the step."""
+    samples: list[dict] = field(default_factory=list)
+    """A few decoded samples (step, env, reward, text) for the run's sample table."""
 
 
-def objective_from(cfg: LearnerConfig, mtp_coef: float = 0.0) -> Objective:
+def objective_from(cfg: LearnerConfig, mtp_coef: float = 0.0, temperature: float = 1.0, top_p: float = 1.0,
+                   top_k: int = 0) -> Objective:
+    """The learner's objective; `temperature`, `top_p`, `top_k` are the sampler's (rollout.sampling)."""
     loss = LossConfig(clip_low=cfg.clip_low, clip_high=cfg.clip_high, aggregation=cfg.loss_aggregation,
                       ratio_level=cfg.ratio_level, is_correction=cfg.is_correction, is_cap=cfg.is_cap,
                       kl_coef=cfg.kl_coef)
     return Objective(loss=loss, decoupled=cfg.decoupled, load_balance_coef=cfg.load_balance_coef,
-                     mtp_coef=mtp_coef, routing_replay=cfg.routing_replay)
+                     mtp_coef=mtp_coef, routing_replay=cfg.routing_replay, temperature=temperature,
+                     top_p=top_p, top_k=top_k)
+
+
+def task_and_shaping(group: TrajectoryGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group's rewards split into task (the `correct` part) and shaping (the rest): (1, G) each.
+
+    A sample without a `correct` part (a failed episode, a hand-made trajectory) counts its
+    whole reward as task reward.
+    """
+    task = [s.reward_parts.get("correct", s.reward) for s in group.samples]
+    shaping = [s.reward - t for s, t in zip(group.samples, task, strict=True)]
+    return torch.tensor([task], dtype=torch.float32), torch.tensor([shaping], dtype=torch.float32)
+
+
+def split_by_tokens(kept: list, ranks: int) -> list[list]:
+    """`kept` (entry, scale, staleness) split into `ranks` shares of about equal token counts
+    (largest group first onto the lightest share); a share may be empty."""
+    shares: list[list] = [[] for _ in range(ranks)]
+    load = [0] * ranks
+    for item in sorted(kept, key=lambda k: -sum(len(s.token_ids) for s in k[0].group.samples)):
+        lightest = load.index(min(load))
+        shares[lightest].append(item)
+        load[lightest] += sum(len(s.token_ids) for s in item[0].group.samples)
+    return shares
 
 
 def _without_policy_tokens(t: Trajectory) -> Trajectory:
@@ -69,15 +120,21 @@ def _without_policy_tokens(t: Trajectory) -> Trajectory:
 
 class LearnerWorker:
     def __init__(self, cfg: LearnerConfig, policy: Policy, stream: TrajectoryStream, run_dir: str | Path,
-                 sync=None, env_staleness: dict[str, int] | None = None, mtp_coef: float = 0.0) -> None:
+                 sync=None, env_staleness: dict[str, int] | None = None, mtp_coef: float = 0.0,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> None:
         self.cfg, self.policy, self.stream, self.sync = cfg, policy, stream, sync
         self.run_dir = Path(run_dir)
         self.env_staleness = env_staleness or {}
-        self.objective = objective_from(cfg, mtp_coef)
+        # The engines' sampler settings: the learner's log-probs must be of the same distribution.
+        self.objective = objective_from(cfg, mtp_coef, temperature, top_p, top_k)
         self.trainer = Trainer(policy.model, TrainerOptions(
             backend=cfg.backend, zero_stage=cfg.zero_stage, lr=cfg.lr, weight_decay=cfg.weight_decay,
             warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm, freeze_router=cfg.freeze_router,
-            keep_reference=cfg.kl_coef > 0))
+            keep_reference=cfg.kl_coef > 0, activation_checkpointing=cfg.activation_checkpointing))
+        if self.trainer.rank != 0:
+            # Rank 0 alone reads the stream and hands each rank its share: no rank can claim
+            # another's uncommitted entries, and the stream's consumer is the same as one learner's.
+            self.stream = None
         self.version = 0
         self.counters: Counter[str] = Counter()
         self._uncommitted: list[Entry] = []  # trained on since the last commit
@@ -95,7 +152,8 @@ class LearnerWorker:
         self.counters.update(meta.get("counters", {}))
         consumed = meta["rank"].get("stream", {})
         # The kill may have come between writing the checkpoint and acknowledging its entries.
-        self.stream.ack_ids(consumed.get("entries", []))
+        if self.stream is not None:
+            self.stream.ack_ids(consumed.get("entries", []))
 
     def checkpoint(self) -> Path:
         """Commit: write a checkpoint naming the consumed entries, then acknowledge them."""
@@ -103,7 +161,8 @@ class LearnerWorker:
                     "groups": [e.group.group_id for e in self._uncommitted]}
         path = save_checkpoint(self.run_dir, self.policy, self.trainer, step=self.version, version=self.version,
                                extra={"counters": dict(self.counters)}, rank_extra={"stream": consumed})
-        self.stream.ack(self._uncommitted)
+        if self.stream is not None:  # rank 0: acknowledged only once every rank's shard is written
+            self.stream.ack(self._uncommitted)
         self._uncommitted = []
         return path
 
@@ -167,8 +226,7 @@ class LearnerWorker:
         samples, advantages = [], []
         for entry, scale, _ in kept:
             group = entry.group
-            rewards = torch.tensor([[s.reward for s in group.samples]], dtype=torch.float32)
-            adv = group_advantages(rewards, self.cfg.advantage)[0] * scale
+            adv = task_and_shaping_advantages(*task_and_shaping(group), self.cfg.advantage)[0] * scale
             for sample, a in zip(group.samples, adv.tolist(), strict=True):
                 if self.cfg.overlong_filter and sample.finish_reason == "length":
                     sample = _without_policy_tokens(sample)
@@ -177,33 +235,54 @@ class LearnerWorker:
                 advantages.append(a)
         return samples, advantages
 
+    def _over_ranks(self, stats: dict[str, float]) -> dict[str, float]:
+        """One rank's step statistics merged with every other's: tokens summed, time the slowest
+        rank's, per-token means weighted by each rank's tokens (grad_norm and lr are global)."""
+        if self.trainer.world_size == 1:
+            return stats
+        everyone = gather_to_all(stats)
+        tokens = [s.get("trained_tokens", 0.0) for s in everyone]
+        merged = {k: sum(s.get(k, 0.0) * t for s, t in zip(everyone, tokens, strict=True)) / max(sum(tokens), 1.0)
+                  for k in stats}
+        merged.update(trained_tokens=sum(tokens), train_s=max(s["train_s"] for s in everyone))
+        merged.update({k: stats[k] for k in ("grad_norm", "lr") if k in stats})
+        return merged
+
+    def _share(self, kept: list | None) -> list | None:
+        """This rank's part of the step's groups: rank 0 splits what it read, balancing tokens;
+        every rank gets None when rank 0 has not got `groups_per_step` groups yet."""
+        if self.trainer.world_size == 1:
+            return kept
+        shares = None if kept is None else split_by_tokens(kept, self.trainer.world_size)
+        return scatter_from_rank0(shares)
+
     def step(self, timeout_s: float | None = None) -> StepReport | None:
-        kept = self.collect(timeout_s)
-        if self.trainer.world_size > 1:  # data-parallel ranks step together or not at all
-            ready = all_reduce([0.0 if kept is None else 1.0], "sum")[0] == self.trainer.world_size
-            if not ready:
-                if kept:
-                    self._kept = kept + self._kept
-                return None
-        if kept is None:
+        kept = self.collect(timeout_s) if self.stream is not None else None
+        mine = self._share(kept)  # data-parallel ranks step together or not at all
+        if mine is None:
             return None
+        kept = kept if kept is not None else mine  # rank 0 commits and reports the whole step
         start = time.perf_counter()
-        samples, advantages = self._samples(kept)
+        samples, advantages = self._samples(mine)
         pad = self.policy.tokenizer.pad_token_id or 0
         batches = pack(samples, advantages, self.cfg.micro_batch_tokens, pad, routing=self.cfg.routing_replay)
-        per_step = self.trainer.train(batches, self.objective, self.cfg.minibatches)
+        per_step = self.trainer.train(batches, self.objective, self.cfg.minibatches, self.cfg.epochs)
         self.version = self.trainer.steps
         stats = {k: float(np.mean([s.get(k, 0.0) for s in per_step])) for k in per_step[-1]}
         stats["trained_tokens"] = float(sum(s.get("trained_tokens", 0) for s in per_step))
         stats["train_s"] = time.perf_counter() - start
+        stats = self._over_ranks(stats)
         stats["tokens_per_s"] = stats["trained_tokens"] / max(stats["train_s"], 1e-9)
         if self.version % self.cfg.publish_every == 0:
             stats["publish_s"] = self.publish()
-        self._uncommitted += [entry for entry, _, _ in kept]
+        if self.stream is not None:
+            self._uncommitted += [entry for entry, _, _ in kept]
         every = self.cfg.checkpoint_every
         if every == 0:
-            self.stream.ack(self._uncommitted)
+            if self.stream is not None:
+                self.stream.ack(self._uncommitted)
             self._uncommitted = []
         elif self.version // every > (self.version - len(per_step)) // every:
             self.checkpoint()
-        return StepReport(self.version, stats, [e.group for e, _, _ in kept], [s for _, _, s in kept])
+        groups = [e.group for e, _, _ in kept]
+        return StepReport(self.version, stats, groups, [s for _, _, s in kept], [g.group_id for g in groups])

@@ -23,6 +23,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -161,13 +163,36 @@ def load_mtp_heads(model: nn.Module, directory: str | Path) -> MTPHead | None:
     return model.mtp
 
 
+@contextmanager
+def _frozen(*modules: nn.Module) -> Iterator[None]:
+    """Keep these modules' weights out of the autograd graph built inside the block.
+
+    The modules are still called (not F.linear on their `.weight`): under ZeRO-3 a weight holds
+    only its shard outside its own module's forward, whose hooks gather it.
+    """
+    trained = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in trained:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trained:
+            p.requires_grad_(True)
+
+
 def mtp_logits(model: nn.Module, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """Training-time MTP logits: input_ids (B, T), target final hidden (B, T, D) -> (B, T-1, V).
 
-    Row t uses token t+1 and hidden t, and predicts token t+2.
+    Row t uses token t+1 and hidden t, and predicts token t+2. The policy's embeddings and
+    `lm_head` are used as constants: the MTP loss's gradient reaches only `mtp.*` (and `hidden`,
+    which the learner detaches), so the auxiliary loss never moves the policy. The values are
+    those of drafting (`models.fast_nemotron_h` calls the same modules).
     """
-    embeds = model.get_input_embeddings()(input_ids[:, 1:])
-    return model.lm_head(model.mtp(embeds, hidden[:, :-1])).float()
+    with _frozen(model.get_input_embeddings()):
+        embeds = model.get_input_embeddings()(input_ids[:, 1:])  # (B, T-1, D), no grad
+    h = model.mtp(embeds, hidden[:, :-1])  # (B, T-1, D)
+    with _frozen(model.lm_head):
+        return model.lm_head(h).float()  # (B, T-1, V): grad flows to h only
 
 
 def mtp_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -23,17 +23,18 @@ def _vocab_size(n_tokens: int) -> int:
     return (n_tokens + 63) // 64 * 64
 
 
-def _nemotron_h(pattern: str, n_tokens: int, special: dict[str, int], **extra) -> NemotronHConfig:
+def _nemotron_h(pattern: str, n_tokens: int, special: dict[str, int], hidden: int = HIDDEN,
+                **extra) -> NemotronHConfig:
     return NemotronHConfig(
         vocab_size=_vocab_size(n_tokens),
-        hidden_size=HIDDEN,
+        hidden_size=hidden,
         layers_block_type=NemotronHConfig._pattern_to_list(pattern),
-        num_attention_heads=2,
+        num_attention_heads=hidden // 64,
         num_key_value_heads=1,
         head_dim=64,
         max_position_embeddings=1 << 20,
-        intermediate_size=384,
-        mamba_num_heads=8,
+        intermediate_size=3 * hidden,
+        mamba_num_heads=hidden // 16,
         mamba_head_dim=32,
         n_groups=2,
         ssm_state_size=32,
@@ -46,22 +47,22 @@ def _nemotron_h(pattern: str, n_tokens: int, special: dict[str, int], **extra) -
     )
 
 
+def _moe(hidden: int) -> dict:
+    """LatentMoE settings at a width: 8 routed ReLU² experts (2 per token) in half the width, one shared expert."""
+    return dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=hidden,
+                moe_shared_expert_intermediate_size=2 * hidden, moe_latent_size=hidden // 2, n_shared_experts=1,
+                n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0)
+
+
 def tiny_hybrid_moe(n_tokens: int, special: dict[str, int]) -> PretrainedConfig:
-    return _nemotron_h(
-        "MEM*ME",
-        n_tokens,
-        special,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=128,
-        moe_shared_expert_intermediate_size=256,
-        moe_latent_size=64,
-        n_shared_experts=1,
-        n_group=1,
-        topk_group=1,
-        norm_topk_prob=True,
-        routed_scaling_factor=1.0,
-    )
+    return _nemotron_h("MEM*ME", n_tokens, special, **_moe(HIDDEN))
+
+
+def small_hybrid_moe(n_tokens: int, special: dict[str, int]) -> PretrainedConfig:
+    # The CPU demo's policy: twice the width and two attention layers. Copying a value from the
+    # prompt (a digit into `add_k`, a needle, a title into a tool call) is what the tiny preset's
+    # single attention layer learns slowly; a second one gives it the classic two-layer copy circuit.
+    return _nemotron_h("M*EM*E", n_tokens, special, hidden=2 * HIDDEN, **_moe(2 * HIDDEN))
 
 
 def tiny_hybrid_dense(n_tokens: int, special: dict[str, int]) -> PretrainedConfig:
@@ -90,6 +91,7 @@ def tiny_attention(n_tokens: int, special: dict[str, int]) -> PretrainedConfig:
 
 PRESETS: dict[str, Callable[[int, dict[str, int]], PretrainedConfig]] = {
     "tiny-hybrid-moe": tiny_hybrid_moe,
+    "small-hybrid-moe": small_hybrid_moe,
     "tiny-hybrid-dense": tiny_hybrid_dense,
     "tiny-attention": tiny_attention,
 }

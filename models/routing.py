@@ -2,8 +2,9 @@
 
     with RouterTap(model, replay=experts) as tap:      # experts: per MoE layer (N, k), -1 = free
         logits = model(input_ids).logits
-    tap.router_logits   # per MoE layer (N, E) float32, for the load-balance loss
+    tap.router_logits   # per MoE layer (N, E) float32, as the forward pass computed them
     tap.experts         # per MoE layer (N, k) expert ids actually used
+    tap.balance_logits()  # per MoE layer (N, E), from detached inputs: for the load-balance loss
 
 N counts every position of the batch (B*T, row-major). Replay (R3, "rollout routing replay")
 makes the trainer's forward use the experts the engine chose, so training log-probs are those
@@ -50,10 +51,11 @@ class RouterTap:
         self.replay = replay
         self.router_logits: list[torch.Tensor] = []
         self.experts: list[torch.Tensor] = []
+        self._inputs: list[tuple[nn.Module, torch.Tensor]] = []  # (router, its detached input)
         self._handles: list = []
 
     def _hook(self, index: int):
-        def hook(gate, _inputs, output):
+        def hook(gate, inputs, output):
             router_logits, weights, ids = output
             if self.replay is not None:
                 forced = self.replay[index]
@@ -63,8 +65,21 @@ class RouterTap:
                 weights, ids = _replayed(gate, router_logits, ids, forced)
             self.router_logits.append(router_logits)
             self.experts.append(ids)
+            self._inputs.append((gate, inputs[0].detach()))
             return router_logits, weights, ids
         return hook
+
+    def balance_logits(self) -> list[torch.Tensor]:
+        """Per MoE layer (N, E): the router logits recomputed from the router's detached input.
+
+        An auxiliary loss on these moves only the routers' own weights (nothing when they are
+        frozen), never the trunk that produced their input. The router module is called again
+        (its weight may be a ZeRO-3 shard outside its own forward), so call this after the
+        `with` block, when the tap no longer records.
+        """
+        if self._handles:
+            raise RuntimeError("call RouterTap.balance_logits() after its `with` block, not inside it")
+        return [gate(x)[0] for gate, x in self._inputs]
 
     def __enter__(self) -> RouterTap:
         self._handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]

@@ -1,21 +1,35 @@
-"""Math answer equivalence with math-verify, safe in threads and async actors.
+"""Math answer equivalence with math-verify, safe in threads and against answers that game it.
 
-math-verify guards its sympy work with `signal.alarm`, which only works in the main thread; here
-its timeouts are off and inputs are bounded instead (the last `MAX_CHARS` of a response, which
-is where the final answer is), so pathological expressions stay cheap.
+    ok, verdict = grade_math("<think>...</think> \\boxed{72}", "#### 72")   # (True, "correct")
+
+The answer is the text after the thinking (its last `MAX_CHARS`). Before math-verify sees it:
+- several `\\boxed{}` with different contents, or alternatives such as `71 \\lor 72` or `71 or
+  72`, are `hedged` (0): a policy must commit to one answer (unless the gold is written so);
+- an expression that would expand to something huge (a power tower, an exponent or factorial of
+  six digits or more) is `too_large` (0).
+math-verify then runs in a helper process (`rewards.math_helper`) with a time limit, since sympy
+can hold the GIL for minutes on an expression these checks miss; past it, the answer is
+`too_large` too. Otherwise the verdict is `correct` or `wrong`. Sets, intervals and `\\pm` are
+compared as math-verify does: as wholes, so `\\{71, 72\\}` or `[0, 100]` never equals 72.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 
-from math_verify import parse, verify
+from rewards.math_helper import verify_in_helper
 
 MAX_CHARS = 2000
-logging.getLogger("math_verify").setLevel(logging.ERROR)
+VERIFY_TIMEOUT_S = 5.0
 
 _GSM_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+# Alternatives inside one answer: `\lor`, `\vee`, or the word "or" (bare or in \text{}).
+_ALTERNATIVES = re.compile(r"\\(?:lor|vee)(?![A-Za-z])|(?<![A-Za-z\\])or(?![A-Za-z])")
+# The same, between numbers, in an answer written without \boxed{}.
+_TEXT_ALTERNATIVES = re.compile(r"\d\s*\$?\s*,?\s*(?:\\lor|\\vee|\bor)(?![A-Za-z])\s*\$?\s*-?\d")
+_TOWER = re.compile(r"\^\s*\{[^{}]*[\^!]|\^\s*\d+\s*\^")  # an exponent holding a power/factorial
+_BIG_EXPONENT = re.compile(r"\^\s*\{?\s*\d{6,}")
+_BIG_FACTORIAL = re.compile(r"\d{6,}\s*!")
 
 
 def normalise_gold(answer: str) -> str:
@@ -30,13 +44,64 @@ def final_answer(response: str) -> str:
     return response.rsplit("</think>", 1)[-1][-MAX_CHARS:]
 
 
+def boxed_contents(text: str) -> list[str]:
+    """The contents of every \\boxed{...} in `text`, braces balanced (an unclosed one: the rest)."""
+    out, start = [], text.find("\\boxed{")
+    while start >= 0:
+        depth, i = 0, start + len("\\boxed{")
+        for j in range(i, len(text)):
+            if text[j] == "{":
+                depth += 1
+            elif text[j] == "}":
+                if depth == 0:
+                    out.append(text[i:j])
+                    break
+                depth -= 1
+        else:
+            out.append(text[i:])
+        start = text.find("\\boxed{", start + 1)
+    return out
+
+
+def _hedged(answer: str, gold: str) -> bool:
+    boxes = {re.sub(r"\s+", "", b) for b in boxed_contents(answer)}
+    if len(boxes) > 1:
+        return True
+    if boxes:
+        return bool(_ALTERNATIVES.search(next(iter(boxes)))) and not _ALTERNATIVES.search(gold)
+    return bool(_TEXT_ALTERNATIVES.search(answer))
+
+
+def _too_large(answer: str) -> bool:
+    if _TOWER.search(answer) or _BIG_EXPONENT.search(answer) or _BIG_FACTORIAL.search(answer):
+        return True
+    # A factorial of a bracketed group that holds a power: (10^{9})!
+    for match in re.finditer(r"[)}]\s*!", answer):
+        depth, i = 0, match.start()
+        while i >= 0:
+            depth += answer[i] in ")}"
+            depth -= answer[i] in "({"
+            if depth == 0:
+                break
+            i -= 1
+        if "^" in answer[max(i, 0):match.start()]:
+            return True
+    return False
+
+
+def grade_math(response: str, gold: str, timeout_s: float = VERIFY_TIMEOUT_S) -> tuple[bool, str]:
+    """(correct, verdict) for a response against `gold`; verdict is correct | wrong | hedged | too_large."""
+    answer, gold_text = final_answer(response), normalise_gold(gold)
+    if _hedged(answer, gold_text):
+        return False, "hedged"
+    if _too_large(answer):
+        return False, "too_large"
+    ok = verify_in_helper(gold_text, answer, timeout_s)
+    if ok is None:
+        return False, "too_large"
+    return ok, "correct" if ok else "wrong"
+
+
 def math_equal(response: str, gold: str) -> bool:
     """True if the response's final answer equals `gold` (numbers, fractions, LaTeX, sets)."""
-    try:
-        gold_parsed = parse(normalise_gold(gold), parsing_timeout=None)
-        pred_parsed = parse(final_answer(response), parsing_timeout=None)
-        if not gold_parsed or not pred_parsed:
-            return False
-        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
-    except Exception:  # noqa: BLE001 - a parse failure of model output is a wrong answer
-        return False
+    return grade_math(response, gold)[0]

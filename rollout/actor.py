@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import ray
 
+from configs.runtime import SyncChannel
 from configs.schema import EnvironmentConfig, ModelConfig, RolloutConfig, StreamConfig
 
 
@@ -26,8 +27,7 @@ class RolloutSpec:
     policy_dir: str
     redis_url: str
     stream: StreamConfig
-    sync_kind: str
-    sync_channel: str
+    sync: SyncChannel
     seed: int
     index: int = 0
     routing: bool = False
@@ -37,14 +37,13 @@ class RolloutSpec:
 def build_worker(spec: RolloutSpec, reconstructed: bool = False):
     import torch
 
-    from estuary.run_setup import quiet_libraries
+    from configs.runtime import quiet_libraries
 
     quiet_libraries()
 
     from rollout.engines import make_engine
     from rollout.worker import RolloutWorker
     from streams.redis_stream import TrajectoryStream
-    from weights_sync.protocol import make_weight_sync
 
     torch.set_num_threads(max(1, int(spec.rollout.cpus_per_worker)))
     kwargs = {"max_batch": spec.rollout.max_concurrent_episodes, "max_len": spec.rollout.max_len,
@@ -55,7 +54,7 @@ def build_worker(spec: RolloutSpec, reconstructed: bool = False):
     engine = make_engine(spec.rollout.engine, spec.policy_dir, dtype=spec.model.dtype, **kwargs)
     stream = TrajectoryStream(spec.redis_url, key=spec.stream.key, consumer=f"rollout-{spec.index}",
                               max_len=spec.stream.max_len, claim_idle_ms=spec.stream.claim_idle_ms)
-    sync = make_weight_sync(spec.sync_kind, spec.sync_channel)
+    sync = spec.sync.open()
     seed = spec.seed * 1009 + spec.index + (random.SystemRandom().randrange(1 << 30) if reconstructed else 0)
     from transformers import AutoTokenizer
 

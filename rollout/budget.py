@@ -1,15 +1,45 @@
 """Reasoning-budget control: after N thinking tokens (and a short grace to reach a newline),
 force `</think>` so the answer follows. Pure per-sequence bookkeeping, shared by both engines.
 
+    budget = draw_budget((8, 32), rng)                # once per prompt: its G samples share it
+    messages = with_budget(messages, budget)          # the policy reads it in its system message
     ctl = BudgetControl(think_open, think_close, newline_ids)
     st = ctl.start(budget=32, grace=4, prompt_ids=prompt)
     forced = ctl.forced_token(st)      # None, or the token id to emit instead of sampling
     ctl.observe(st, token_id)          # after every emitted token
+
+A budget is drawn per prompt, not per sample, and stated in the prompt: a reward that depends on
+a budget the policy cannot see, or that differs within a group, is noise in the advantage.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
+
+
+def draw_budget(spec: tuple[int, int] | None, rng: random.Random) -> int | None:
+    """One budget from the inclusive range `spec` (None: no budget)."""
+    return None if spec is None else rng.randint(int(spec[0]), int(spec[1]))
+
+
+def budget_line(budget: int) -> str:
+    return f"Thinking budget: {budget} tokens."
+
+
+def with_budget(messages: list[dict[str, str]], budget: int | None) -> list[dict[str, str]]:
+    """The conversation as the policy sees it: the budget stated in its system message.
+
+    Appended to an existing system message, else a system message of its own goes first; the
+    messages are copied (environments keep their own history).
+    """
+    if budget is None:
+        return list(messages)
+    line = budget_line(budget)
+    if messages and messages[0].get("role") == "system":
+        first = dict(messages[0], content=f"{messages[0]['content']}\n{line}")
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": line}, *messages]
 
 
 @dataclass

@@ -4,9 +4,12 @@
                         group_size=8, params=SamplingParams(max_new_tokens=64), pool=pool)
 
 Every episode has its own environment instance (reset with the prompt's seed, so the G samples
-of a group answer the same task). Turns run for all live episodes at once: one engine call per
-turn (the first turn prefills each prompt once for its G samples), then each environment judges
-its turn on a thread of `pool`, bounded by the environment's `timeout_s`. An environment that
+of a group answer the same task). A prompt's thinking budget (`Prompt.thinking_budget`, drawn
+once per group by whoever picks the prompts) is stated in its system message and enforced on
+every turn of its G episodes: the budget the rewards see is the one the policy read. Turns run
+for all live episodes at once: one engine call per turn (the first turn prefills each prompt
+once for its G samples), then each environment judges its turn on a thread of `pool`, bounded
+by the environment's `timeout_s` (counted from when its step starts). An environment that
 raises or runs past its time-out ends that episode as failed, with the reason; the group keeps its
 other samples. Token bookkeeping: policy tokens (mask POLICY, or FORCED where budget control
 wrote them) carry the engine's log-probs and versions; the chat-template tokens around
@@ -25,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from environments.base import Generation
+from rollout.budget import with_budget
 from rollout.types import FINISH_LENGTH, Request, Sample, SamplingParams
 from streams.trajectory import FORCED, POLICY, PROMPT, Trajectory, TrajectoryGroup
 
@@ -36,6 +40,7 @@ class Prompt:
     make_env: Callable[[], Any]
     seed: int
     timeout_s: float = 30.0
+    thinking_budget: int | None = None  # the group's budget, stated in its prompt (None: no limit)
 
 
 @dataclass
@@ -45,11 +50,13 @@ class _Episode:
     mask: list[int]
     logprobs: list[float]
     versions: list[int]
+    budget: int | None = None
     routing: list | None = None
     reward: float = 0.0
     parts: dict[str, float] = field(default_factory=dict)
     finish: str = ""
     failed: str = ""
+    verdict: str = ""  # the environment's verdict on the finished episode
     done: bool = False
     reply: list = field(default_factory=list)
     turns: int = 0
@@ -86,11 +93,22 @@ def _text(tokenizer, ids: list[int]) -> str:
 
 
 def _judge(pool: ThreadPoolExecutor, jobs: list[tuple[_Episode, Generation, float]]) -> None:
-    """Step every episode's environment concurrently; failures end just that episode."""
-    futures = [(ep, pool.submit(ep.env.step, gen), time.monotonic() + timeout) for ep, gen, timeout in jobs]
-    for ep, future, deadline in futures:
+    """Step every episode's environment concurrently; failures end just that episode.
+
+    A step's time-out counts from when a pool thread starts it, not from when it was queued: a
+    batch larger than the pool (an evaluation's n samples of every instance) waits its turn.
+    """
+    started: dict[int, float] = {}
+    latest = [time.monotonic()]  # when a step last started: the pool is making progress
+
+    def step(ep: _Episode, gen: Generation):
+        started[id(ep)] = latest[0] = time.monotonic()
+        return ep.env.step(gen)
+
+    futures = [(ep, pool.submit(step, ep, gen), timeout) for ep, gen, timeout in jobs]
+    for ep, future, timeout in futures:
         try:
-            reply, reward, terminated, truncated, info = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            reply, reward, terminated, truncated, info = _result(future, started, id(ep), timeout, latest)
         except FutureTimeout:
             # The thread cannot be killed; model code runs in the sandbox with its own limits, so
             # only a broken environment keeps it busy.
@@ -103,6 +121,23 @@ def _judge(pool: ThreadPoolExecutor, jobs: list[tuple[_Episode, Generation, floa
         ep.done = bool(terminated or truncated)
         if ep.done:
             ep.parts = dict(info.get("reward_breakdown", {}))
+            ep.verdict = str(info.get("verdict", ""))
+
+
+def _result(future, started: dict[int, float], key: int, timeout: float, latest: list[float]):
+    """The step's result, waited for until `timeout` after a pool thread started it. A step still
+    queued waits while other steps keep starting; once none has for a whole `timeout`, every
+    thread is held by a step past its time-out, and this one is cancelled as timed out too."""
+    while True:
+        begun, now = started.get(key), time.monotonic()
+        end = begun + timeout if begun is not None else latest[0] + timeout
+        try:
+            return future.result(timeout=max(0.0, end - now))
+        except FutureTimeout:
+            if begun is None and (key in started or time.monotonic() < latest[0] + timeout):
+                continue  # it has started since, or others have: wait on
+            future.cancel()
+            raise
 
 
 def _continuation(tokenizer, ep: _Episode, ended_by_eos: bool) -> list[int]:
@@ -117,9 +152,10 @@ def _start(tokenizer, p: Prompt, group_size: int, routing: bool) -> list[_Episod
     for _ in range(group_size):
         env = p.make_env()
         messages, _ = env.reset(seed=p.seed)
-        ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+        ids = list(tokenizer.apply_chat_template(with_budget(messages, p.thinking_budget),
+                                                 add_generation_prompt=True, return_dict=False))
         eps.append(_Episode(env, ids, [PROMPT] * len(ids), [0.0] * len(ids), [-1] * len(ids),
-                            routing=[] if routing else None))
+                            budget=p.thinking_budget, routing=[] if routing else None))
     return eps
 
 
@@ -153,6 +189,9 @@ def _next_turn(tokenizer, episodes: list[_Episode], max_len: int) -> list[_Episo
 def run_groups(engine, tokenizer, prompts: list[Prompt], group_size: int, params: SamplingParams,
                pool: ThreadPoolExecutor, max_len: int, routing: bool = False) -> list[TrajectoryGroup]:
     """Generate and judge `group_size` episodes per prompt; one TrajectoryGroup per prompt."""
+    if params.thinking_budget is not None:
+        raise ValueError("run_groups takes thinking budgets per prompt (Prompt.thinking_budget), where the "
+                         "policy can read them, not in the shared sampling params")
     episodes = [_start(tokenizer, p, group_size, routing) for p in prompts]
     timeout_of = {id(ep): p.timeout_s for eps, p in zip(episodes, prompts, strict=True) for ep in eps}
     timings = {"generate_s": 0.0, "env_s": 0.0}
@@ -176,7 +215,7 @@ def _params(base: SamplingParams, n: int, routing: bool, ep: _Episode, max_len: 
     room = max(1, min(base.max_new_tokens, max_len - len(ep.tokens) - 1))
     return SamplingParams(temperature=base.temperature, top_p=base.top_p, top_k=base.top_k, max_new_tokens=room,
                           n=n, stop_token_ids=base.stop_token_ids, stop_strings=base.stop_strings,
-                          thinking_budget=base.thinking_budget, grace_tokens=base.grace_tokens,
+                          thinking_budget=ep.budget, grace_tokens=base.grace_tokens,
                           return_routing=routing, seed=None)
 
 
@@ -198,4 +237,6 @@ def _group(p: Prompt, eps: list[_Episode], timings: dict[str, float]) -> Traject
     return TrajectoryGroup(env_id=p.env_id, prompt_id=f"{p.name}:{p.seed}", samples=[_trajectory(ep) for ep in kept],
                            timings=dict(timings), metadata={
                                "env": p.name, "failed": failures, "turns": [ep.turns for ep in kept],
+                               "verdicts": [ep.verdict for ep in kept],
+                               "thinking_budget": p.thinking_budget,
                                "thinking_tokens": [ep.thinking_tokens for ep in kept]})

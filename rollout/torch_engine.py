@@ -11,7 +11,6 @@ the swap happens between steps and every token records the version that produced
 
 from __future__ import annotations
 
-import random
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -61,7 +60,6 @@ class TorchEngine:
         self.budget = _budget_control(self.tokenizer)
         self._pending: tuple[dict[str, torch.Tensor], int] | None = None
         self._lock = threading.Lock()
-        self._rng = random.Random(seed)
         self._gen = torch.Generator(device=self.state.device).manual_seed(seed)
         self.device = self.state.device
         self.moe = self.model.config.model_type == "nemotron_h" and "moe" in getattr(
@@ -136,10 +134,10 @@ class TorchEngine:
             logits = self.decoder.extend(self.state, first, prompt, routing)[-1]
         slots = [first] + [self.free.popleft() for _ in range(need)]
         self.state.copy(first, slots[1:])
-        for slot in slots:
-            limit = _draw_budget(p.thinking_budget, self._rng)
-            seq = _Seq(request, slot, self.budget.start(limit, p.grace_tokens, request.prompt_ids),
-                       limit, logits=logits, routing=[] if routing is not None else None, hidden=hidden)
+        for slot in slots:  # the request's samples share its budget (stated in its prompt)
+            seq = _Seq(request, slot, self.budget.start(p.thinking_budget, p.grace_tokens, request.prompt_ids),
+                       p.thinking_budget, logits=logits, routing=[] if routing is not None else None,
+                       hidden=hidden)
             active.append(seq)
         return True
 
@@ -223,14 +221,6 @@ class TorchEngine:
 
     def shutdown(self) -> None:
         self.state.tensors.clear()
-
-
-def _draw_budget(spec, rng: random.Random) -> int | None:
-    if spec is None:
-        return None
-    if isinstance(spec, (tuple, list)):
-        return rng.randint(int(spec[0]), int(spec[1]))
-    return int(spec)
 
 
 def _budget_control(tokenizer) -> BudgetControl:

@@ -30,8 +30,10 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()
     ignore_eos: bool = False
     """Keep generating past EOS (benchmarks: fixed-length outputs)."""
-    thinking_budget: int | tuple[int, int] | None = None
-    """Thinking tokens allowed inside <think>: a number, a (low, high) range sampled per sample, or None."""
+    thinking_budget: int | None = None
+    """Thinking tokens allowed inside <think> for every sample of the request (None: no limit).
+    Draw a budget per prompt (`rollout.budget.draw_budget`) and state it in the prompt
+    (`rollout.budget.with_budget`): the engine never draws one the policy cannot see."""
     grace_tokens: int = 8
     """Tokens past the budget to wait for a newline before forcing </think>."""
     return_routing: bool = False
@@ -47,6 +49,10 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.n < 1 or self.max_new_tokens < 1:
             raise ValueError("n and max_new_tokens must be >= 1")
+        if self.thinking_budget is not None and not isinstance(self.thinking_budget, int):
+            raise ValueError(f"thinking_budget={self.thinking_budget!r} must be a number of tokens or None; "
+                             "draw a range once per prompt with rollout.budget.draw_budget and state it "
+                             "in the prompt with rollout.budget.with_budget")
 
 
 @dataclass

@@ -116,33 +116,29 @@ class VLLMEngine:
         )
 
     def generate(self, requests: list[Request]) -> list[list[Sample]]:
-        """Each sample is its own vLLM request, so each can draw its own thinking budget."""
-        import random
-
-        rng = random.Random(len(requests))
-        prompts, params, owners, budgets = [], [], [], []
+        """One vLLM request per sample (each its own budget-processor row); a request's samples
+        share its thinking budget, the one stated in its prompt."""
+        prompts, params, owners = [], [], []
         for r_index, request in enumerate(requests):
             if request.parent is not None:
                 raise VLLMEngineError("the vllm engine re-sends the full context for a continuation; "
                                       "pass the whole token history as prompt_ids")
             for _ in range(request.params.n):
-                spec = request.params.thinking_budget
-                budget = rng.randint(*spec) if isinstance(spec, (tuple, list)) else spec
                 prompts.append({"prompt_token_ids": list(request.prompt_ids)})
-                params.append(self._params(request, budget))
+                params.append(self._params(request, request.params.thinking_budget))
                 owners.append(r_index)
-                budgets.append(budget)
         with self._lock:
             version = self.version
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
         result: list[list[Sample]] = [[] for _ in requests]
-        for out, owner, budget in zip(outputs, owners, budgets, strict=True):
-            result[owner].append(self._to_sample(requests[owner], out.outputs[0], version, budget))
+        for out, owner in zip(outputs, owners, strict=True):
+            result[owner].append(self._to_sample(requests[owner], out.outputs[0], version))
         return result
 
-    def _to_sample(self, request: Request, completion, version: int, budget: int | None) -> Sample:
+    def _to_sample(self, request: Request, completion, version: int) -> Sample:
         tokens = list(completion.token_ids)
         logprobs = [entry[tok].logprob for entry, tok in zip(completion.logprobs, tokens, strict=True)]
+        budget = request.params.thinking_budget
         state = self.budget.start(budget, request.params.grace_tokens, list(request.prompt_ids))
         forced = []
         for tok in tokens:  # replay the processor's rule: where it forced, it forced `tok`

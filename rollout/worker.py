@@ -6,9 +6,11 @@
 
 Each round pulls the newest published weights (never waiting for them), picks prompts across
 the environments by their configured weights (each environment's `concurrency` caps its live
-episodes), runs G episodes per prompt (`rollout.episodes.run_groups`) and publishes one
-trajectory group per prompt. A group's failed episodes are dropped from it and counted in its
-metadata; a group with fewer than two samples left is not published (no advantage to learn).
+episodes) and a thinking budget per prompt from `rollout.budget` (seeded, shared by the prompt's
+G samples, stated in its system message), runs G episodes per prompt
+(`rollout.episodes.run_groups`) and publishes one trajectory group per prompt. A group's failed
+episodes are dropped from it and counted in its metadata; a group with fewer than two samples
+left is not published (no advantage to learn).
 """
 
 from __future__ import annotations
@@ -20,17 +22,24 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-from configs.schema import EnvironmentConfig, RolloutConfig
+from configs.schema import BudgetConfig, EnvironmentConfig, RolloutConfig
+from environments.base import HACK_VERDICTS
+from rollout.budget import draw_budget
 from rollout.episodes import Prompt, run_groups
 from rollout.types import SamplingParams
 from streams.trajectory import TrajectoryGroup
 
 
 def sampling_params(cfg: RolloutConfig) -> SamplingParams:
-    s, b = cfg.sampling, cfg.budget
-    budget = (b.min_tokens, b.max_tokens) if b.max_tokens else None
+    """The settings every request shares; thinking budgets are per prompt (`budget_range`)."""
+    s = cfg.sampling
     return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
-                          thinking_budget=budget, grace_tokens=b.grace_tokens)
+                          grace_tokens=cfg.budget.grace_tokens)
+
+
+def budget_range(cfg: BudgetConfig) -> tuple[int, int] | None:
+    """The inclusive range a prompt's thinking budget is drawn from (None: no budget)."""
+    return (cfg.min_tokens, cfg.max_tokens) if cfg.max_tokens else None
 
 
 def env_factory(cfg: EnvironmentConfig):
@@ -52,6 +61,7 @@ class RolloutWorker:
         self.stream, self.sync, self.routing = stream, sync, routing
         self.factories = {name: env_factory(env) for name, env in envs.items()}
         self.params = sampling_params(cfg)
+        self.budgets = budget_range(cfg.budget)
         self.rng = random.Random(seed)
         self.seed_limit = seed_limit  # training seeds stay below the held-out evaluation seeds
         workers = sum(e.concurrency for e in envs.values())
@@ -83,7 +93,9 @@ class RolloutWorker:
             name = self.rng.choices(open_names, weights=[self.envs[n].weight for n in open_names])[0]
             room[name] -= 1
             env = self.envs[name]
-            chosen.append(Prompt(name, env.id, self.factories[name], self.rng.randrange(self.seed_limit), env.timeout_s))
+            seed = self.rng.randrange(self.seed_limit)
+            chosen.append(Prompt(name, env.id, self.factories[name], seed, env.timeout_s,
+                                 thinking_budget=draw_budget(self.budgets, self.rng)))
         return chosen
 
     def round(self) -> list[TrajectoryGroup]:
@@ -100,6 +112,10 @@ class RolloutWorker:
             name = group.metadata.get("env", group.env_id)
             self.counters[f"{name}/reward_sum"] += sum(s.reward for s in group.samples)
             self.counters[f"{name}/samples"] += len(group.samples)
+            # Each verdict's count, and the hack-like ones together (logged as rollout/<env>/...).
+            for verdict in group.metadata.get("verdicts", []):
+                self.counters[f"{name}/verdict/{verdict or 'none'}"] += 1
+                self.counters[f"{name}/verdict_hack_like"] += verdict in HACK_VERDICTS
             if len(group.samples) < 2:
                 self.counters["groups_unpublished"] += 1
                 continue

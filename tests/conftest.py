@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -13,6 +14,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Warm starts cached by one test run stay out of the user's cache (and out of the next run).
+os.environ.setdefault("ESTUARY_CACHE", tempfile.mkdtemp(prefix="estuary-test-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -9,11 +9,13 @@
 
 The sync group is a process group of its own (built on a TCPStore, not `init_process_group`),
 so it lives beside the learners' DeepSpeed group and the engines' own. The publisher sends a
-header (version, layout id) and then every tensor packed into one flat buffer per dtype; the
-layout (names, shapes, dtypes, offsets) goes through the store once per new layout. On each
-engine a receiver thread waits in the broadcast at all times, receives into a staging buffer and
-only then swaps it in under a lock: the learner never waits for an engine busy generating, and a
-partially received update is never served. Versions only go up.
+header (version, layout id) and then the tensors in buckets of at most `bucket_bytes` (one dtype
+each; a bigger tensor travels alone), packed into one reusable buffer per dtype: no side ever
+allocates a whole-model flat buffer. The layout (buckets, names, shapes, offsets) goes through the
+store once per new layout. On each engine a receiver thread waits in the broadcast at all times,
+unpacks each bucket into the new version's own tensors and only then swaps the version in under
+a lock: the learner never waits for an engine busy generating, and a partially received update
+is never served. Versions only go up.
 """
 
 from __future__ import annotations
@@ -42,26 +44,41 @@ def _group(address: str, rank: int, world_size: int, device: torch.device, timeo
     return store, dist.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout_s))
 
 
-def _flatten(weights: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(layout, one flat buffer per dtype) of a state dict."""
-    layout, sizes = {}, {}
+def bucket_layout(weights: dict[str, torch.Tensor], bucket_bytes: int) -> list[dict]:
+    """The state dict as buckets: [{"dtype", "n", "tensors": [[name, shape, start, n], ...]}, ...],
+    each of one dtype and at most `bucket_bytes` (a bigger tensor goes alone)."""
+    open_: dict[str, dict] = {}  # dtype -> the bucket being filled
+    buckets: list[dict] = []
     for name, t in weights.items():
-        key = str(t.dtype).removeprefix("torch.")
-        start = sizes.get(key, 0)
-        layout[name] = {"dtype": key, "shape": list(t.shape), "start": start, "n": t.numel()}
-        sizes[key] = start + t.numel()
-    return layout, sizes
+        key, size = str(t.dtype).removeprefix("torch."), t.numel()
+        bucket = open_.get(key)
+        if bucket is None or (bucket["n"] + size) * t.element_size() > bucket_bytes and bucket["n"]:
+            bucket = open_[key] = {"dtype": key, "n": 0, "tensors": []}
+            buckets.append(bucket)
+        bucket["tensors"].append([name, list(t.shape), bucket["n"], size])
+        bucket["n"] += size
+    return buckets
+
+
+def _buffers(layout: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
+    """One reusable buffer per dtype, as big as that dtype's largest bucket."""
+    sizes: dict[str, int] = {}
+    for b in layout:
+        sizes[b["dtype"]] = max(sizes.get(b["dtype"], 0), b["n"])
+    return {k: torch.empty(n, dtype=getattr(torch, k), device=device) for k, n in sizes.items()}
 
 
 class CollectiveWeightSync:
     def __init__(self, address: str, rank: int, world_size: int, device: str = "cpu",
-                 timeout_s: float = 300.0) -> None:
-        self.rank, self.world_size = rank, world_size
+                 timeout_s: float = 300.0, bucket_bytes: int = 64 << 20) -> None:
+        self.rank, self.world_size, self.bucket_bytes = rank, world_size, bucket_bytes
         self.device = torch.device(device)
         self.store, self.group = _group(address, rank, world_size, self.device, timeout_s)
         self._layout_id = 0
-        self._layout: dict | None = None
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._layout: list | None = None
+        self._buffers: dict[str, torch.Tensor] = {}  # the publisher's reusable bucket buffers
+        self._recv_layout: list | None = None
+        self._recv_buffers: dict[str, torch.Tensor] = {}  # an engine's
         self._lock = threading.Lock()
         self._latest: Update | None = None
         self._published = -1
@@ -76,19 +93,19 @@ class CollectiveWeightSync:
             raise RuntimeError("only rank 0 of the sync group publishes")
         if version <= self._published:
             raise ValueError(f"version {version} is not newer than the published {self._published}")
-        layout, sizes = _flatten(weights)
+        layout = bucket_layout(weights, self.bucket_bytes)
         if layout != self._layout:
             self._layout_id += 1
             self._layout = layout
             self.store.set(f"layout-{self._layout_id}", json.dumps(layout))
-            self._buffers = {k: torch.empty(n, dtype=getattr(torch, k), device=self.device) for k, n in sizes.items()}
-        with torch.no_grad():
-            for name, t in weights.items():
-                item = layout[name]
-                self._buffers[item["dtype"]][item["start"]: item["start"] + item["n"]].copy_(t.reshape(-1))
+            self._buffers = _buffers(layout, self.device)
         self._broadcast_header(version)
-        for key in sorted(self._buffers):
-            self.group.broadcast(self._buffers[key], 0).wait()
+        with torch.no_grad():
+            for bucket in layout:
+                buffer = self._buffers[bucket["dtype"]][: bucket["n"]]
+                for name, _, start, n in bucket["tensors"]:
+                    buffer[start: start + n].copy_(weights[name].reshape(-1))
+                self.group.broadcast(buffer, 0).wait()
         self._published = version
 
     def _broadcast_header(self, version: int) -> None:
@@ -112,17 +129,21 @@ class CollectiveWeightSync:
                 return
             if layout_id not in layouts:
                 layouts[layout_id] = json.loads(self.store.get(f"layout-{layout_id}"))
-            layout = layouts[layout_id]
-            sizes: dict[str, int] = {}
-            for item in layout.values():
-                sizes[item["dtype"]] = max(sizes.get(item["dtype"], 0), item["start"] + item["n"])
-            staging = {k: torch.empty(n, dtype=getattr(torch, k), device=self.device) for k, n in sizes.items()}
-            for key in sorted(staging):
-                self.group.broadcast(staging[key], 0).wait()
-            weights = {name: staging[item["dtype"]][item["start"]: item["start"] + item["n"]].view(item["shape"])
-                       for name, item in layout.items()}
+            weights = self._receive(layouts[layout_id])
             with self._lock:  # swapped in only once complete
                 self._latest = Update(version=version, weights=weights)
+
+    def _receive(self, layout: list[dict]) -> dict[str, torch.Tensor]:
+        """One version, bucket by bucket, into tensors of its own (the served version is untouched)."""
+        if self._recv_layout is not layout:
+            self._recv_layout, self._recv_buffers = layout, _buffers(layout, self.device)
+        weights = {}
+        for bucket in layout:
+            buffer = self._recv_buffers[bucket["dtype"]][: bucket["n"]]
+            self.group.broadcast(buffer, 0).wait()
+            for name, shape, start, n in bucket["tensors"]:
+                weights[name] = buffer[start: start + n].clone().view(shape)
+        return weights
 
     def pull(self, newer_than: int) -> Update | None:
         with self._lock:

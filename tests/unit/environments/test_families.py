@@ -78,6 +78,35 @@ def test_tool_use_penalises_malformed_calls():
     assert info["reward_breakdown"]["penalty"] == pytest.approx(-0.2)
 
 
+def test_tool_use_partial_credit_pays_only_a_lookup_of_a_needed_title():
+    env = environments.make("estuary/tool_use", difficulty=2, partial_credit=True, max_turns=4)
+    env.reset(seed=3)
+    a, b = [args["title"] for name, args in env.task.data["plan"] if name == "lookup"]
+    other = next(t for t in env.task.data["store"] if t not in (a, b))
+
+    def wrong_after(*calls):
+        env.reset(seed=3)
+        for call in calls:
+            env.step(call)
+        _, reward, done, _, info = env.step("\\boxed{-1}")
+        assert done and info["verdict"] == "wrong"
+        return reward
+
+    lookup = '<tool_call>{{"name": "lookup", "arguments": {{"title": "{}"}}}}</tool_call>'.format
+    assert wrong_after() == 0.0
+    assert wrong_after(lookup(a)) == pytest.approx(0.15)
+    assert wrong_after(lookup(a), lookup(b)) == pytest.approx(0.3)
+    assert wrong_after(lookup(other), lookup(other)) == 0.0  # a document the question does not need
+    # a search returns documents too, but matches any text (an empty query returns three)
+    assert wrong_after('<tool_call>{"name": "search", "arguments": {"query": ""}}</tool_call>') == 0.0
+    env.reset(seed=3)
+    assert _play(env, lambda e: e.reference_answer())[0] == 1.0  # a right answer still earns 1
+    plain = environments.make("estuary/tool_use", difficulty=2, max_turns=4)
+    plain.reset(seed=3)
+    plain.step(lookup(a))
+    assert plain.step("\\boxed{-1}")[1] == 0.0  # off by default
+
+
 def test_tool_use_tools_work():
     env = environments.make("estuary/tool_use")
     env.reset(seed=0)

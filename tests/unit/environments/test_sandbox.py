@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from environments.sandbox import SANDBOX_UID_BASE, Limits, SandboxPool
+from environments.sandbox import Limits, SandboxPool
 
 LIMITS = Limits(wall_s=3.0, cpu_s=3, memory_mb=256, max_processes=16, file_size_mb=1)
 
@@ -38,9 +38,10 @@ def pool():
     return SandboxPool(max_parallel=2)
 
 
-def _sandbox_processes() -> list[int]:
+def _sandbox_processes(pool: SandboxPool) -> list[int]:
+    """Live processes of the pool's slot uids (other pools on this machine have their own)."""
     return [p.pid for p in psutil.process_iter(["uids"])
-            if p.info["uids"] and SANDBOX_UID_BASE <= p.info["uids"].real < SANDBOX_UID_BASE + 64
+            if p.info["uids"] and p.info["uids"].real in pool.uids
             and p.status() != psutil.STATUS_ZOMBIE]
 
 
@@ -58,7 +59,7 @@ def test_hostile_program_is_contained(pool, name):
     assert result.verdict in verdicts, (name, result)
     assert result.reason
     assert elapsed < LIMITS.wall_s + 3.0
-    assert _sandbox_processes() == []
+    assert _sandbox_processes(pool) == []
     assert _leftover_dirs() <= dirs_before
     assert not os.path.exists("/work/estuary-escape") and not os.path.exists("/root/estuary-escape")
 
@@ -82,7 +83,7 @@ def test_background_process_does_not_outlive_the_run(pool):
             "print('parent exits')")
     result = pool.run(code, LIMITS)
     assert result.verdict == "ok" and "parent exits" in result.stdout
-    assert _sandbox_processes() == []
+    assert _sandbox_processes(pool) == []
 
 
 def test_environment_is_scrubbed_and_stdin_closed(pool, monkeypatch):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from learner.advantages import group_advantages, informative_groups
+from learner.advantages import group_advantages, informative_groups, task_and_shaping_advantages
 from learner.losses import LossConfig, aggregate, k3_kl, policy_loss
 
 
@@ -26,6 +26,25 @@ def test_zero_variance_groups_are_flagged():
     r = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     assert informative_groups(r).tolist() == [False, True, False]
     assert group_advantages(r, "grpo")[0].abs().max() == 0
+
+
+def test_shaping_keeps_its_own_scale_and_correctness_stays_unit_sized():
+    zero = torch.zeros(1, 4)
+    format_only = torch.tensor([[0.1, 0.0, 0.1, 0.0]])  # all wrong; two closed their <think>
+    adv = task_and_shaping_advantages(zero, format_only, "grpo")[0]
+    assert adv.tolist() == pytest.approx([0.05, -0.05, 0.05, -0.05])  # 0.1 scale, not +-0.87
+    malformed = torch.tensor([[-0.1, 0.0, 0.0, 0.0]])  # one malformed tool call
+    assert task_and_shaping_advantages(zero, malformed)[0].tolist() == pytest.approx([-0.075, 0.025, 0.025, 0.025])
+    right = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    shaping = torch.tensor([[0.1, 0.1, 0.0, 0.0]])
+    unit = 0.5 / math.sqrt(1 / 3)  # 0.866: the grpo advantage of 1, 0, 1, 0
+    adv = task_and_shaping_advantages(right, shaping, "grpo", eps=0)[0]
+    assert adv.tolist() == pytest.approx([unit + 0.05, -unit + 0.05, unit - 0.05, -unit - 0.05])
+    # no std scaling in loo and drgrpo: the split changes nothing there
+    for kind in ("loo", "drgrpo"):
+        assert torch.allclose(task_and_shaping_advantages(right, shaping, kind), group_advantages(right + shaping, kind))
+    with pytest.raises(ValueError, match="choose one of"):
+        task_and_shaping_advantages(right, shaping, "ppo")
 
 
 def test_aggregation_token_vs_sequence():

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from learner.batching import pack
 from learner.losses import LossConfig, load_balance_loss
-from learner.objective import Objective, forward, logprobs_from_logits, microbatch_loss
+from learner.objective import (
+    Objective,
+    forward,
+    logprobs_from_logits,
+    microbatch_loss,
+    sampled_logprobs,
+)
 from learner.trainer import Trainer, TrainerOptions
 from models.mtp import add_mtp_heads
 from models.policy import init_policy
 from models.routing import RouterTap, moe_routers
+from rollout.torch_engine import TorchEngine
+from rollout.types import Request, SamplingParams
+from streams.trajectory import POLICY, PROMPT, Trajectory
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_worker import make_group  # noqa: E402
@@ -77,6 +88,36 @@ def test_mtp_aux_loss_trains_the_heads():
     assert losses[-1] < losses[0] - 0.1
 
 
+def _moved_by_one_step(policy, objective: Objective, **options) -> set[str]:
+    """Names of the weights that one step with all advantages zero changes.
+
+    Weight decay is 0: AdamW would otherwise shrink every weight, gradient or not. With a zero
+    gradient Adam's first update is exactly 0 (m = v = 0), so any change is a leaked gradient.
+    """
+    batch = pack(make_group(0).samples, [0.0] * 4, max_tokens=1000)[0]
+    trainer = Trainer(policy.model, TrainerOptions(backend="torch", lr=1e-2, weight_decay=0.0, **options))
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    trainer.step([batch], objective)
+    return {k for k, v in policy.model.state_dict().items() if not torch.equal(v, before[k])}
+
+
+def test_the_mtp_loss_moves_only_the_mtp_heads():
+    policy = init_policy("tiny-hybrid-moe", seed=0)
+    add_mtp_heads(policy.model, seed=0)
+    moved = _moved_by_one_step(policy, Objective(mtp_coef=1.0))
+    assert moved and all(k.startswith("mtp.") for k in moved), sorted(k for k in moved if not k.startswith("mtp."))
+
+
+def test_the_balance_loss_moves_only_the_routers():
+    policy = init_policy("tiny-hybrid-moe", seed=0)
+    gates = [r.weight for r in moe_routers(policy.model)]
+    routers = {name for name, p in policy.model.named_parameters() if any(p is g for g in gates)}
+    moved = _moved_by_one_step(policy, Objective(load_balance_coef=1.0), freeze_router=False)
+    assert moved == routers, sorted(moved ^ routers)
+    # with the routers frozen (the default) the balance loss has nothing of its own to move
+    assert not _moved_by_one_step(init_policy("tiny-hybrid-moe", seed=0), Objective(load_balance_coef=1.0))
+
+
 def test_minibatches_recompute_the_proximal_policy_so_the_clip_acts_on_later_steps():
     policy = init_policy("tiny-hybrid-moe", seed=0)
     batches = pack(make_group(0).samples + make_group(1).samples, [2.0, -2.0, 1.0, -1.0] * 2, max_tokens=20)
@@ -97,6 +138,39 @@ def test_kl_to_the_reference_is_zero_at_start_and_grows():
     first = trainer.step([batch], objective)
     later = [trainer.step([batch], objective) for _ in range(3)]
     assert first["kl"] == pytest.approx(0.0, abs=1e-7) and later[-1]["kl"] > 1e-4
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 1.0), (0.7, 0.8)])
+def test_learner_logprobs_equal_the_engines_behaviour_logprobs(temperature, top_p):
+    """Same weights, same sampler settings: the ratio to the behaviour policy must be 1."""
+    policy = init_policy("tiny-hybrid-moe", seed=0)
+    engine = TorchEngine(init_policy("tiny-hybrid-moe", seed=0), max_batch=4, max_len=128, seed=0)
+    prompt = policy.tokenizer.apply_chat_template([{"role": "user", "content": "Compute 2 + 3."}],
+                                                  add_generation_prompt=True, return_dict=False)
+    params = SamplingParams(n=4, max_new_tokens=24, temperature=temperature, top_p=top_p)
+    [samples] = engine.generate([Request(prompt, params)])
+    n = len(prompt)
+    trajectories = [Trajectory(np.array(prompt + s.token_ids), np.array([PROMPT] * n + [POLICY] * len(s.token_ids)),
+                               np.array([0.0] * n + s.logprobs), np.array([-1] * n + s.versions)) for s in samples]
+    batch = pack(trajectories, [0.0] * 4, max_tokens=10_000)[0]
+    objective = Objective(temperature=temperature, top_p=top_p)
+    with torch.no_grad():
+        logits, _, _ = forward(policy.model, policy.model, batch, objective)
+        learner = sampled_logprobs(logits, batch, objective)[0]
+        loss, stats = microbatch_loss(policy.model, policy.model, batch, objective)
+    sampled = batch.loss_mask.bool()
+    assert sampled.sum() >= 8
+    assert (learner[sampled] - batch.behav_logp[sampled]).abs().max().item() < 1e-4
+    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-4) and stats.get("outside_nucleus", 0.0) == 0.0
+
+
+def test_top_p_training_keeps_gradients_finite_when_a_token_leaves_the_nucleus():
+    policy = init_policy("tiny-hybrid-moe", seed=0)
+    batch = _batch(policy)  # made-up tokens: many lie outside the policy's 0.5 nucleus
+    trainer = Trainer(policy.model, TrainerOptions(backend="torch", lr=1e-3))
+    stats = trainer.step([batch], Objective(temperature=0.7, top_p=0.5, loss=LossConfig(kl_coef=0.0)))
+    assert 0.0 < stats["outside_nucleus"] < 1.0
+    assert all(math.isfinite(v) for v in stats.values()) and stats["grad_norm"] > 0
 
 
 def test_replay_with_the_wrong_layer_count_is_a_clear_error():

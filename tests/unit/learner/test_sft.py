@@ -3,26 +3,63 @@
 from __future__ import annotations
 
 import random
+import re
 
 import torch
 
 from configs.schema import EnvironmentConfig, SftConfig
-from learner.sft import _batch, accumulate, cut_thinking, reference_conversation, run_sft, sft_loss
+from learner.sft import (
+    _batch,
+    accumulate,
+    cut_thinking,
+    reference_conversation,
+    run_sft,
+    sft_loss,
+    thought_tokens,
+)
 from models.policy import init_policy, write_preset
 from models.tokenizer import build_tokenizer
 from rollout.worker import env_factory
 
 
-def test_cut_thinking_keeps_a_prefix_of_the_thought_and_the_whole_answer():
+def test_cut_thinking_keeps_the_budgets_prefix_of_the_thought_and_the_whole_answer():
     tok = build_tokenizer()
     text = "<think>9 + 8 = 17, carry the one</think>\\nThe answer is \\\\boxed{17}."
-    cuts = {cut_thinking(text, tok, random.Random(seed)) for seed in range(20)}
-    assert len(cuts) > 3
-    for cut in cuts:
+    length = thought_tokens(text, tok)
+    cuts = [cut_thinking(text, tok, budget) for budget in range(length + 3)]
+    assert len(set(cuts)) > 3 and cuts[length:] == [text] * 3  # a thought within its budget is untouched
+    for budget, cut in enumerate(cuts):
         thought, answer = cut.split("</think>")
         assert "9 + 8 = 17, carry the one".startswith(thought.removeprefix("<think>"))
+        assert thought_tokens(cut, tok) == min(budget, length)
         assert answer == text.split("</think>")[1]
-    assert cut_thinking("no thinking here", tok, random.Random(0)) == "no thinking here"
+    assert cut_thinking("no thinking here", tok, 0) == "no thinking here"
+
+
+def _prompt_and_thought(tok, ids, mask):
+    prompt = tok.decode([i for i, m in zip(ids, mask, strict=True) if not m])
+    answer = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    return prompt, thought_tokens(answer, tok)
+
+
+def test_reference_conversations_state_their_budget_and_close_the_thought_there():
+    tok = build_tokenizer()
+    env = env_factory(EnvironmentConfig(id="estuary/math", kwargs={"difficulty": 0}))()
+    env.reset(seed=5)
+    full = thought_tokens(env.reference_answer(), tok)
+    assert full > 2
+    for seed in range(6):  # `cut`: a budget below the thought, stated, and the thought cut at it
+        rng = random.Random(seed)
+        prompt, thought = _prompt_and_thought(tok, *reference_conversation(env, tok, 5, rng, cut=1.0))
+        budget = int(re.search(r"Thinking budget: (\d+) tokens\.", prompt)[1])
+        assert budget < full and thought == budget
+    for seed in range(6):  # otherwise a budget drawn like the rollouts', cutting only a longer thought
+        prompt, thought = _prompt_and_thought(tok, *reference_conversation(env, tok, 5, random.Random(seed),
+                                                                           cut=0.0, budget=(2, full + 4)))
+        budget = int(re.search(r"Thinking budget: (\d+) tokens\.", prompt)[1])
+        assert 2 <= budget <= full + 4 and thought == min(budget, full)
+    prompt, thought = _prompt_and_thought(tok, *reference_conversation(env, tok, 5, random.Random(0), cut=0.0))
+    assert "Thinking budget" not in prompt and thought == full  # no budget in the run: none shown, none cut
 
 
 def test_tool_use_reference_conversation_masks_only_the_assistant_turns():

@@ -85,3 +85,21 @@ def test_router_is_frozen():
     Trainer(policy.model, TrainerOptions(backend="torch"))
     gates = [p for n, p in policy.model.named_parameters() if ".gate." in n]
     assert gates and not any(p.requires_grad for p in gates)
+
+
+def test_ppo_epochs_reuse_the_batch_and_the_clip_binds_from_the_second_step():
+    """With one step per batch the decoupled ratio is identically 1; with two epochs the second
+    step's ratio is taken against the weights before the batch, so the clip can bind."""
+    from learner.objective import Objective
+
+    torch.manual_seed(0)
+    policy = init_policy("tiny-hybrid-moe", seed=0)
+    prompt = [5, 6, 7]
+    samples = [_sample(policy, prompt, [40, 41, 42, 43]), _sample(policy, prompt, [50, 51, 52, 53])]
+    objective = Objective(loss=LossConfig(is_correction="none"), decoupled=True)
+    trainer = Trainer(policy.model, TrainerOptions(backend="torch", lr=3e-2))
+    once = trainer.train(pack(samples, [0.7, -0.7], max_tokens=8), objective)
+    assert len(once) == 1 and once[0]["clip_fraction"] == 0.0
+    twice = trainer.train(pack(samples, [0.7, -0.7], max_tokens=8), objective, epochs=2)
+    assert len(twice) == 2 and trainer.steps == 3
+    assert twice[0]["clip_fraction"] == 0.0 and twice[1]["clip_fraction"] > 0.0

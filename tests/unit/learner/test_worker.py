@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -17,7 +18,7 @@ from configs.schema import LearnerConfig
 from learner.worker import LearnerWorker
 from models.policy import init_policy
 from streams.redis_server import EmbeddedRedis
-from streams.redis_stream import TrajectoryStream
+from streams.redis_stream import Entry, TrajectoryStream
 from streams.trajectory import POLICY, PROMPT, Trajectory, TrajectoryGroup
 from weights_sync.local import SharedMemoryWeightSync
 
@@ -87,6 +88,42 @@ def test_downweighted_stale_groups_and_overlong_filter(tmp_path):
         samples, _ = worker._samples(kept)
         assert all(not (s.loss_mask == POLICY).any() for s in samples[:4])  # cut samples: no loss
         assert worker.counters["overlong_masked"] == 4
+
+
+def _with_parts(seed: int, parts: list[dict[str, float]]) -> TrajectoryGroup:
+    group = make_group(seed, rewards=[sum(p.values()) for p in parts])
+    for sample, p in zip(group.samples, parts, strict=True):
+        sample.reward_parts = p
+    return group
+
+
+def test_advantages_follow_the_task_reward_and_shaping_keeps_its_own_scale(tmp_path):
+    """A group that differs only by a 0.1 format bonus or a -0.1 malformed-call penalty must not
+    get advantages as loud as right-vs-wrong (the learner reads no stream before a step)."""
+    worker = LearnerWorker(_cfg(), init_policy("tiny-attention", seed=0), None, tmp_path)
+    wrong, formatted, malformed = {"correct": 0.0}, {"correct": 0.0, "format": 0.1}, {"correct": 0.0, "penalty": -0.1}
+    shaping_only = _with_parts(0, [formatted, wrong, formatted, malformed])
+    right_wrong = _with_parts(1, [{"correct": 1.0, "format": 0.1}, formatted, {"correct": 1.0}, wrong])
+    assert worker._admit(shaping_only)[0]  # kept by dynamic sampling: it carries signal at its scale
+    _, adv = worker._samples([(Entry("1-0", shaping_only), 1.0, 0), (Entry("2-0", right_wrong), 1.0, 0)])
+    assert adv[:4] == pytest.approx([0.075, -0.025, 0.075, -0.125], abs=1e-5)
+    unit = 0.5 / (1 / 3) ** 0.5  # grpo's advantage of correct 1, 0, 1, 0
+    assert adv[4:] == pytest.approx([unit + 0.05, -unit + 0.05, unit - 0.05, -unit - 0.05], abs=1e-4)
+
+
+def test_the_learner_takes_the_samplers_temperature_and_top_p_from_the_config(tmp_path):
+    from configs import load_config
+    from estuary.run_setup import learner_spec
+    from learner.actor import build_learner
+    from models.policy import write_preset
+
+    cfg = load_config("tiny_cpu", ["rollout.sampling.temperature=0.7", "rollout.sampling.top_p=0.9",
+                                   "learner.backend=torch", "model.mtp_loss_coef=0"])
+    write_preset("tiny-attention", tmp_path / "policy")
+    with EmbeddedRedis() as server:
+        worker = build_learner(learner_spec(cfg, tmp_path / "run", tmp_path / "policy", server.url))
+        worker.sync.close()
+    assert (worker.objective.temperature, worker.objective.top_p, worker.objective.top_k) == (0.7, 0.9, 0)
 
 
 LEARNER = textwrap.dedent("""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from rollout.budget import BudgetControl
+import random
+
+from rollout.budget import BudgetControl, draw_budget, with_budget
 
 OPEN, CLOSE, NL, X = 1, 2, 3, 9
 ctl = BudgetControl(OPEN, CLOSE, {NL})
@@ -46,3 +48,20 @@ def test_no_budget_and_outside_think_are_untouched():
     assert not any(flags)
     out, flags, _ = _run(2, 0, [X, OPEN, X, X, X], prompt=())  # opens it itself
     assert out == [X, OPEN, X, X, CLOSE]
+
+
+def test_the_budget_is_stated_in_the_system_message():
+    user = [{"role": "user", "content": "Compute 2 + 3."}]
+    assert with_budget(user, None) == user
+    assert with_budget(user, 12) == [{"role": "system", "content": "Thinking budget: 12 tokens."}, *user]
+    system = [{"role": "system", "content": "Use the tools."}, *user]
+    stated = with_budget(system, 7)
+    assert stated == [{"role": "system", "content": "Use the tools.\nThinking budget: 7 tokens."}, *user]
+    assert system[0]["content"] == "Use the tools."  # the environment's own history is untouched
+
+
+def test_draw_budget_is_seeded_and_inclusive():
+    draws = [draw_budget((3, 5), random.Random(seed)) for seed in range(50)]
+    assert set(draws) == {3, 4, 5}
+    assert draws == [draw_budget((3, 5), random.Random(seed)) for seed in range(50)]
+    assert draw_budget(None, random.Random(0)) is None

@@ -103,9 +103,9 @@ def test_thinking_budget_is_honoured(policy):
     think, close = tok.convert_tokens_to_ids("<think>"), tok.convert_tokens_to_ids("</think>")
     prompt = _prompt(policy) + [think]
     [samples] = engine.generate([Request(prompt, SamplingParams(n=6, max_new_tokens=40,
-                                                                thinking_budget=(4, 8), grace_tokens=2))])
+                                                                thinking_budget=6, grace_tokens=2))])
     for s in samples:
-        assert 4 <= s.thinking_budget <= 8
+        assert s.thinking_budget == 6  # a request's samples share its budget: the one its prompt states
         assert s.thinking_tokens <= s.thinking_budget + 2
         if any(s.forced):
             idx = s.forced.index(True)
@@ -113,6 +113,11 @@ def test_thinking_budget_is_honoured(policy):
     assert any(any(s.forced) for s in samples)  # a random policy rarely closes on its own
     [plain] = engine.generate([Request(prompt, SamplingParams(n=4, max_new_tokens=30))])
     assert not any(any(s.forced) for s in plain)
+
+
+def test_a_budget_range_is_refused_with_where_to_draw_it():
+    with pytest.raises(ValueError, match="draw_budget"):
+        SamplingParams(thinking_budget=(4, 8))
 
 
 def test_routing_is_returned_for_moe_policies(policy):

@@ -63,6 +63,7 @@ def test_budget_is_enforced_by_the_logits_processor(served):
     [samples] = engine.generate([Request(prompt, SamplingParams(n=4, max_new_tokens=40,
                                                                 thinking_budget=6, grace_tokens=2))])
     for s in samples:
+        assert s.thinking_budget == 6  # a request's samples share its budget: the one its prompt states
         assert s.thinking_tokens <= 8 and close in s.token_ids
         first_close = s.token_ids.index(close)
         if s.forced[first_close]:

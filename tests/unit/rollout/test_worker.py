@@ -48,7 +48,14 @@ class Hangs(TwoTurns):
         return TurnResult(done=True)
 
 
+class Slow(TwoTurns):
+    def score_turn(self, action: str) -> TurnResult:
+        time.sleep(0.3)
+        return TurnResult(done=True, correct=1.0)
+
+
 environments.register("test/two-turns", TwoTurns, max_turns=2)
+environments.register("test/slow", Slow)
 environments.register("test/broken", Broken)
 environments.register("test/hangs", Hangs)
 
@@ -76,6 +83,9 @@ def test_groups_carry_multi_turn_tokens_masks_and_behaviour_log_probs():
             mine = [s.reward for g in groups if g.metadata["env"] == name for s in g.samples]
             assert worker.counters[f"{name}/samples"] == len(mine)
             assert worker.counters[f"{name}/reward_sum"] == pytest.approx(sum(mine))
+            verdicts = {k: v for k, v in worker.counters.items() if k.startswith(f"{name}/verdict/")}
+            assert sum(verdicts.values()) == len(mine), verdicts  # every sample's verdict, counted
+            assert worker.counters[f"{name}/verdict_hack_like"] == 0
         for group in groups:
             for s in group.samples:
                 policy_tokens = np.isin(s.loss_mask, (POLICY, FORCED))
@@ -126,3 +136,20 @@ def test_a_stopped_worker_does_not_wait_forever_on_a_full_stream():
         start = time.monotonic()
         published = worker.round()  # two groups: the first fills the stream, the second gives up
         assert len(published) == 1 and time.monotonic() - start < 30
+
+
+def test_a_time_out_counts_from_when_the_step_starts_not_while_it_waits_for_a_thread():
+    """Six 0.3 s steps on one thread take 1.8 s: none is past its own 1 s time-out (an eval's batch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rollout.episodes import Prompt, run_groups
+    from rollout.types import SamplingParams
+    from rollout.worker import env_factory
+
+    policy = init_policy("tiny-hybrid-moe", seed=0)
+    engine = TorchEngine(policy, max_batch=8, max_len=256, seed=0)
+    make = env_factory(EnvironmentConfig(id="test/slow"))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        [group] = run_groups(engine, policy.tokenizer, [Prompt("slow", "test/slow", make, seed=1, timeout_s=1.0)],
+                             6, SamplingParams(max_new_tokens=4), pool, 256)
+    assert group.metadata["failed"] == [] and len(group.samples) == 6

@@ -1,0 +1,60 @@
+"""Evaluation statistics: mean +- standard error, pass@1 and unbiased pass@k over instances.
+
+    summarise(rewards, correct, k=4)   # rewards (I, n) float, correct (I, n) bool
+    -> {"reward": .., "reward_se": .., "pass_at_1": .., "pass_at_1_se": .., "pass_at_4": .., ...}
+
+Pure functions (numpy and the standard library only). The n samples of one instance are not
+independent draws of the eval set, so every standard error is taken across instances, over the
+per-instance means: sd(per-instance values, ddof=1) / sqrt(I).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021, eq. 1):
+    1 - C(n-c, k) / C(n, k), the chance that k of the n drawn without replacement hold a correct one."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0  # every k-subset holds a correct sample
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)  # exact integers: no overflow for large n
+
+
+def mean_and_se(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """values (m,) -> (mean, standard error of the mean); the error is NaN for fewer than 2 values."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return float("nan"), float("nan")
+    if x.size < 2:
+        return float(x.mean()), float("nan")
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(x.size))
+
+
+def summarise(rewards: np.ndarray, correct: np.ndarray, k: int) -> dict[str, float]:
+    """rewards (I, n) float, correct (I, n) bool -> the means and standard errors reported per environment.
+
+    `pass_at_1` is the mean exact correctness over all samples; `pass_at_{k}` (k > 1) the unbiased
+    estimator per instance, averaged over instances. Keys avoid `@` (MLflow metric names).
+    """
+    if rewards.shape != correct.shape or rewards.ndim != 2:
+        raise ValueError(f"rewards {rewards.shape} and correct {correct.shape} must both be (instances, n)")
+    instances, n = rewards.shape
+    counts = correct.sum(axis=1).astype(int)  # (I,) correct samples per instance
+    out: dict[str, float] = {"instances": float(instances), "samples": float(instances * n)}
+    out["reward"], out["reward_se"] = mean_and_se(rewards.mean(axis=1))
+    out["pass_at_1"], out["pass_at_1_se"] = mean_and_se(counts / n)
+    if k > 1:
+        per_instance = [pass_at_k(n, int(c), k) for c in counts]
+        out[f"pass_at_{k}"], out[f"pass_at_{k}_se"] = mean_and_se(per_instance)
+    return out
+
+
+def plus_minus(mean: float, se: float) -> str:
+    """`0.42±0.03` (the error left out when it is unknown)."""
+    return f"{mean:.2f}" if math.isnan(se) else f"{mean:.2f}±{se:.2f}"

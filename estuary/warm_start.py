@@ -1,0 +1,122 @@
+"""The stages before RL, cached: the starting policy, its warm-start SFT and its MTP heads.
+
+    policy_dir = warm_start(cfg, run_dir / "policy", say=print)
+
+A tiny preset written from a seed, SFT'd on the environments' reference answers and given MTP
+heads fitted on its own generations is a pure function of its inputs, and on a 2-core CPU it is
+most of a first run's time. So the result is kept under `$ESTUARY_CACHE/warm_start/<key>`
+(default `~/.cache/estuary`), keyed by everything that determines it: the preset and seed, the
+SFT and budget settings, every environment's id, weight, rewards and arguments, the MTP draft
+settings, the evaluation seed offset (training seeds stay below it) and the source of the code
+that builds it (models, environments, rewards, the SFT loop). A second run with the same inputs
+copies the cached policy and says so; any change rebuilds it. A policy given by `model.path` is
+the user's and is never cached (hashing a large checkpoint costs more than it saves).
+`sft.cache=false` turns the cache off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from configs.schema import Config
+
+# Source whose change changes the warm start (folders are hashed file by file, sorted).
+_SOURCES = ("models", "environments", "rewards", "learner/sft.py", "rollout")
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ESTUARY_CACHE", Path.home() / ".cache" / "estuary")) / "warm_start"
+
+
+def _source_digest() -> str:
+    digest = hashlib.sha256()
+    for name in _SOURCES:
+        path = _ROOT / name
+        files = sorted(path.rglob("*.py")) + sorted(path.rglob("*.cpp")) if path.is_dir() else [path]
+        for file in files:
+            digest.update(str(file.relative_to(_ROOT)).encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def warm_start_key(cfg: Config) -> str:
+    """A digest of everything that determines the warm-started policy."""
+    inputs = {
+        "preset": cfg.model.preset, "dtype": cfg.model.dtype, "seed": cfg.run.seed,
+        "sft": asdict(cfg.sft), "budget": asdict(cfg.rollout.budget),
+        "environments": {name: asdict(env) for name, env in sorted(cfg.environments.items())},
+        "mtp": bool(cfg.model.mtp_steps), "seed_offset": cfg.eval.seed_offset,
+        "source": _source_digest(),
+    }
+    inputs["sft"].pop("cache", None)  # whether to cache does not change what is built
+    blob = json.dumps(inputs, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def _build(cfg: Config, out: Path, say) -> None:
+    """Write the starting policy into `out`: the preset or `model.path`, SFT, MTP heads."""
+    from models.mtp import MTP_FILE
+
+    if cfg.model.path:
+        shutil.copytree(cfg.model.path, out)
+        say(f"policy: {cfg.model.path}")
+    else:
+        from models.policy import write_preset
+
+        write_preset(cfg.model.preset, out, seed=cfg.run.seed)
+        say(f"policy: tiny preset {cfg.model.preset} (seed {cfg.run.seed})")
+    if cfg.sft.steps:
+        from learner.sft import run_sft
+        from rollout.worker import budget_range
+
+        result = run_sft(out, cfg.sft, cfg.environments, seed=cfg.run.seed, seed_limit=cfg.eval.seed_offset,
+                         budget=budget_range(cfg.rollout.budget))
+        say(f"sft: {cfg.sft.steps} steps on {result.examples} reference conversations, "
+            f"loss {result.loss_start:.2f} -> {result.loss_end:.2f} in {result.seconds:.0f}s")
+    if cfg.model.mtp_steps and not (out / MTP_FILE).is_file():
+        from models.train_mtp import train_mtp
+
+        env_ids = [(env.id, dict(env.kwargs)) for env in cfg.environments.values()]
+        result = train_mtp(out, env_ids=env_ids, samples=128, steps=100, seed=cfg.run.seed)
+        say(f"mtp heads: loss {result.loss_start:.2f} -> {result.loss_end:.2f} in {result.seconds:.0f}s")
+
+
+def warm_start(cfg: Config, target: Path, say=print) -> Path:
+    """The run's starting policy at `target` (built, or copied from the cache); returns `target`."""
+    if (target / "config.json").is_file():
+        return target  # a restarted run keeps the policy it started from
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cacheable = cfg.sft.cache and not cfg.model.path and bool(cfg.sft.steps or cfg.model.mtp_steps)
+    cached = cache_root() / warm_start_key(cfg) if cacheable else None
+    if cached is not None and (cached / "config.json").is_file():
+        start = time.perf_counter()
+        shutil.copytree(cached, tmp)
+        say(f"warm start: reusing the cached policy {cached} ({time.perf_counter() - start:.1f}s; "
+            "delete it or set sft.cache=false to rebuild)")
+    else:
+        _build(cfg, tmp, say)
+        if cached is not None:
+            _store(tmp, cached)
+            say(f"warm start: cached as {cached}")
+    tmp.rename(target)
+    return target
+
+
+def _store(built: Path, cached: Path) -> None:
+    """Copy into the cache atomically: a half-written entry is never taken for a whole one."""
+    staging = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(built, staging)
+    try:
+        staging.rename(cached)
+    except OSError:  # another run stored the same key first: theirs is as good
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,53 @@
+"""Evaluation maths against hand-computed values: pass@k, standard errors, per-instance summaries."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from estuary.eval_stats import mean_and_se, pass_at_k, plus_minus, summarise
+
+
+def test_pass_at_k_hand_values():
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)  # pass@1 is the fraction correct
+    assert pass_at_k(4, 0, 2) == 0.0
+    assert pass_at_k(4, 3, 2) == 1.0  # only one wrong sample: every pair holds a correct one
+    assert pass_at_k(200, 1, 100) == pytest.approx(0.5)  # large n: exact integers, no overflow
+    with pytest.raises(ValueError):
+        pass_at_k(2, 1, 3)
+
+
+def test_pass_at_k_is_the_chance_a_random_k_subset_holds_a_correct_sample():
+    for n, c, k in [(5, 2, 3), (6, 1, 2), (4, 2, 4)]:
+        flags = [True] * c + [False] * (n - c)
+        subsets = list(itertools.combinations(flags, k))
+        assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
+
+
+def test_mean_and_standard_error_hand_values():
+    mean, se = mean_and_se([1.0, 0.0, 1.0, 0.0])
+    assert mean == 0.5 and se == pytest.approx(math.sqrt(1 / 3) / 2)  # sd (ddof 1) = sqrt(1/3), /sqrt(4)
+    mean, se = mean_and_se([2.0, 4.0])
+    assert mean == 3.0 and se == pytest.approx(1.0)  # sd sqrt(2), / sqrt(2)
+    assert math.isnan(mean_and_se([0.7])[1])
+    assert plus_minus(0.4213, 0.0312) == "0.42±0.03" and plus_minus(0.5, float("nan")) == "0.50"
+
+
+def test_summarise_takes_errors_across_instances_and_counts_exact_correctness():
+    rewards = np.array([[1.0, 0.0], [1.0, 1.0], [0.5, 0.0]])  # (I=3, n=2)
+    correct = rewards >= 1.0
+    out = summarise(rewards, correct, k=2)
+    assert out["instances"] == 3 and out["samples"] == 6
+    assert out["reward"] == pytest.approx(7 / 12)  # per-instance means 0.5, 1, 0.25
+    # sd of the per-instance means sqrt(21)/12, over sqrt(3) (over all 6 samples it would be 0.2007)
+    assert out["reward_se"] == pytest.approx(math.sqrt(7) / 12)
+    assert out["pass_at_1"] == pytest.approx(0.5)  # per instance 1/2, 1, 0: partial credit is not a pass
+    assert out["pass_at_1_se"] == pytest.approx(0.5 / math.sqrt(3))  # sd of (0.5, 1, 0) is 0.5
+    assert out["pass_at_2"] == pytest.approx(2 / 3)  # per instance 1, 1, 0
+    assert out["pass_at_2_se"] == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3))
+    assert "pass_at_1" in summarise(rewards, correct, k=1) and "pass_at_2" not in summarise(rewards, correct, k=1)

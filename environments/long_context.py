@@ -3,7 +3,8 @@
 Tasks (`task=` one of these, or `mixed`): `niah_single` (one needle), `niah_multi` (several
 values for one key: F1), `multikey` (one key among many look-alike keys), `variable_tracking`
 (which variables end up holding a value through a chain of assignments: F1), `aggregation`
-(sum the counts that several documents report). The haystack is built only when an episode
+(sum the counts that several documents report). Needle values have `value_digits` digits (7, as
+in RULER; fewer for a small policy that is still learning to copy). The haystack is built only when an episode
 starts, from a seeded choice of filler sentences, so a 1M-token prompt takes well under a second.
 Lengths are in tokens at `chars_per_token` (4 for typical BPE tokenizers).
 
@@ -82,8 +83,11 @@ class LongContextEnv(TextEnv):
     description = "RULER-style needles, multi-key, variable tracking, aggregation; 1k-1M tokens"
 
     def __init__(self, length_tokens: int = 1024, task: str = "mixed", chars_per_token: float = 4.0,
-                 **kwargs: Any) -> None:
+                 value_digits: int = 7, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if not 3 <= value_digits <= 12:
+            raise ValueError(f"value_digits={value_digits} must be between 3 and 12 (RULER uses 7)")
+        self.value_digits = value_digits
         if task != "mixed" and task not in TASKS:
             raise ValueError(f"unknown long-context task {task!r}; choose mixed or one of {TASKS}")
         self.length_tokens = length_tokens
@@ -98,20 +102,28 @@ class LongContextEnv(TextEnv):
         return Task(prompt=f"{context}\n\n{question} Reply with \\boxed{{...}}.",
                     answer=answer, data={"task": name, "metric": "f1" if len(answer) > 1 else "em"})
 
+    def _span(self) -> tuple[int, int]:
+        return 10 ** (self.value_digits - 1), 10 ** self.value_digits
+
+    def _value(self, rng: random.Random) -> str:
+        """A needle's value: `value_digits` digits, so a guess is right once in 9 x 10^(digits-1)."""
+        low, high = self._span()
+        return str(rng.randrange(low, high))
+
     def _niah_single(self, rng):
-        key, value = _key(rng), str(rng.randint(1000000, 9999999))
+        key, value = _key(rng), self._value(rng)
         return ([f"The special magic number for {key} is {value}."],
                 f"What is the special magic number for {key}?", [value])
 
     def _niah_multi(self, rng):
         key = _key(rng)
-        values = [str(v) for v in rng.sample(range(1000000, 9999999), 3)]
+        values = [str(v) for v in rng.sample(range(*self._span()), 3)]
         inserts = [f"One of the special magic numbers for {key} is {v}." for v in values]
         return inserts, f"What are all the special magic numbers for {key}?", values
 
     def _multikey(self, rng):
         keys = list({_key(rng) for _ in range(6)})
-        values = {k: str(rng.randint(1000000, 9999999)) for k in keys}
+        values = {k: self._value(rng) for k in keys}
         target = rng.choice(keys)
         inserts = [f"The special magic number for {k} is {values[k]}." for k in keys]
         return inserts, f"What is the special magic number for {target}?", [values[target]]

@@ -4,9 +4,10 @@
         svc.redis_url, svc.mlflow_uri      # Ray is connected too
 
 With no addresses configured this starts a local Ray, an embedded Redis on a free loopback port
-(append-only file under `run_dir/redis` when durable) and an MLflow sqlite store under `run_dir`;
-given addresses, it checks they answer and uses them. Everything it started is stopped on exit,
-whether the block ends normally, by an exception or by Ctrl-C.
+(when durable: an append-only file under `run_dir/redis`, and restarted if it dies) and an
+MLflow sqlite store under `run_dir`; given addresses, it checks they answer and uses them.
+Everything it started is stopped on exit, whether the block ends normally, by an exception or
+by Ctrl-C.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ class Services:
             self.redis_url = redis_cfg.url
         else:
             data_dir = self.run_dir / "redis" if redis_cfg.durable else None
-            server = EmbeddedRedis(data_dir=data_dir, durable=redis_cfg.durable, binary=redis_cfg.binary)
+            # A durable server that dies is restarted (its AOF replayed) and the run goes on; one
+            # without persistence would come back empty, so its death ends the run instead.
+            server = EmbeddedRedis(data_dir=data_dir, durable=redis_cfg.durable, binary=redis_cfg.binary,
+                                   supervise=redis_cfg.durable)
             self.redis = self._stack.enter_context(server)
             self.redis_url = server.url
         if self.use_ray:

@@ -10,6 +10,9 @@ tokenizer, MTP heads) and `trainer/` (optimizer state, DeepSpeed's shards under 
 `meta.json` holds step, policy version and whatever the caller adds.
 A checkpoint is written into a temporary folder and renamed into place, and `LATEST` is
 replaced atomically afterwards, so a learner killed mid-write resumes from the previous one.
+Only the newest `keep` checkpoints stay, but what each committed one consumed stays for the
+whole run in `checkpoints/commits/step-000012.json` (`record_commit`, `commit_records`): the
+record that says which groups the run trained, and that none was trained twice.
 """
 
 from __future__ import annotations
@@ -84,6 +87,25 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     except FileNotFoundError:
         return None
     return path if (path / "meta.json").is_file() else None
+
+
+def record_commit(run_dir: str | Path, step: int, record: dict[str, Any]) -> None:
+    """Keep what the committed checkpoint of `step` consumed (written once: a record exists only
+    for a committed checkpoint, and a committed step is never trained again)."""
+    folder = Path(run_dir) / "checkpoints" / "commits"
+    path = folder / f"step-{step:06d}.json"
+    if path.exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"step": step, **record}))
+    os.replace(tmp, path)
+
+
+def commit_records(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every commit's record, oldest first."""
+    folder = Path(run_dir) / "checkpoints" / "commits"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("step-*.json"))]
 
 
 def restore_checkpoint(path: str | Path, policy: Policy, trainer) -> dict[str, Any]:

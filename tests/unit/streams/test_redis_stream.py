@@ -97,13 +97,24 @@ def test_undecodable_entry_goes_to_dead_letters(server):
     stream = TrajectoryStream(server.url, consumer="a")
     client = redis.Redis.from_url(server.url)
     client.xadd(stream.key, {"g": b"\x93garbage"})
-    client.xadd(stream.key, {"other": b"x"})
+    client.xadd(stream.key, {"other": b"x", "id": b"g-other"})
     stream.publish(make_group(seed=2))
     entries = stream.read(count=10)
     assert len(entries) == 1
     dead = stream.dead_letters()
     assert len(dead) == 2 and all(d["reason"] for d in dead)
+    assert [d["group"] for d in dead] == ["", "g-other"]  # the id, where the entry carries one
     assert stream.pending() == 1  # only the good one awaits its ack
+
+
+def test_dropped_groups_are_acknowledged_with_their_reason(server):
+    stream = TrajectoryStream(server.url, consumer="a")
+    for seed in range(3):
+        stream.publish(make_group(seed=seed))
+    entries = stream.read(count=3)
+    stream.drop(entries[:2], "stale")
+    assert stream.pending() == 1 and stream.depth() == 1
+    assert stream.dropped() == {entries[0].group.group_id: "stale", entries[1].group.group_id: "stale"}
 
 
 def test_producer_waits_instead_of_dropping(server):

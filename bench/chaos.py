@@ -1,27 +1,30 @@
 """A chaos run: a real asynchronous `estuary train` while a seeded loop `kill -9`s its parts.
 
-    .venv/bin/python -m bench.chaos [--minutes 10] [--seed 0] [--min-gap 30] [--max-gap 90] [key=value ...]
+    .venv/bin/python -m bench.chaos [--minutes 10] [--seed 0] [--min-gap 30] [--max-gap 90]
+                                    [--max-faults N] [--out DIR] [key=value ...]
 
 The run is `configs/tiny_cpu.yaml` made cheap (no SFT, no MTP drafts, a 4-instance evaluation at
 the start and the end only, a checkpoint every 5 steps) and durable (`services.redis.durable=true`:
 the embedded Redis keeps an append-only file and is restarted if it dies), for `--minutes`
-(`run.time_budget_s`). From its first step on, a chaos thread waits a seeded 30-90 s, then
-`kill -9`s one of:
+(`run.time_budget_s`; with `--max-faults N`, two steps after the N-th fault). From its first
+step on, a chaos thread waits a seeded 30-90 s (`--min-gap`, `--max-gap`), then `kill -9`s one of:
 - a rollout worker: Ray restarts the actor; the groups it was generating were never published;
 - the learner: Ray restarts it from its last checkpoint, and it re-trains the uncommitted steps
   from the entries the stream hands back;
 - the Redis server: restarted on the same port, its append-only file replayed, while producers
   and the learner retry with backoff.
 The kinds come in seeded, shuffled rounds of three, so each is hit about equally often. PIDs come
-from the processes themselves: each actor's `pid()` (Ray names them `<run>:learner`,
-`<run>:rollout-<i>`) and Redis's `INFO server` process_id.
+from the parts' own records: Ray's actor table (GCS) for the actors `<run>:learner` and
+`<run>:rollout-<i>` (it answers while the actor is busy in a long call), Redis's `INFO server`
+process_id.
 
 What it counts comes from the run's own records once it has ended, never from the chaos loop:
 - produced: the stream's `<key>:published` (every group id the server ever appended);
 - trained: the groups the learner's commit records name (`checkpoints/commits/`);
 - dropped: groups the learner settled untrained, by reason (`<key>:dropped`), and dead letters;
 - left: groups still in the stream (XRANGE), `pending` of them read but not yet trained;
-- lost: produced and none of the above; twice: a group in two commits (or twice in one);
+- lost: produced and none of the above; twice: a group in two commits (or twice in one, or
+  both trained and dropped);
 - steps redone: steps the learner reported again after a restart (the driver's step reports);
 - final step: the newest checkpoint's.
 
@@ -52,7 +55,7 @@ CHEAP = ["sft.steps=0", "model.mtp_steps=0", "eval.every_steps=0", "eval.instanc
 
 @dataclass
 class Fault:
-    seconds: float  # since the run started
+    seconds: float  # since `run_chaos` started the run
     kind: str
     target: str
     pid: int
@@ -73,6 +76,7 @@ class ChaosLoop(threading.Thread):
         self.faults: list[Fault] = []
         self.errors: list[str] = []
         self.stopped = threading.Event()
+        self.done = threading.Event()  # every one of `max_faults` injected
 
     def run(self) -> None:
         round_: list[str] = []
@@ -93,6 +97,7 @@ class ChaosLoop(threading.Thread):
                 continue
             self.faults.append(Fault(time.monotonic() - self.started, kind, target, pid))
             print(f"chaos: kill -9 {target} (pid {pid}) at {self.faults[-1].seconds:.0f} s", flush=True)
+        self.done.set()
 
     def _find(self, kind: str) -> tuple[str, int]:
         if kind == "redis":
@@ -103,12 +108,24 @@ class ChaosLoop(threading.Thread):
                 return "redis-server", int(client.info("server")["process_id"])
             finally:
                 client.close()
-        import ray
-
         index = self.rng.randrange(self.workers)
         name = f"{self.run_name}:learner" if kind == "learner" else f"{self.run_name}:rollout-{index}"
-        # A restarting actor answers once it is back (the learner after its resume).
-        return name, ray.get(ray.get_actor(name, namespace="estuary").pid.remote(), timeout=300)
+        return name, _actor_pid(name)
+
+
+def _actor_pid(name: str, timeout_s: float = 300.0) -> int:
+    """The process of a named actor once it is alive (a restarting one is waited for)."""
+    import ray
+    from ray._private.state import actors  # the GCS actor table; ray.util.state needs the dashboard
+
+    actor_id = ray.get_actor(name, namespace="estuary")._actor_id.hex()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = actors(actor_id=actor_id)
+        if info.get("State") == "ALIVE" and info.get("Pid"):
+            return int(info["Pid"])
+        time.sleep(0.5)
+    raise TimeoutError(f"{name} not alive after {timeout_s:.0f} s")
 
 
 def _wait_gone(pid: int, timeout_s: float = 30.0) -> None:
@@ -195,12 +212,17 @@ def run_chaos(minutes: float = 10, seed: int = 0, min_gap: float = 30, max_gap: 
         chaos = ChaosLoop(cfg.run.name, cfg.rollout.num_workers, seed, min_gap, max_gap, started,
                           deadline=started + cfg.run.time_budget_s - 5, max_faults=max_faults)
         reports: Counter[int] = Counter()
+        after_last: list[int] = []
 
         def on_step(version: int, svc) -> None:
             reports[version] += 1
             if not chaos.redis_url:
                 chaos.redis_url, chaos.redis_server = svc.redis_url, svc.redis
                 chaos.start()
+            if chaos.done.is_set():  # the run has shown it recovered: end it (the loop re-reads max_steps)
+                after_last.append(version)
+                if len(after_last) >= 2:
+                    cfg.run.max_steps = version
 
         try:
             result = train(cfg, on_step=on_step)
@@ -211,9 +233,11 @@ def run_chaos(minutes: float = 10, seed: int = 0, min_gap: float = 30, max_gap: 
         counted.steps_redone = sum(n - 1 for n in reports.values())
         counted.faults, counted.errors = chaos.faults, chaos.errors
         counted.redis_restarts = chaos.redis_server.restarts if chaos.redis_server else 0
-        # A cross-check, not a source: the driver's last report of each version names the groups
-        # the commits name, unless the learner died during the final checkpoint.
-        counted.driver_agrees = {g for ids in result.trained_groups.values() for g in ids} == counted.trained_ids
+        # A cross-check, not a source: the driver's last report of each version up to the final
+        # step names the groups the commits name (a version past it was trained by a learner that
+        # died, and the run ended before its successor got that far again).
+        reported = {g for v, ids in result.trained_groups.items() if v <= counted.final_step for g in ids}
+        counted.driver_agrees = reported == counted.trained_ids
         return counted
 
 
@@ -253,12 +277,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the gaps and the victims")
     parser.add_argument("--min-gap", type=float, default=30, help="seconds between faults, at least")
     parser.add_argument("--max-gap", type=float, default=90, help="seconds between faults, at most")
+    parser.add_argument("--max-faults", type=int, default=None, help="end the run two steps after this many")
     parser.add_argument("--config", default="tiny_cpu")
     parser.add_argument("--out", default=None, help="keep the run folder here (default: a temporary one)")
     parser.add_argument("overrides", nargs="*", help="config overrides (key=value)")
     args = parser.parse_args()
     t = run_chaos(args.minutes, args.seed, args.min_gap, args.max_gap, args.overrides, args.out,
-                  config=args.config)
+                  max_faults=args.max_faults, config=args.config)
     report(t, args.minutes, args.seed)
 
 

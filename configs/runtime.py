@@ -29,15 +29,31 @@ class SyncChannel:
 
     kind: str
     address: str
+    engines: int = 0
+    """`collective`: the engines expected in the broadcast group (one per rollout worker)."""
+    join_window_s: float = 5.0
+    """`collective`: how long the publisher waits for engines when it re-forms the group."""
+    bucket_bytes: int = 64 << 20
+    """`collective`: most bytes per broadcast."""
 
-    def open(self, rank: int = 0, world_size: int = 1, device: str = "cpu"):
-        """This process's end of the channel (a `weights_sync.protocol.WeightSync`)."""
+    def open(self, rank: int = 0, device: str = "cpu"):
+        """This process's end of the channel (a `weights_sync.protocol.WeightSync`): rank 0 publishes;
+        with `collective`, engine k of the rollout workers is rank k + 1."""
         from weights_sync.protocol import make_weight_sync
 
-        return make_weight_sync(self.kind, self.address, rank=rank, world_size=world_size, device=device)
+        options = {}
+        if self.kind == "collective":
+            options = {"join_window_s": self.join_window_s, "bucket_bytes": self.bucket_bytes}
+        return make_weight_sync(self.kind, self.address, rank=rank, world_size=1 + self.engines, device=device,
+                                **options)
 
 
-def sync_channel(cfg: Config, run_dir: Path) -> SyncChannel:
-    """`local`: a folder under the run; `ray`: the run's name (its registry actor)."""
-    transport = cfg.weights_sync.transport
+def sync_channel(cfg: Config, run_dir: Path, rendezvous: str = "") -> SyncChannel:
+    """`local`: a folder under the run; `ray`: the run's name (its registry actor); `collective`: the
+    `tcp://host:port` of the rendezvous store the driver hosts (`weights_sync.membership.host_rendezvous`)."""
+    transport, ws = cfg.weights_sync.transport, cfg.weights_sync
+    if transport == "collective":
+        if not rendezvous:
+            raise ValueError("the collective channel needs the rendezvous address the driver hosts")
+        return SyncChannel(transport, rendezvous, cfg.rollout.num_workers, ws.join_window_s, ws.bucket_mb << 20)
     return SyncChannel(transport, str(Path(run_dir) / "weights") if transport == "local" else cfg.run.name)

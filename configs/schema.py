@@ -152,6 +152,8 @@ class RolloutConfig:
     """CPUs Ray reserves for each worker."""
     gpus_per_worker: float = 0.0
     """GPUs Ray reserves for each worker."""
+    placement: str = "DEFAULT"
+    """Ray scheduling of the workers: `DEFAULT` (where resources are) or `SPREAD` (across nodes)."""
     group_size: int = 8
     """Samples per prompt (G): one trajectory group."""
     max_concurrent_episodes: int = 16
@@ -167,6 +169,7 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         _one_of("rollout", "engine", self.engine, ("torch", "vllm"))
+        _one_of("rollout", "placement", self.placement, ("DEFAULT", "SPREAD"))
         _positive("rollout", "num_workers", self.num_workers)
         _positive("rollout", "group_size", self.group_size)
         _positive("rollout", "max_concurrent_episodes", self.max_concurrent_episodes)
@@ -218,6 +221,9 @@ class LearnerConfig:
     """GPUs Ray reserves for each learner rank (a placement-group bundle)."""
     cpus_per_learner: float = 1.0
     """CPUs Ray reserves for each learner rank (a placement-group bundle); also its torch threads."""
+    placement: str = "PACK"
+    """Ray placement-group strategy of the ranks: `PACK` (as few nodes as fit), `SPREAD`, or
+    `STRICT_SPREAD` (one rank per node)."""
     activation_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them (long
     sequences: activation memory falls from every layer's to one layer's plus the layer inputs)."""
@@ -283,6 +289,7 @@ class LearnerConfig:
         _one_of("learner", "ratio_level", self.ratio_level, ("token", "sequence"))
         _one_of("learner", "is_correction", self.is_correction, ("none", "truncate", "mask"))
         _one_of("learner", "stale_policy", self.stale_policy, ("drop", "downweight"))
+        _one_of("learner", "placement", self.placement, ("PACK", "SPREAD", "STRICT_SPREAD"))
         _positive("learner", "lr", self.lr)
         _positive("learner", "num_learners", self.num_learners)
         _positive("learner", "cpus_per_learner", self.cpus_per_learner)
@@ -298,11 +305,18 @@ class WeightSyncConfig:
     transport: str = "local"
     """`local` (shared memory, one machine), `ray` (Ray object store, any node) or `collective`
     (torch.distributed broadcast: gloo on CPU, NCCL on GPU)."""
-    collective_port: int = 29600
-    """`collective` only: TCP port of the rendezvous store on the learner's host."""
+    collective_port: int = 0
+    """`collective` only: TCP port of the group's rendezvous store, hosted by the driver (0: a free port)."""
+    join_window_s: float = 5.0
+    """`collective` only: how long the learner waits for engines to take their place when the group
+    is re-formed (an engine started or restarted); one that misses it joins at the next re-forming."""
+    bucket_mb: int = 64
+    """`collective` only: most MiB sent per broadcast (one dtype each; a bigger tensor goes alone)."""
 
     def __post_init__(self) -> None:
         _one_of("weights_sync", "transport", self.transport, ("local", "ray", "collective"))
+        _positive("weights_sync", "join_window_s", self.join_window_s, allow_zero=True)
+        _positive("weights_sync", "bucket_mb", self.bucket_mb)
 
 
 @dataclass

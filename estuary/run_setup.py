@@ -7,9 +7,11 @@ run folder that already holds a policy (a restarted run) reuses it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from configs.runtime import sync_channel
+from configs.runtime import SyncChannel, sync_channel
 from configs.schema import Config
 from learner.actor import LearnerSpec
 from rollout.actor import RolloutSpec
@@ -30,9 +32,6 @@ def check_run_config(cfg: Config) -> None:
     """What `estuary train` cannot run, refused before any service starts or any SFT is paid."""
     from configs.errors import ConfigError
 
-    if cfg.weights_sync.transport == "collective":
-        raise ConfigError("weights_sync.transport=collective needs a fixed group of engines; `estuary train` "
-                          "uses `local` (one machine) or `ray` (a cluster): set weights_sync.transport=ray")
     if cfg.learner.num_learners > 1 and cfg.learner.backend != "deepspeed":
         raise ConfigError(f"learner.num_learners={cfg.learner.num_learners} needs learner.backend=deepspeed "
                           "(the torch backend is one process)")
@@ -46,32 +45,51 @@ def check_run_config(cfg: Config) -> None:
             "or checkpoint more often")
 
 
-def learner_spec(cfg: Config, run_dir: Path, policy_dir: Path, redis_url: str) -> LearnerSpec:
+@contextmanager
+def weight_channel(cfg: Config, run_dir: Path) -> Iterator[SyncChannel]:
+    """The run's weight-sync channel. For `collective` the driver hosts the group's rendezvous
+    store for the whole run: it must outlive the learner and every engine, which restart."""
+    if cfg.weights_sync.transport != "collective":
+        yield sync_channel(cfg, run_dir)
+        return
+    import ray
+
+    from weights_sync.membership import host_rendezvous
+
+    store, address = host_rendezvous(ray.util.get_node_ip_address(), cfg.weights_sync.collective_port)
+    try:
+        yield sync_channel(cfg, run_dir, address)
+    finally:
+        del store  # its server stops with it
+
+
+def learner_spec(cfg: Config, run_dir: Path, policy_dir: Path, redis_url: str, channel: SyncChannel) -> LearnerSpec:
     staleness = {env.id: env.max_staleness for env in cfg.environments.values() if env.max_staleness is not None}
     return LearnerSpec(cfg.learner, cfg.model, str(policy_dir), str(run_dir), redis_url, cfg.stream,
-                       sync_channel(cfg, run_dir), staleness, cfg.rollout.sampling)
+                       channel, staleness, cfg.rollout.sampling)
 
 
-def rollout_specs(cfg: Config, run_dir: Path, policy_dir: Path, redis_url: str) -> list[RolloutSpec]:
+def rollout_specs(cfg: Config, policy_dir: Path, redis_url: str, channel: SyncChannel) -> list[RolloutSpec]:
     return [RolloutSpec(cfg.rollout, cfg.environments, cfg.model, str(policy_dir), redis_url, cfg.stream,
-                        sync_channel(cfg, run_dir), cfg.run.seed, index=i,
+                        channel, cfg.run.seed, index=i,
                         routing=cfg.learner.routing_replay, seed_limit=cfg.eval.seed_offset)
             for i in range(cfg.rollout.num_workers)]
 
 
-def start_actors(cfg: Config, run_dir: Path, policy_dir: Path, redis_url: str):
+def start_actors(cfg: Config, run_dir: Path, policy_dir: Path, redis_url: str, channel: SyncChannel):
     """The learner group (`estuary.learner_group`) and the rollout actors, named after the run.
 
     Rollout actors (and a single learner) are restarted after a crash: `max_task_retries=-1`
     makes a call that was running when its actor died run again on the restarted actor, so the
-    driver's loop never sees the crash.
+    driver's loop never sees the crash (a learner group restarts itself as a whole).
     """
     from estuary.learner_group import LearnerGroup
     from rollout.actor import RolloutActor
 
-    learner = LearnerGroup.start(cfg, learner_spec(cfg, run_dir, policy_dir, redis_url))
+    learner = LearnerGroup.start(cfg, learner_spec(cfg, run_dir, policy_dir, redis_url, channel))
+    spread = {"scheduling_strategy": "SPREAD"} if cfg.rollout.placement == "SPREAD" else {}
     workers = [RolloutActor.options(
         name=f"{cfg.run.name}:rollout-{spec.index}", num_cpus=cfg.rollout.cpus_per_worker,
-        num_gpus=cfg.rollout.gpus_per_worker, max_restarts=-1, max_task_retries=-1).remote(spec)
-        for spec in rollout_specs(cfg, run_dir, policy_dir, redis_url)]
+        num_gpus=cfg.rollout.gpus_per_worker, max_restarts=-1, max_task_retries=-1, **spread).remote(spec)
+        for spec in rollout_specs(cfg, policy_dir, redis_url, channel)]
     return learner, workers

@@ -40,7 +40,13 @@ def train(cfg: Config, on_step=None) -> TrainResult:
     from estuary.evaluate import evaluate
     from estuary.plan import plan_run
     from estuary.run_log import RunLog
-    from estuary.run_setup import check_run_config, prepare_policy, run_dir_of, start_actors
+    from estuary.run_setup import (
+        check_run_config,
+        prepare_policy,
+        run_dir_of,
+        start_actors,
+        weight_channel,
+    )
     from estuary.services import Services
     from models.policy import load_policy
 
@@ -48,10 +54,12 @@ def train(cfg: Config, on_step=None) -> TrainResult:
     check_run_config(cfg)
     plan_run(cfg)  # refuses a placement or memory plan that cannot fit before anything starts
     run_dir, started = run_dir_of(cfg), time.monotonic()
-    with Services(cfg.services, run_dir) as svc, mlflow.start_run(run_name=cfg.run.name) as run:
+    with (Services(cfg.services, run_dir) as svc, weight_channel(cfg, run_dir) as channel,
+          # the machine's CPU, memory and disk beside the run's metrics (MLflow's system metrics)
+          mlflow.start_run(run_name=cfg.run.name, log_system_metrics=True) as run):
         log = RunLog(run, to_yaml(cfg), asdict(cfg), run_dir, cfg.run.max_steps)
         policy_dir = prepare_policy(cfg, run_dir, log.say)
-        learner, workers = start_actors(cfg, run_dir, policy_dir, svc.redis_url)
+        learner, workers = start_actors(cfg, run_dir, policy_dir, svc.redis_url, channel)
         evaluator, timeline = load_policy(policy_dir, dtype=cfg.model.dtype), []
 
         def held_out(version: int, label: str) -> dict:
@@ -79,13 +87,13 @@ def train(cfg: Config, on_step=None) -> TrainResult:
             if on_step is not None:
                 on_step(version, svc)
             if cfg.eval.every_steps and version % cfg.eval.every_steps == 0 and version < cfg.run.max_steps:
-                _pull_newest(cfg, run_dir, evaluator)
+                _pull_newest(cfg, run_dir, evaluator, learner)
                 held_out(version, f"step-{version}")
         ray.get([w.stop.remote() for w in workers])
         ray.get(running)
         checkpoint = learner.finish()
+        _pull_newest(cfg, run_dir, evaluator, learner)
         learner.close()
-        _pull_newest(cfg, run_dir, evaluator)
         evals["end"] = held_out(version, "end")
         log.samples(samples)
         mlflow.log_param("final_checkpoint", checkpoint)
@@ -111,8 +119,12 @@ def _rollout_counters(ray, workers) -> dict[str, float]:
     return totals
 
 
-def _pull_newest(cfg: Config, run_dir, policy) -> None:
-    """Bring the evaluation copy of the policy up to the newest published weights."""
+def _pull_newest(cfg: Config, run_dir, policy, learner=None) -> None:
+    """Bring the evaluation copy of the policy up to the newest published weights. With `collective`
+    the broadcast reaches only the engines, so the learner group hands over its weights instead."""
+    if cfg.weights_sync.transport == "collective":
+        load_published(policy.model, learner.weights())
+        return
     from configs.runtime import sync_channel
 
     sync = sync_channel(cfg, run_dir).open()

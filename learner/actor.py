@@ -69,7 +69,7 @@ def build_learner(spec: LearnerSpec):
         stream = TrajectoryStream(spec.redis_url, key=spec.stream.key, consumer="learner-0",
                                   max_len=spec.stream.max_len, claim_idle_ms=spec.stream.claim_idle_ms,
                                   redeliver_own=True)
-        sync = spec.sync.open()
+        sync = spec.sync.open(rank=0, device="cuda" if torch.cuda.is_available() else "cpu")
     mtp = spec.model.mtp_loss_coef if getattr(policy.model, "mtp", None) is not None else 0.0
     return LearnerWorker(spec.learner, policy, stream, spec.run_dir, sync=sync,
                          env_staleness=spec.env_staleness, mtp_coef=mtp, temperature=spec.sampling.temperature,
@@ -88,6 +88,10 @@ class LearnerActor:
 
     def version(self) -> int:
         return self.worker.version
+
+    def node(self) -> str:
+        """The Ray node this actor runs on (where the placement put it)."""
+        return ray.get_runtime_context().get_node_id()
 
     def step(self, timeout_s: float) -> StepReport | None:
         """One step, summarised for the driver: metrics and a few samples instead of the groups
@@ -111,6 +115,12 @@ class LearnerActor:
             rows.append({"step": report.version, "env": group.metadata.get("env", group.env_id),
                          "reward": s.reward, "text": self.worker.policy.tokenizer.decode(s.token_ids.tolist())})
         return rows
+
+    def weights(self) -> dict | None:
+        """The whole model's weights on rank 0 (None on the others; every rank must be called under
+        ZeRO-3): the driver's evaluation copy when the engines get theirs by broadcast."""
+        state = self.worker.trainer.full_state_dict()
+        return None if state is None else {k: v.detach().cpu() for k, v in state.items()}
 
     def finish(self) -> str:
         return str(self.worker.finish())

@@ -7,7 +7,7 @@ first so that similar lengths share a micro-batch and little is spent on padding
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -25,6 +25,11 @@ class MicroBatch:
     lengths: torch.Tensor  # (B,) real (unpadded) length of each row
     routed: torch.Tensor | None = None  # (B, T, layers, k) experts the engine used, -1 where unknown
     prox_logp: torch.Tensor | None = None  # (B, T) proximal log-probs, when the trainer recomputed them
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        """This micro-batch on `device` (batches are packed in host memory; a GPU learner trains there)."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return MicroBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
 
 
 def pack(samples: list[Trajectory], advantages: list[float], max_tokens: int, pad_id: int = 0,

@@ -148,7 +148,8 @@ def microbatch_loss(module, model, batch: MicroBatch, objective: Objective, ref_
     gap = (batch.behav_logp - logp.detach()) * trained  # (B, T)
     stats["mismatch_kl"] = float(gap.sum() / trained.sum().clamp(min=1))
     if objective.load_balance_coef and tap.router_logits:
-        real = (torch.arange(batch.input_ids.shape[1])[None, :] < batch.lengths[:, None]).reshape(-1)
+        real = (torch.arange(batch.input_ids.shape[1], device=batch.lengths.device)[None, :]
+                < batch.lengths[:, None]).reshape(-1)
         balance = torch.stack([load_balance_loss(lg, ex, real) for lg, ex in
                                zip(tap.balance_logits(), tap.experts, strict=True)]).mean()
         loss = loss + objective.load_balance_coef * balance

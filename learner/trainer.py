@@ -133,6 +133,10 @@ class Trainer:
             control_group()  # every rank creates it here, at the same point (a collective call)
         self.optimizer = optimizer
         self.steps = 0
+        # Where the forward pass runs (DeepSpeed places the module itself): micro-batches go there.
+        self.device = self.engine.device if self.engine is not None else next(model.parameters()).device
+        if self.reference is not None:
+            self.reference.to(self.device)
 
     def train(self, batches: list[MicroBatch], objective: Objective, minibatches: int = 1,
               epochs: int = 1) -> list[dict[str, float]]:
@@ -148,7 +152,7 @@ class Trainer:
             batches = batches + [_empty_like(batches[0] if batches else None) for _ in range(most - len(batches))]
         if minibatches * epochs > 1 and objective.decoupled:
             for batch in batches:
-                batch.prox_logp = reference_logprobs(self.model, batch, objective)
+                batch.prox_logp = reference_logprobs(self.model, batch.to(self.device), objective)
         chunks = [batches[i::minibatches] for i in range(minibatches)]
         return [self.step(chunk, objective) for _ in range(epochs) for chunk in chunks]
 
@@ -200,7 +204,7 @@ class Trainer:
         sums: dict[str, float] = {}
         for i in range(n_micro):
             batch = batches[i] if i < len(batches) else _empty_like(batches[0] if batches else None)
-            loss, stats = microbatch_loss(module, self.model, batch, objective, self.reference)
+            loss, stats = microbatch_loss(module, self.model, batch.to(self.device), objective, self.reference)
             # DeepSpeed averages gradients over ranks: scaling by world size makes the result the
             # mean over every rank's tokens.
             share = batch.n_tokens / total * self.world_size

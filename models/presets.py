@@ -58,17 +58,6 @@ def tiny_hybrid_moe(n_tokens: int, special: dict[str, int]) -> PretrainedConfig:
     return _nemotron_h("MEM*ME", n_tokens, special, **_moe(HIDDEN))
 
 
-def small_hybrid_moe(n_tokens: int, special: dict[str, int]) -> PretrainedConfig:
-    # The CPU demo's policy: twice the width and two attention layers. Copying a value from the
-    # prompt (a digit into `add_k`, a needle, a title into a tool call) is what the tiny preset's
-    # single attention layer learns slowly; a second one gives it the classic two-layer copy circuit.
-    return _nemotron_h("M*EM*E", n_tokens, special, hidden=2 * HIDDEN, **_moe(2 * HIDDEN))
-
-
-def tiny_hybrid_moe2(n_tokens: int, special: dict[str, int]) -> PretrainedConfig:
-    return _nemotron_h("M*EM*E", n_tokens, special, **_moe(HIDDEN))
-
-
 def tiny_hybrid_dense(n_tokens: int, special: dict[str, int]) -> PretrainedConfig:
     return _nemotron_h("M-M*M-", n_tokens, special)
 
@@ -95,8 +84,6 @@ def tiny_attention(n_tokens: int, special: dict[str, int]) -> PretrainedConfig:
 
 PRESETS: dict[str, Callable[[int, dict[str, int]], PretrainedConfig]] = {
     "tiny-hybrid-moe": tiny_hybrid_moe,
-    "small-hybrid-moe": small_hybrid_moe,
-    "tiny-hybrid-moe2": tiny_hybrid_moe2,
     "tiny-hybrid-dense": tiny_hybrid_dense,
     "tiny-attention": tiny_attention,
 }

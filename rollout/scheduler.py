@@ -118,11 +118,11 @@ class TurnScheduler:
         self._handles: dict[int, object] = {}  # id(episode) -> its kept engine state
         self._ready: list[TrajectoryGroup] = []
         self._results: queue.Queue = queue.Queue()  # a fresh one: late answers of a past run land elsewhere
-        self._open = 0
+        self._running = 0
         try:
             for p in prompts:
                 self._start_group(p)
-            while self._open or self._ready:
+            while self._running or self._ready:
                 if self._ready:
                     group, self._ready = self._ready[0], self._ready[1:]
                     if on_group(group) is False:
@@ -143,7 +143,7 @@ class TurnScheduler:
     def _start_group(self, p: Prompt) -> None:
         eps = start_group(self.tokenizer, p, self.group_size, self.routing)
         group = _Open(p, eps, left=len(eps))
-        self._open += 1
+        self._running += 1
         # First turn: the prompt prefilled once for its G samples.
         self._submit(group, eps, Request(list(eps[0].tokens), self._turn_params(self.group_size, eps[0])))
 
@@ -253,7 +253,7 @@ class TurnScheduler:
             self.engine.release(handle)
         group.left -= 1
         if group.left == 0:
-            self._open -= 1
+            self._running -= 1
             n = len(group.episodes)
             timings = {"generate_s": group.engine_s / n, "env_s": group.env_s / n,
                        "wall_s": time.monotonic() - group.started}

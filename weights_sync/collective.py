@@ -1,47 +1,44 @@
 """Weight sync by torch.distributed broadcast: gloo on CPU, NCCL on GPU, any number of machines.
 
-    # learner (rank 0 of the sync group; it also hosts the rendezvous store)
-    sync = CollectiveWeightSync("tcp://10.0.0.1:29600", rank=0, world_size=1 + n_engines)
-    sync.publish(state_dict, version)              # returns once every engine has received it
-    # each engine, rank 1..n
-    sync = CollectiveWeightSync("tcp://10.0.0.1:29600", rank=k, world_size=1 + n_engines)
+    store, address = host_rendezvous(host)         # the driver (`weights_sync.membership`)
+    # learner rank 0, the publisher
+    sync = CollectiveWeightSync(address, rank=0, world_size=1 + n_engines)
+    sync.publish(state_dict, version)              # returns once every member engine has it
+    # each engine k = 1..n
+    sync = CollectiveWeightSync(address, rank=k, world_size=1 + n_engines)
     update = sync.pull(newer_than=engine.version)   # never blocks: the newest complete version
+    sync.subscribe(lambda u: engine.update_weights(u.weights, u.version))   # or be told at once
 
-The sync group is a process group of its own (built on a TCPStore, not `init_process_group`),
-so it lives beside the learners' DeepSpeed group and the engines' own. The publisher sends a
-header (version, layout id) and then the tensors in buckets of at most `bucket_bytes` (one dtype
-each; a bigger tensor travels alone), packed into one reusable buffer per dtype: no side ever
-allocates a whole-model flat buffer. The layout (buckets, names, shapes, offsets) goes through the
-store once per new layout. On each engine a receiver thread waits in the broadcast at all times,
-unpacks each bucket into the new version's own tensors and only then swaps the version in under
-a lock: the learner never waits for an engine busy generating, and a partially received update
-is never served. Versions only go up.
+The group is a process group of its own (built on the rendezvous store, not
+`init_process_group`), so it lives beside the learners' DeepSpeed group and the engines' own.
+Membership comes in generations (`weights_sync.membership`): engines that restart rejoin, a
+member that dies is dropped, a restarted publisher carries on, and no rank is ever reused.
+
+A publication is announced through the store (generation, sequence number -> version, layout
+id), then the tensors go out in buckets of at most `bucket_bytes` (one dtype each; a bigger
+tensor travels alone), packed into one reusable buffer per dtype: no side ever allocates a
+whole-model flat buffer. Layouts (buckets, names, shapes, offsets) go through the store once
+per new layout. On each engine a receiver thread watches the store (never sitting in a
+collective while idle, so it notices a new generation or a dead publisher), unpacks each bucket
+into the new version's own tensors and only then swaps the version in: the learner never waits
+for an engine busy generating, and a partially received update is never served. Versions only go up.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
-from datetime import timedelta
-from urllib.parse import urlparse
+import time
+from collections import deque
+from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 
+from weights_sync.membership import POLL_S, Publisher, connect, counter, join, new_group
 from weights_sync.protocol import Update
 
-_STOP = -2  # header version that tells receivers to leave
-
-
-def _group(address: str, rank: int, world_size: int, device: torch.device, timeout_s: float):
-    url = urlparse(address)
-    if url.scheme != "tcp" or not url.hostname or not url.port:
-        raise ValueError(f"collective weight sync needs an address like tcp://host:port; got {address!r}")
-    store = dist.TCPStore(url.hostname, url.port, world_size, is_master=rank == 0,
-                          timeout=timedelta(seconds=timeout_s))
-    if device.type == "cuda":
-        return store, dist.ProcessGroupNCCL(store, rank, world_size)
-    return store, dist.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout_s))
+log = logging.getLogger(__name__)
 
 
 def bucket_layout(weights: dict[str, torch.Tensor], bucket_bytes: int) -> list[dict]:
@@ -60,90 +57,188 @@ def bucket_layout(weights: dict[str, torch.Tensor], bucket_bytes: int) -> list[d
     return buckets
 
 
-def _buffers(layout: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
-    """One reusable buffer per dtype, as big as that dtype's largest bucket."""
+def _buffers(layout: list[dict], device: torch.device) -> dict[str, list[torch.Tensor]]:
+    """Two reusable packing buffers per dtype (one fills while the other is on the wire), as big as
+    that dtype's largest bucket of several tensors (a lone tensor is sent from where it lies)."""
     sizes: dict[str, int] = {}
     for b in layout:
-        sizes[b["dtype"]] = max(sizes.get(b["dtype"], 0), b["n"])
-    return {k: torch.empty(n, dtype=getattr(torch, k), device=device) for k, n in sizes.items()}
+        if len(b["tensors"]) > 1:
+            sizes[b["dtype"]] = max(sizes.get(b["dtype"], 0), b["n"])
+    return {k: [torch.empty(n, dtype=getattr(torch, k), device=device) for _ in range(2)] for k, n in sizes.items()}
 
 
 class CollectiveWeightSync:
     def __init__(self, address: str, rank: int, world_size: int, device: str = "cpu",
-                 timeout_s: float = 300.0, bucket_bytes: int = 64 << 20) -> None:
-        self.rank, self.world_size, self.bucket_bytes = rank, world_size, bucket_bytes
+                 timeout_s: float = 120.0, bucket_bytes: int = 64 << 20, join_window_s: float = 5.0) -> None:
+        self.address, self.rank, self.bucket_bytes, self.timeout_s = address, rank, bucket_bytes, timeout_s
         self.device = torch.device(device)
-        self.store, self.group = _group(address, rank, world_size, self.device, timeout_s)
-        self._layout_id = 0
-        self._layout: list | None = None
-        self._buffers: dict[str, torch.Tensor] = {}  # the publisher's reusable bucket buffers
-        self._recv_layout: list | None = None
-        self._recv_buffers: dict[str, torch.Tensor] = {}  # an engine's
         self._lock = threading.Lock()
         self._latest: Update | None = None
-        self._published = -1
-        self._receiver = None
-        if rank != 0:
+        self._subscribers: list[Callable[[Update], None]] = []
+        self._stopping = threading.Event()
+        self.counters = {"generations": 0, "failed_broadcasts": 0}
+        if rank == 0:
+            self.store = connect(address, timeout_s)
+            self.members = Publisher(self.store, world_size - 1, join_window_s)
+            self._group, self._formed, self._seq = None, False, 0
+            self._layout: list | None = None
+            self._layout_id = 0
+            self._buffers: dict[str, list[torch.Tensor]] = {}  # the publisher's reusable packing buffers
+            self._receiver = None
+        else:
             self._receiver = threading.Thread(target=self._receive_loop, name="weights-receiver", daemon=True)
             self._receiver.start()
 
     # -- publisher (rank 0) ---------------------------------------------------------------------
     def publish(self, weights: dict[str, torch.Tensor], version: int) -> None:
+        """Send `version` to every engine of the group (re-formed first if membership changed).
+        A member that dies mid-broadcast makes it re-form the group and send once more; if that
+        fails too the version is skipped (engines get the next one) rather than stalling training."""
         if self.rank != 0:
             raise RuntimeError("only rank 0 of the sync group publishes")
-        if version <= self._published:
-            raise ValueError(f"version {version} is not newer than the published {self._published}")
+        if version <= self.latest_version():
+            raise ValueError(f"version {version} is not newer than the published {self.latest_version()}")
+        layout_id = self._layout_for(weights)
+        for attempt in (1, 2):
+            try:
+                if not self._formed or self.members.changed():
+                    self._regroup()
+                self._send(weights, version, layout_id)
+                break
+            except RuntimeError as e:  # gloo: "Connection closed by peer"; a store or rendezvous time-out
+                # str(e), never e: a kept log record would keep the traceback, its frames, their
+                # broadcasts and so the group alive, and the group must go to release its members
+                log.warning("weight broadcast of version %d failed (attempt %d): %s", version, attempt, str(e))
+                self.counters["failed_broadcasts"] += 1
+                self._drop_group()
+        self.store.set("published", str(version))
+
+    def _layout_for(self, weights: dict[str, torch.Tensor]) -> int:
         layout = bucket_layout(weights, self.bucket_bytes)
-        if layout != self._layout:
-            self._layout_id += 1
+        if layout != self._layout:  # ids from the store: unique across publisher restarts
+            self._layout_id = int(self.store.add("layouts", 1))
             self._layout = layout
             self.store.set(f"layout-{self._layout_id}", json.dumps(layout))
             self._buffers = _buffers(layout, self.device)
-        self._broadcast_header(version)
-        with torch.no_grad():
-            for bucket in layout:
-                buffer = self._buffers[bucket["dtype"]][: bucket["n"]]
-                for name, _, start, n in bucket["tensors"]:
-                    buffer[start: start + n].copy_(weights[name].reshape(-1))
-                self.group.broadcast(buffer, 0).wait()
-        self._published = version
+        return self._layout_id
 
-    def _broadcast_header(self, version: int) -> None:
-        header = torch.tensor([version, self._layout_id], dtype=torch.int64, device=self.device)
-        self.group.broadcast(header, 0).wait()
+    def _regroup(self) -> None:
+        self._drop_group()
+        generation, size = self.members.regroup()
+        self._seq = 0
+        self.counters["generations"] += 1
+        if size > 1:
+            self._group = new_group(self.store, generation, 0, size, self.device, self.timeout_s)
+        self._formed = True
+
+    def _drop_group(self) -> None:
+        # Collecting the group closes its connections, which releases members stuck in it.
+        self._group, self._formed = None, False
+
+    def _send(self, weights: dict[str, torch.Tensor], version: int, layout_id: int) -> None:
+        if self._group is None:  # nobody to send to (no engine took a ticket in time)
+            return
+        self.store.set(f"g{self.members.generation}/m{self._seq}", json.dumps([version, layout_id]))
+        self._seq += 1
+        in_flight: deque = deque()  # at most two broadcasts: one on the wire while the next is packed
+        try:
+            with torch.no_grad():
+                for i, bucket in enumerate(self._layout):
+                    while len(in_flight) > 1:  # bucket i - 2, the last user of packing buffer i % 2, is done
+                        in_flight.popleft().wait()
+                    in_flight.append(self._group.broadcast(self._flat(i, bucket, weights), 0))
+                while in_flight:
+                    in_flight.popleft().wait()
+        finally:
+            in_flight.clear()  # a failed broadcast's work must not outlive the group it holds
+
+    def _flat(self, i: int, bucket: dict, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Bucket `i` as one flat tensor: a lone tensor as it lies, several packed into buffer i % 2."""
+        if len(bucket["tensors"]) == 1:
+            return weights[bucket["tensors"][0][0]].detach().reshape(-1).to(self.device).contiguous()
+        buffer = self._buffers[bucket["dtype"]][i % 2][: bucket["n"]]
+        for name, _, start, n in bucket["tensors"]:
+            buffer[start: start + n].copy_(weights[name].reshape(-1))
+        return buffer
 
     def latest_version(self) -> int:
+        """The publisher: the newest version ever published on this channel (a restarted
+        publisher sees its predecessor's); an engine: the newest it holds."""
         if self.rank == 0:
-            return self._published
+            return int(self.store.get("published")) if self.store.check(["published"]) else -1
         with self._lock:
             return -1 if self._latest is None else self._latest.version
 
     # -- engines (rank > 0) ---------------------------------------------------------------------
     def _receive_loop(self) -> None:
-        layouts: dict[int, dict] = {}
-        while True:
-            header = torch.empty(2, dtype=torch.int64, device=self.device)
-            self.group.broadcast(header, 0).wait()
-            version, layout_id = (int(x) for x in header.tolist())
-            if version == _STOP:
+        try:
+            store = connect(self.address, self.timeout_s)
+            store.add("joins", 1)  # a new engine, or a restarted one: the publisher re-forms the group
+        except RuntimeError as e:
+            log.error("cannot reach the weight-sync rendezvous at %s: %s", self.address, e)
+            return
+        layouts: dict[int, list] = {}
+        generation = 0
+        while not self._stopping.is_set():
+            try:
+                member = join(store, generation, self._stopping.is_set)
+            except RuntimeError as e:  # the store is gone: the driver, and so the run, has ended
+                log.info("weight-sync rendezvous closed: %s", str(e))
                 return
-            if layout_id not in layouts:
-                layouts[layout_id] = json.loads(self.store.get(f"layout-{layout_id}"))
-            weights = self._receive(layouts[layout_id])
-            with self._lock:  # swapped in only once complete
-                self._latest = Update(version=version, weights=weights)
+            if member is None:
+                return
+            generation, rank, size = member
+            try:
+                group = new_group(store, generation, rank, size, self.device, self.timeout_s)
+                self._serve(store, group, generation, layouts)
+            except RuntimeError as e:  # the publisher or another member died: wait for the next generation
+                log.info("left weight-sync generation %d: %s", generation, str(e))
+            group = None
 
-    def _receive(self, layout: list[dict]) -> dict[str, torch.Tensor]:
-        """One version, bucket by bucket, into tensors of its own (the served version is untouched)."""
-        if self._recv_layout is not layout:
-            self._recv_layout, self._recv_buffers = layout, _buffers(layout, self.device)
+    def _serve(self, store, group, generation: int, layouts: dict[int, list]) -> None:
+        """Receive every announced version of `generation` until a newer generation opens."""
+        seq = 0
+        while not self._stopping.is_set():
+            key = f"g{generation}/m{seq}"
+            if store.check([key]):
+                version, layout_id = json.loads(store.get(key))
+                if layout_id not in layouts:
+                    layouts[layout_id] = json.loads(store.get(f"layout-{layout_id}"))
+                self._take(Update(version=version, weights=self._receive(group, layouts[layout_id])))
+                seq += 1
+            elif counter(store, "gen") != generation:
+                return
+            else:
+                time.sleep(POLL_S)
+
+    def _receive(self, group, layout: list[dict]) -> dict[str, torch.Tensor]:
+        """One version, bucket by bucket, straight into fresh tensors of its own (views of one
+        buffer per bucket): the served version is untouched, and nothing is copied twice."""
         weights = {}
         for bucket in layout:
-            buffer = self._recv_buffers[bucket["dtype"]][: bucket["n"]]
-            self.group.broadcast(buffer, 0).wait()
+            buffer = torch.empty(bucket["n"], dtype=getattr(torch, bucket["dtype"]), device=self.device)
+            group.broadcast(buffer, 0).wait()
             for name, shape, start, n in bucket["tensors"]:
-                weights[name] = buffer[start: start + n].clone().view(shape)
+                weights[name] = buffer[start: start + n].view(shape)
         return weights
+
+    def _take(self, update: Update) -> None:
+        with self._lock:  # swapped in only once complete, and only forwards
+            if self._latest is not None and update.version <= self._latest.version:
+                return
+            self._latest = update
+            subscribers = list(self._subscribers)
+        for fn in subscribers:
+            try:
+                fn(update)
+            except Exception:  # a subscriber's bug must not end the receiver (the publisher would stall)
+                log.exception("a weight-update subscriber failed on version %d", update.version)
+
+    def subscribe(self, fn: Callable[[Update], None]) -> None:
+        """Call `fn(update)` from the receiver thread as each version arrives (it must not block:
+        the publisher's next broadcast waits for this thread)."""
+        with self._lock:
+            self._subscribers.append(fn)
 
     def pull(self, newer_than: int) -> Update | None:
         with self._lock:
@@ -151,11 +246,10 @@ class CollectiveWeightSync:
         return latest if latest is not None and latest.version > newer_than else None
 
     def close(self) -> None:
-        """The publisher tells the receivers to stop; everyone leaves the group."""
-        if self.rank == 0 and self.world_size > 1:
-            try:
-                self._broadcast_header(_STOP)
-            except RuntimeError:  # engines that already left: nobody to tell
-                pass
-        if self._receiver is not None:
-            self._receiver.join(timeout=30)
+        """Leave the group: the publisher drops it (members go back to waiting for a generation);
+        an engine's receiver stops at its next look at the store."""
+        self._stopping.set()
+        if self.rank == 0:
+            self._drop_group()
+        elif self._receiver is not None:
+            self._receiver.join(timeout=5)

@@ -33,13 +33,15 @@ class WeightSync(Protocol):
     def close(self) -> None: ...
 
 
-def make_weight_sync(kind: str, channel: str, rank: int = 0, world_size: int = 1, device: str = "cpu") -> WeightSync:
+def make_weight_sync(kind: str, channel: str, rank: int = 0, world_size: int = 1, device: str = "cpu",
+                     **options) -> WeightSync:
     """A transport by config string (`weights_sync.transport`).
 
     - `local`: shared memory on one machine; `channel` is a folder both sides can see.
     - `ray`: Ray's object store, any node of the cluster; `channel` names the run.
     - `collective`: torch.distributed broadcast (gloo on CPU, NCCL on GPU); `channel` is the
-      rendezvous `tcp://host:port`, rank 0 publishes and ranks 1..world_size-1 are engines.
+      rendezvous `tcp://host:port` (`weights_sync.membership.host_rendezvous`), rank 0 publishes
+      and ranks 1..world_size-1 are engines; `options` (bucket_bytes, join_window_s) go to it.
     """
     if kind == "local":
         from weights_sync.local import SharedMemoryWeightSync
@@ -52,5 +54,5 @@ def make_weight_sync(kind: str, channel: str, rank: int = 0, world_size: int = 1
     if kind == "collective":
         from weights_sync.collective import CollectiveWeightSync
 
-        return CollectiveWeightSync(channel, rank=rank, world_size=world_size, device=device)
+        return CollectiveWeightSync(channel, rank=rank, world_size=world_size, device=device, **options)
     raise ValueError(f"unknown weight-sync transport {kind!r}; choose local, ray or collective")

@@ -12,7 +12,7 @@ import environments
 from environments.code_env import HACK_VERDICTS as CODE_HACK_VERDICTS
 from environments.sandbox import Limits
 
-WALL_S = 2.0
+WALL_S = 5.0  # generous: a loaded CI machine must not turn a hack's verdict into a time-out
 
 # -- answers that attack the grader -------------------------------------------------------------
 # name -> (program, verdicts it may get); `{fn}` is the task's entry point. None solves anything.

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from configs.schema import LearnerConfig
+from learner.checkpoint import commit_records
 from learner.worker import LearnerWorker
 from models.policy import init_policy
 from streams.redis_server import EmbeddedRedis
@@ -67,10 +68,13 @@ def test_step_filters_publishes_and_acknowledges_only_after_the_checkpoint(tmp_p
         second = worker.step(timeout_s=10)
         assert second.version == 2 and stream.pending() == 0  # checkpoint at step 2, then XACK
         assert (tmp_path / "run/checkpoints/LATEST").read_text() == "step-000002"
+        assert [r["groups"] for r in commit_records(tmp_path / "run")] == [["g0-0", "g2-0", "g3-0", "g4-0"]]
         # staleness: at version 2 the last group (from version 0) is past max_staleness=1
         producer.publish(make_group(9, version=2))
         assert worker.step(timeout_s=3) is None  # 1 usable group left, 2 needed: no step
         assert worker.counters["dropped_stale"] == 1 and len(worker._kept) == 1
+        # what was settled untrained is on record, with the reason, in the stream itself
+        assert stream.dropped() == {"g1-0": "zero_variance", "g5-0": "stale"}
         sync.close()
 
 
@@ -124,6 +128,28 @@ def test_the_learner_takes_the_samplers_temperature_and_top_p_from_the_config(tm
         worker = build_learner(learner_spec(cfg, tmp_path / "run", tmp_path / "policy", server.url))
         worker.sync.close()
     assert (worker.objective.temperature, worker.objective.top_p, worker.objective.top_k) == (0.7, 0.9, 0)
+
+
+def test_a_resumed_learner_completes_the_commit_record_and_does_not_rewrite_its_checkpoint(tmp_path):
+    with EmbeddedRedis() as server:
+        producer = TrajectoryStream(server.url, consumer="rollout")
+        for seed in range(4):
+            producer.publish(make_group(seed))
+        run = tmp_path / "run"
+        worker = LearnerWorker(_cfg(), init_policy("tiny-attention", seed=0),
+                               TrajectoryStream(server.url, consumer="learner-0", redeliver_own=True), run)
+        worker.step(timeout_s=10)
+        worker.step(timeout_s=10)  # commits step 2
+        # as if killed between writing the checkpoint and its record
+        (run / "checkpoints/commits/step-000002.json").unlink()
+        resumed = LearnerWorker(_cfg(), init_policy("tiny-attention", seed=0),
+                                TrajectoryStream(server.url, consumer="learner-0", redeliver_own=True), run)
+        assert resumed.version == 2
+        assert [r["groups"] for r in commit_records(run)] == [["g0-0", "g1-0", "g2-0", "g3-0"]]
+        latest = run / "checkpoints/step-000002"
+        written = (latest / "meta.json").stat().st_mtime_ns
+        # restarted during the driver's final call: nothing new to commit, nothing rewritten
+        assert resumed.finish() == latest and (latest / "meta.json").stat().st_mtime_ns == written
 
 
 LEARNER = textwrap.dedent("""
@@ -183,6 +209,9 @@ def test_killed_learner_resumes_exactly_and_trains_nothing_twice(tmp_path):
         stream = TrajectoryStream(server.url, key=str(tmp_path / "killed"), consumer="check")
         assert stream.pending() == 0 and stream.depth() == 0
         assert stream.client.scard(f"{tmp_path / 'killed'}:published") == 2 * total
+    # the commit records name every group once, though step 3 was trained twice
+    trained = [g for r in commit_records(tmp_path / "killed") for g in r["groups"]]
+    assert sorted(trained) == sorted(f"g{seed}-0" for seed in range(2 * total))
     a = load_file(tmp_path / "straight/final/model.safetensors")
     b = load_file(tmp_path / "killed/final/model.safetensors")
     assert a.keys() == b.keys()

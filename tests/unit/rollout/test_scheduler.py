@@ -18,6 +18,7 @@ from configs.schema import EnvironmentConfig
 from environments.base import TurnResult
 from environments.tool_use import ToolUseEnv
 from learner.objective import logprobs_from_logits
+from models.mtp import add_mtp_heads
 from models.policy import init_policy
 from rollout.episodes import Prompt
 from rollout.scheduler import TurnScheduler
@@ -97,9 +98,13 @@ def _run(engine, tokenizer, prompts, group_size=3, max_new_tokens=10, on_group=N
     return got
 
 
-@pytest.mark.parametrize("stepping", [True, False], ids=["kept-state", "generate-only"])
-def test_multi_turn_tool_use_log_probs_and_masks_match_a_full_forward(policy, stepping):
-    engine = TorchEngine(policy, max_batch=8, max_len=512, seed=0)
+@pytest.mark.parametrize("stepping,mtp", [(True, 0), (True, 2), (False, 0)],
+                         ids=["kept-state", "kept-state+mtp-drafts", "generate-only"])
+def test_multi_turn_tool_use_log_probs_and_masks_match_a_full_forward(policy, stepping, mtp):
+    if mtp:  # speculative decoding with continuations: the kept state is rolled back and resumed
+        policy = init_policy("tiny-hybrid-moe", seed=0)
+        add_mtp_heads(policy.model, seed=3)
+    engine = TorchEngine(policy, max_batch=8, max_len=512, seed=0, mtp_steps=mtp)
     prefilled = []
     extend = engine.decoder.extend
     engine.decoder.extend = lambda state, slot, ids, *a, **k: (prefilled.append(len(ids)),

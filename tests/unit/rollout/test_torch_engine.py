@@ -97,6 +97,35 @@ def test_continuation_reuses_state(policy):
     assert len(engine.free) == 4  # the kept slot came back when the continuation finished
 
 
+def test_requests_join_while_others_decode_and_cancel_frees_their_slots(policy):
+    """Step-wise serving: a late request finishes while an earlier one still decodes (exact
+    log-probs), a continuation passes a queued request that does not fit, cancel frees all."""
+    engine = TorchEngine(policy, max_batch=4, max_len=256)
+    long = Request(_prompt(policy), SamplingParams(n=2, max_new_tokens=40, ignore_eos=True))
+    engine.submit(long)
+    for _ in range(4):
+        assert engine.step() == []
+    late = Request(_prompt(policy, "Compute 4 + 4."), SamplingParams(max_new_tokens=5, ignore_eos=True,
+                                                                      keep_state=True))
+    engine.submit(late)
+    [(request, [sample])] = next(out for out in iter(engine.step, None) if out)
+    assert request is late and len(sample.token_ids) == 5 and engine.has_work()
+    assert torch.allclose(torch.tensor(sample.logprobs), _full_logprobs(policy, late.prompt_ids, sample), atol=1e-4)
+    wide = Request(_prompt(policy), SamplingParams(n=2, max_new_tokens=3))  # 1 slot free: it waits
+    tool = policy.tokenizer.encode("<|im_start|>tool\n<tool_response>8</tool_response><|im_end|>\n"
+                                   "<|im_start|>assistant\n", add_special_tokens=False)
+    follow = Request(tool, SamplingParams(max_new_tokens=3, ignore_eos=True), parent=sample.handle)
+    engine.submit(wide)
+    engine.submit(follow)
+    [(request, [second])] = next(out for out in iter(engine.step, None) if out)
+    assert request is follow  # the continuation needed no new slot and did not queue behind `wide`
+    context = late.prompt_ids + sample.token_ids + tool
+    assert torch.allclose(torch.tensor(second.logprobs), _full_logprobs(policy, context, second), atol=1e-4)
+    engine.cancel(long.request_id)
+    engine.cancel(wide.request_id)
+    assert not engine.has_work() and len(engine.free) == 4
+
+
 def test_thinking_budget_is_honoured(policy):
     engine = TorchEngine(policy, max_batch=8, max_len=256)
     tok = policy.tokenizer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import numpy as np
@@ -48,6 +49,17 @@ class Hangs(TwoTurns):
         return TurnResult(done=True)
 
 
+HOLD = threading.Event()
+
+
+class Held(TwoTurns):
+    """A step that hangs until the test lets it go."""
+
+    def score_turn(self, action: str) -> TurnResult:
+        HOLD.wait(120)
+        return TurnResult(done=True, correct=1.0)
+
+
 class Slow(TwoTurns):
     def score_turn(self, action: str) -> TurnResult:
         time.sleep(0.3)
@@ -58,6 +70,7 @@ environments.register("test/two-turns", TwoTurns, max_turns=2)
 environments.register("test/slow", Slow)
 environments.register("test/broken", Broken)
 environments.register("test/hangs", Hangs)
+environments.register("test/held", Held)
 
 
 def _worker(server, envs, group_size=4, episodes=8, max_new_tokens=12):
@@ -121,6 +134,28 @@ def test_an_environment_that_raises_or_hangs_fails_its_episodes_and_the_worker_g
             failures += group.metadata["failed"]
         assert any("scoring service down" in f for f in failures)
         assert any("timed out" in f for f in failures)
+
+
+def test_a_hung_environment_step_does_not_delay_the_other_groups_publication():
+    """The other groups reach the stream while one group's environment step still hangs."""
+    with EmbeddedRedis() as server:
+        envs = {"held": EnvironmentConfig(id="test/held", weight=100.0, concurrency=2, timeout_s=120),
+                "two": EnvironmentConfig(id="test/two-turns")}
+        worker, _ = _worker(server, envs, group_size=2, episodes=6)
+        HOLD.clear()
+        rounds: list = []
+        thread = threading.Thread(target=lambda: rounds.append(worker.round()))
+        thread.start()
+        learner = TrajectoryStream(server.url, consumer="learner")
+        seen: list[str] = []
+        deadline = time.monotonic() + 120
+        while len(seen) < 2 and time.monotonic() < deadline:
+            seen += [entry.group.metadata["env"] for entry in learner.read(count=10, block_ms=500)]
+        still_hung = thread.is_alive()
+        HOLD.set()
+        thread.join(120)
+        assert seen == ["two", "two"] and still_hung
+        assert [g.metadata["env"] for g in rounds[0]] == ["two", "two", "held"]
 
 
 def test_unknown_environment_fails_at_start_up():

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import torch
 
-from streams.redis_server import free_port
 from weights_sync.collective import CollectiveWeightSync, bucket_layout
+from weights_sync.membership import host_rendezvous
 
 
 def _weights(scale: float) -> dict[str, torch.Tensor]:
@@ -26,21 +25,16 @@ def test_buckets_hold_one_dtype_each_and_at_most_the_bound_unless_one_tensor_is_
 
 
 def test_a_bucketed_broadcast_arrives_whole_and_exact():
-    address, syncs = f"tcp://127.0.0.1:{free_port()}", {}
-
-    def join(rank: int) -> None:
-        syncs[rank] = CollectiveWeightSync(address, rank=rank, world_size=2, bucket_bytes=64, timeout_s=60)
-
-    threads = [threading.Thread(target=join, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    publisher, engine = syncs[0], syncs[1]
+    _store, address = host_rendezvous("127.0.0.1")
+    engine = CollectiveWeightSync(address, rank=1, world_size=2, timeout_s=60)
+    publisher = CollectiveWeightSync(address, rank=0, world_size=2, bucket_bytes=64, timeout_s=60,
+                                     join_window_s=60)
     try:
         for version in (1, 2):
             publisher.publish(_weights(float(version)), version)
-        assert max(b.numel() * b.element_size() for b in publisher._buffers.values()) <= 40 * 4  # the lone big one
+        # two packing buffers per dtype, each as big as its largest bucket of several tensors (the
+        # lone big one is sent as it lies)
+        assert {k: [b.numel() for b in pair] for k, pair in publisher._buffers.items()} == {"float32": [16, 16]}
         deadline = time.monotonic() + 30
         while (engine.pull(newer_than=1) is None) and time.monotonic() < deadline:
             time.sleep(0.05)

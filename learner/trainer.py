@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -26,6 +25,7 @@ from learner.batching import MicroBatch
 from learner.collectives import all_reduce, control_group, world
 from learner.losses import LossConfig
 from learner.objective import Objective, microbatch_loss, reference_logprobs
+from models.extension_build import extensions_dir, load_deepspeed_shm_comm
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ def _init_process_group() -> None:
         os.environ.setdefault(key, value)
     import deepspeed
 
+    load_deepspeed_shm_comm()  # under a lock a killed process cannot leave behind
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
@@ -111,7 +112,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
         self.engine = None
         if options.backend == "deepspeed":
-            os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/estuary/torch_extensions"))
+            extensions_dir()
             import deepspeed
 
             _init_process_group()

@@ -17,6 +17,8 @@ import os
 import threading
 from pathlib import Path
 
+from models.extension_build import exclusive_build
+
 log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).parent / "csrc" / "decode_kernels.cpp"
 _lock = threading.Lock()
@@ -40,11 +42,12 @@ def kernels():
             try:
                 from torch.utils.cpp_extension import load
 
-                os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/estuary/torch_extensions"))
                 isa, flags = _isa()
-                _module = load(name=f"estuary_decode_kernels_{isa}", sources=[str(_SOURCE)],
-                               extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", *flags], extra_ldflags=["-fopenmp"],
-                               verbose=False)
+                name = f"estuary_decode_kernels_{isa}"
+                with exclusive_build(name):  # a process killed mid-build must not block the next
+                    _module = load(name=name, sources=[str(_SOURCE)],
+                                   extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", *flags],
+                                   extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as exc:  # no compiler, no headers: the eager path still works
                 _failed = True
                 log.warning("fused CPU kernels unavailable (%s); decoding with eager PyTorch ops", exc)

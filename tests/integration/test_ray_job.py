@@ -18,6 +18,27 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
+def _stop_own_cluster(*temp_dirs: str) -> None:
+    """Kill the Ray processes this test started (named by their temp folders) and their children.
+    Never `ray stop`: it kills every Ray process on the machine, other users' clusters included."""
+    import psutil
+
+    def ours(proc) -> bool:
+        try:
+            return any(t in arg for arg in proc.cmdline() for t in temp_dirs)
+        except psutil.Error:
+            return False
+
+    roots = [p for p in psutil.process_iter() if ours(p)]
+    tree = {p.pid: p for root in roots for p in [root, *root.children(recursive=True)]}
+    for proc in tree.values():
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(list(tree.values()), timeout=30)
+
+
 def test_ray_job_submit_runs_a_training_job_on_a_started_cluster(tmp_path):
     # The cluster is what a user starts by hand: the venv's `ray`, auth as the README says.
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
@@ -41,7 +62,7 @@ def test_ray_job_submit_runs_a_training_job_on_a_started_cluster(tmp_path):
         assert (tmp_path / "runs/job/mlflow.db").is_file()
         assert (tmp_path / "runs/job/checkpoints/step-000001/config.json").is_file()
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_own_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -57,11 +78,14 @@ def test_ray_job_submit_runs_two_learner_ranks_and_the_collective_transport_on_t
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
            "HOME": str(tmp_path / "home")}
     ray, port, dashboard = str(BIN / "ray"), free_port(), free_port()
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    # A folder per node: sharing one, the second node's runtime-env agent deletes the job's working
+    # directory (the driver's cwd on the head) when its own workers let go of it.
+    temp, temp2 = (tempfile.mkdtemp(prefix=p, dir="/tmp") for p in ("ray-", "ray2-"))
     try:
         for args in ([ray, "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}", "--num-cpus=2",
                       "--include-dashboard=true", f"--temp-dir={temp}", *_node_ports()],
-                     [ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2", *_node_ports()]):
+                     [ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2", f"--temp-dir={temp2}",
+                      *_node_ports()]):
             start = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
             assert start.returncode == 0, start.stdout + start.stderr
         job = subprocess.run(
@@ -80,5 +104,6 @@ def test_ray_job_submit_runs_two_learner_ranks_and_the_collective_transport_on_t
         assert (final / "config.json").is_file()
         assert list((final / "trainer").rglob("*zero_pp_rank_1*")), "rank 1 (on the other node) wrote its shard"
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_own_cluster(temp, temp2)
         shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(temp2, ignore_errors=True)

@@ -117,6 +117,7 @@ def test_advantages_follow_the_task_reward_and_shaping_keeps_its_own_scale(tmp_p
 
 def test_the_learner_takes_the_samplers_temperature_and_top_p_from_the_config(tmp_path):
     from configs import load_config
+    from configs.runtime import sync_channel
     from estuary.run_setup import learner_spec
     from learner.actor import build_learner
     from models.policy import write_preset
@@ -125,7 +126,8 @@ def test_the_learner_takes_the_samplers_temperature_and_top_p_from_the_config(tm
                                    "learner.backend=torch", "model.mtp_loss_coef=0"])
     write_preset("tiny-attention", tmp_path / "policy")
     with EmbeddedRedis() as server:
-        worker = build_learner(learner_spec(cfg, tmp_path / "run", tmp_path / "policy", server.url))
+        channel = sync_channel(cfg, tmp_path / "run")
+        worker = build_learner(learner_spec(cfg, tmp_path / "run", tmp_path / "policy", server.url, channel))
         worker.sync.close()
     assert (worker.objective.temperature, worker.objective.top_p, worker.objective.top_k) == (0.7, 0.9, 0)
 

@@ -1,7 +1,7 @@
 """`estuary/code`: write a Python function; unit tests run in the sandbox.
 
 Generated tasks come from parameterised templates (difficulty 0: one-line arithmetic functions,
-up to 3: loops over lists and strings). Datasets in HumanEval form (`task_id`, `prompt`,
+up to 3: loops over lists and strings; `templates=[...]` picks families by name). Datasets in HumanEval form (`task_id`, `prompt`,
 `canonical_solution`, `test`, `entry_point`) or MBPP form (`text`, `code`, `test_list`) are
 detected per row. The program is the first fenced python block of the answer (else the bare text
 after `</think>`); a HumanEval answer without `def <entry_point>` is taken as the body that
@@ -52,15 +52,22 @@ class CodeEnv(TextEnv):
     description = "Python function tasks (generated, or HumanEval/MBPP JSONL); unit tests in the sandbox"
 
     def __init__(self, partial_credit: bool = False, wall_s: float = 10.0,
-                 pool: SandboxPool | None = None, **kwargs: Any) -> None:
+                 pool: SandboxPool | None = None, templates: list[str] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.partial_credit = partial_credit
+        known = {t.name: t for t in TEMPLATES}
+        unknown = sorted(set(templates or ()) - set(known))
+        if unknown:
+            raise ValueError(f"estuary/code: unknown templates {unknown}; choose from {sorted(known)}")
+        # `templates` narrows generated tasks to these families (any difficulty); default: every
+        # template up to `difficulty`.
+        self.templates = ([known[n] for n in templates] if templates
+                          else [t for t in TEMPLATES if t.level <= self.difficulty])
         self.limits = Limits(wall_s=wall_s, cpu_s=max(1, int(wall_s)))
         self.pool = pool
 
     def generate(self, rng: random.Random) -> Task:
-        eligible = [t for t in TEMPLATES if t.level <= self.difficulty]
-        template = rng.choice(eligible)
+        template = rng.choice(self.templates)
         spec = template.build(rng)
         prompt = (f"Write a Python function `{spec['signature']}` that {spec['description']}. "
                   "Reply with the code in a ```python block.")

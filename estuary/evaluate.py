@@ -16,6 +16,8 @@ an episode whose environment failed counts as wrong, with reward 0 (`failed` say
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,6 +27,8 @@ from estuary.eval_stats import summarise
 from rollout.episodes import Prompt, run_groups
 from rollout.worker import env_factory, sampling_params
 from streams.trajectory import TrajectoryGroup
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(policy, envs: dict[str, EnvironmentConfig], cfg: EvalConfig, rollout: RolloutConfig,
@@ -46,6 +50,10 @@ def evaluate(policy, envs: dict[str, EnvironmentConfig], cfg: EvalConfig, rollou
                 groups = run_groups(engine, policy.tokenizer, prompts, n, params, pool, rollout.max_len)
                 key = name if budget is None else f"{name}:budget{budget}"
                 results[key] = _scores(groups, n, cfg.pass_k)
+                reasons = Counter(r for g in groups for r in g.metadata["failed"])
+                if reasons:  # scored as wrong: say why, a failing environment is not a weak policy
+                    log.warning("eval %s: %d episodes failed: %s", key, sum(reasons.values()),
+                                "; ".join(f"{n} x {r[:120]}" for r, n in reasons.most_common(3)))
     return results
 
 

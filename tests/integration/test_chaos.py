@@ -25,8 +25,8 @@ def _check(t, faults: int) -> None:
 
 def test_three_kills_lose_nothing_and_train_nothing_twice(tmp_path):
     # The run ends two steps after the third fault; the time budget only bounds a slow machine.
-    t = run_chaos(minutes=4, seed=0, min_gap=5, max_gap=8, overrides=QUICK, out_dir=tmp_path, max_faults=3)
-    report(t, 4, 0)
+    t = run_chaos(minutes=6, seed=0, min_gap=5, max_gap=8, overrides=QUICK, out_dir=tmp_path, max_faults=3)
+    report(t, 6, 0)
     _check(t, 3)
     assert sorted(f.kind for f in t.faults) == sorted(KINDS)  # one of each: the kinds come in shuffled rounds
     assert t.redis_restarts == 1

@@ -250,3 +250,14 @@ def test_long_context_value_digits_sets_the_needles_length():
         assert env.step(env.reference_answer())[1] == 1.0
     with pytest.raises(ValueError, match="value_digits"):
         environments.make("estuary/long_context", value_digits=2)
+
+
+def test_code_templates_pick_task_families_by_name():
+    env = environments.make("estuary/code", templates=["max2", "fib"])
+    names = set()
+    for seed in range(40):
+        env.reset(seed=seed)
+        names.add(env.task.data["entry_point"])
+    assert names == {"max2", "fib"}
+    with pytest.raises(ValueError, match="unknown templates \\['max3'\\]; choose from"):
+        environments.make("estuary/code", templates=["max3"])

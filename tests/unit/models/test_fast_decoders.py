@@ -37,6 +37,14 @@ def test_extend_in_pieces_is_multi_turn_continuation(setup):
     assert torch.allclose(torch.cat([a, b]), ref, atol=1e-4)
 
 
+def test_short_continuations_after_a_long_prefill(setup):
+    """Environment replies of a few dozen tokens (NemotronH runs them through the decode kernels)."""
+    _, fast, ids, ref = setup
+    state = fast.new_state(2, 256)
+    pieces = [fast.extend(state, 1, ids[a:b]) for a, b in ((0, 70), (70, 71), (71, 90), (90, 138), (138, 160))]
+    assert torch.allclose(torch.cat(pieces), ref, atol=1e-4)
+
+
 def test_batched_decode_with_different_lengths_and_forks(setup):
     _, fast, ids, ref = setup
     state = fast.new_state(5, 256)

@@ -1,0 +1,54 @@
+"""RL raises a held-out pass rate on a real task, on the path the quick start runs.
+
+`estuary train` as the demo runs it (asynchronous mode, the DeepSpeed learner, MTP drafting,
+thinking budgets drawn per prompt and stated, a multi-turn tool_use environment beside the code
+one), shortened: a brief warm-start SFT leaves the policy partly right at writing `max2` (the
+code family whose solution it can already sometimes produce), then a few GRPO steps must raise
+the held-out exact pass rate (fresh instances, seeds the rollouts never draw) by more than two
+standard errors. A flipped advantage sign, a learner that never reaches the engines, or gradient
+terms that ignore the reward leave it flat or make it fall.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import yaml
+
+from configs import load_config
+from estuary.train import train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Calibrated on the 2-core machine: after this SFT the policy writes a correct max2 for about
+# half of the held-out instances, so GRPO has something to sharpen.
+SFT_STEPS = 60
+RL_STEPS = 20
+
+
+def demo_path_config(tmp_path: Path, sft_steps: int = SFT_STEPS, rl_steps: int = RL_STEPS):
+    """The quick start's config with two environments (code: `max2` only; tool_use: up to 2 turns)."""
+    raw = yaml.safe_load((ROOT / "configs/tiny_cpu.yaml").read_text())
+    raw["run"].update(name="learns", output_dir=str(tmp_path), max_steps=rl_steps, time_budget_s=0)
+    code = {**raw["environments"]["code"], "kwargs": {"templates": ["max2"]}}
+    tool = {**raw["environments"]["tool_use"], "kwargs": {"difficulty": 0, "max_turns": 2, "partial_credit": True}}
+    raw["environments"] = {"code": code, "tool_use": tool}
+    raw["sft"].update(steps=sft_steps, cache=False)
+    raw["eval"].update(instances=256, budgets=[], every_steps=0)
+    raw["learner"].update(checkpoint_every=0)
+    path = tmp_path / "learns.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path)
+
+
+def test_grpo_raises_a_held_out_code_pass_rate_on_the_demo_path(tmp_path):
+    cfg = demo_path_config(tmp_path)
+    assert cfg.run.mode == "async" and cfg.learner.backend == "deepspeed" and cfg.model.mtp_steps > 0
+    assert cfg.rollout.budget.max_tokens > 0 and cfg.environments["tool_use"].kwargs["max_turns"] > 1
+    result = train(cfg)
+    start, end = result.evals["start"]["code"], result.evals["end"]["code"]
+    assert 0.1 < start["pass_at_1"] < 0.9, start  # partly right: the calibration still holds
+    gain = end["pass_at_1"] - start["pass_at_1"]
+    se = math.hypot(start["pass_at_1_se"], end["pass_at_1_se"])
+    assert gain > 2 * se, (start, end)

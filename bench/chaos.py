@@ -228,7 +228,8 @@ def run_chaos(minutes: float = 10, seed: int = 0, min_gap: float = 30, max_gap: 
             result = train(cfg, on_step=on_step)
         finally:
             chaos.stopped.set()
-            chaos.join(timeout=600)
+            if chaos.ident is not None:  # started by the first step: a run with none never starts it
+                chaos.join(timeout=600)
         counted = tally(out / cfg.run.name, cfg.stream.key)
         counted.steps_redone = sum(n - 1 for n in reports.values())
         counted.faults, counted.errors = chaos.faults, chaos.errors

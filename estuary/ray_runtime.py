@@ -90,6 +90,9 @@ def init_ray(cfg: RayConfig, namespace: str = "estuary") -> bool:
         return False
     if address is None:
         ray.init(
+            # "local": always a cluster of our own. Without it Ray joins whatever `ray start` left
+            # in /tmp/ray/ray_current_cluster, and then refuses num_cpus.
+            address="local",
             num_cpus=cfg.num_cpus,
             num_gpus=cfg.num_gpus,
             namespace=namespace,

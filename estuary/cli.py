@@ -15,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-PRESET_NAMES = ("tiny-hybrid-moe", "tiny-hybrid-dense", "tiny-attention")  # models/presets.py
+PRESET_NAMES = ("tiny-hybrid-moe", "tiny-hybrid-moe-2attn", "tiny-hybrid-dense", "tiny-attention")  # models/presets.py
 
 
 class UsageError(Exception):

@@ -49,6 +49,16 @@ def check_run_config(cfg: Config) -> None:
 def weight_channel(cfg: Config, run_dir: Path) -> Iterator[SyncChannel]:
     """The run's weight-sync channel. For `collective` the driver hosts the group's rendezvous
     store for the whole run: it must outlive the learner and every engine, which restart."""
+    if cfg.weights_sync.transport == "local":
+        from weights_sync.local import remove_channel
+
+        channel = sync_channel(cfg, run_dir)
+        remove_channel(channel.address)  # a previous run's segments in this folder (see there)
+        try:
+            yield channel
+        finally:
+            remove_channel(channel.address)
+        return
     if cfg.weights_sync.transport != "collective":
         yield sync_channel(cfg, run_dir)
         return

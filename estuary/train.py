@@ -70,11 +70,12 @@ def train(cfg: Config, on_step=None) -> TrainResult:
 
         evals = {"start": held_out(0, "start")}
         version = learner.version()
+        rl_started = time.monotonic()  # the time budget is RL's: a cached warm start must not buy steps
         running = [w.run.remote() for w in workers] if cfg.run.mode == "async" else []
         per_worker = -(-cfg.learner.groups_per_step // len(workers))
         samples: list[dict] = []
         trained: dict[int, list[str]] = {}
-        while version < cfg.run.max_steps and not _out_of_time(cfg, started):
+        while version < cfg.run.max_steps and not _out_of_time(cfg, rl_started):
             if cfg.run.mode == "sync":
                 ray.get([w.produce.remote(per_worker) for w in workers])
             report = learner.step(timeout_s=5.0 if cfg.run.mode == "async" else 1.0)

@@ -2,7 +2,7 @@
 
     policy_dir = warm_start(cfg, run_dir / "policy", say=print)
 
-A tiny preset written from a seed, SFT'd on the environments' reference answers and given MTP
+A tiny preset written from a seed, copy-pretrained, SFT'd on the environments' reference answers and given MTP
 heads fitted on its own generations is a pure function of its inputs, and on a 2-core CPU it is
 most of a first run's time. So the result is kept under `$ESTUARY_CACHE/warm_start/<key>`
 (default `~/.cache/estuary`), keyed by everything that determines it: the preset and seed, the
@@ -27,7 +27,7 @@ from pathlib import Path
 from configs.schema import Config
 
 # Source whose change changes the warm start (folders are hashed file by file, sorted).
-_SOURCES = ("models", "environments", "rewards", "learner/sft.py", "rollout")
+_SOURCES = ("models", "environments", "rewards", "learner/sft.py", "learner/copy_pretrain.py", "rollout")
 _ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -72,12 +72,20 @@ def _build(cfg: Config, out: Path, say) -> None:
 
         write_preset(cfg.model.preset, out, seed=cfg.run.seed)
         say(f"policy: tiny preset {cfg.model.preset} (seed {cfg.run.seed})")
+        if cfg.sft.copy_steps and cfg.sft.steps:  # part of the warm start: `sft.steps=0` skips both
+            from learner.copy_pretrain import run_copy_pretraining
+
+            copied = run_copy_pretraining(out, cfg.sft.copy_steps, cfg.sft.copy_length, cfg.sft.copy_lr,
+                                          seed=cfg.run.seed)
+            say(f"copy pretraining: {cfg.sft.copy_steps} steps, loss {copied.loss_start:.2f} -> "
+                f"{copied.loss_end:.2f}, copy accuracy {copied.accuracy:.2f} in {copied.seconds:.0f}s")
     if cfg.sft.steps:
         from learner.sft import run_sft
         from rollout.worker import budget_range
 
         result = run_sft(out, cfg.sft, cfg.environments, seed=cfg.run.seed, seed_limit=cfg.eval.seed_offset,
-                         budget=budget_range(cfg.rollout.budget))
+                         budget=budget_range(cfg.rollout.budget),
+                         unbudgeted=cfg.rollout.budget.unbudgeted_fraction)
         say(f"sft: {cfg.sft.steps} steps on {result.examples} reference conversations, "
             f"loss {result.loss_start:.2f} -> {result.loss_end:.2f} in {result.seconds:.0f}s")
     if cfg.model.mtp_steps and not (out / MTP_FILE).is_file():

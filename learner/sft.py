@@ -13,7 +13,7 @@ with `</think>`, the answer following, as budget control would force it. As in N
 recipe, `cut_fraction` of the conversations that think get a budget below their first thought's
 length (so the policy learns to answer after a forced close); the others get one drawn like the
 rollouts' (`budget`, often not binding: the policy learns the line is a limit, not a target), or
-none when the run has no budgets.
+none when the run has no budgets or the draw says none (`rollout.budget.unbudgeted_fraction`).
 """
 
 from __future__ import annotations
@@ -62,20 +62,21 @@ def cut_thinking(text: str, tokenizer, budget: int) -> str:
 
 
 def conversation_budget(first_answer: str, tokenizer, rng: random.Random, cut: float,
-                        budget: tuple[int, int] | None) -> int | None:
+                        budget: tuple[int, int] | None, unbudgeted: float = 0.0) -> int | None:
     """A reference conversation's thinking budget (see the module docstring)."""
     length = thought_tokens(first_answer, tokenizer)
     if length and rng.random() < cut:
         return rng.randrange(length)  # below the thought's length: the close is forced
-    return draw_budget(budget, rng)
+    return draw_budget(budget, rng, unbudgeted)
 
 
 def reference_conversation(env, tokenizer, seed: int, rng: random.Random, cut: float,
-                           budget: tuple[int, int] | None = None) -> tuple[list[int], list[int]]:
+                           budget: tuple[int, int] | None = None,
+                           unbudgeted: float = 0.0) -> tuple[list[int], list[int]]:
     """(token ids, mask with 1 on assistant tokens) of one reference episode."""
     messages, _ = env.reset(seed=seed)
     first = env.reference_answer()
-    limit = conversation_budget(first, tokenizer, rng, cut, budget)
+    limit = conversation_budget(first, tokenizer, rng, cut, budget, unbudgeted)
     ids = list(tokenizer.apply_chat_template(with_budget(messages, limit), add_generation_prompt=True,
                                              return_dict=False))
     mask = [0] * len(ids)
@@ -134,8 +135,10 @@ def accumulate(model, rows: list[tuple[list[int], list[int]]], pad: int, micro_r
 
 
 def run_sft(policy_dir: str | Path, cfg: SftConfig, envs: dict[str, EnvironmentConfig], seed: int = 0,
-            seed_limit: int = 1_000_000, budget: tuple[int, int] | None = None) -> SftResult:
-    """`budget`: the rollouts' thinking-budget range (`rollout.worker.budget_range`), None without."""
+            seed_limit: int = 1_000_000, budget: tuple[int, int] | None = None,
+            unbudgeted: float = 0.0) -> SftResult:
+    """`budget`: the rollouts' thinking-budget range (`rollout.worker.budget_range`), None without;
+    `unbudgeted`: the share of prompts the rollouts give no budget."""
     from models.policy import load_policy
 
     start = time.perf_counter()
@@ -148,7 +151,7 @@ def run_sft(policy_dir: str | Path, cfg: SftConfig, envs: dict[str, EnvironmentC
     for _ in range(cfg.steps * cfg.batch_size // 2 or 1):  # each example is seen about twice
         name = rng.choices(names, weights=[envs[n].weight for n in names])[0]
         rows.append(reference_conversation(made[name], tok, rng.randrange(seed_limit), rng, cfg.cut_fraction,
-                                           budget))
+                                           budget, unbudgeted))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     losses = []

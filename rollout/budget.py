@@ -18,9 +18,12 @@ import random
 from dataclasses import dataclass
 
 
-def draw_budget(spec: tuple[int, int] | None, rng: random.Random) -> int | None:
-    """One budget from the inclusive range `spec` (None: no budget)."""
-    return None if spec is None else rng.randint(int(spec[0]), int(spec[1]))
+def draw_budget(spec: tuple[int, int] | None, rng: random.Random, unbudgeted: float = 0.0) -> int | None:
+    """One budget from the inclusive range `spec`; None (no budget) without a range, or with
+    probability `unbudgeted`."""
+    if spec is None or (unbudgeted and rng.random() < unbudgeted):
+        return None
+    return rng.randint(int(spec[0]), int(spec[1]))
 
 
 def budget_line(budget: int) -> str:

@@ -108,7 +108,7 @@ class RolloutWorker:
         env = self.envs[name]
         seed = self.rng.randrange(self.seed_limit)
         return Prompt(name, env.id, self.factories[name], seed, env.timeout_s,
-                      thinking_budget=draw_budget(self.budgets, self.rng))
+                      thinking_budget=draw_budget(self.budgets, self.rng, self.cfg.budget.unbudgeted_fraction))
 
     def round(self) -> list[TrajectoryGroup]:
         self.pull_weights()

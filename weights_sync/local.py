@@ -87,12 +87,39 @@ class _SeqLock:
         return None
 
 
+def _control_name(channel: Path) -> str:
+    return f"estuary-wc-{hashlib.sha1(str(channel.resolve()).encode()).hexdigest()[:20]}"
+
+
+def remove_channel(channel: str | os.PathLike) -> int:
+    """Unlink every shared-memory segment a channel's publishers left (its control block and each
+    ring named by a layout file in the folder); returns how many were removed.
+
+    A learner actor is killed with its run, not closed, so its segments outlive it. The driver
+    calls this before a run, so that a new run in the same folder never reads the last run's
+    version (its learner would take the engines for up to date and never publish: every group
+    then goes stale), and after it, so /dev/shm does not fill up run by run."""
+    channel = Path(channel)
+    names = [_control_name(channel)]
+    for layout in channel.glob("layout-*.json"):
+        tag = layout.name.removeprefix("layout-").removesuffix(".json")
+        names += [f"estuary-w-{tag}-{i}" for i in range(RING)]
+        layout.unlink(missing_ok=True)
+    removed = 0
+    for name in names:
+        try:
+            shared_memory._posixshmem.shm_unlink(f"/{name}")  # noqa: SLF001
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 class SharedMemoryWeightSync:
     def __init__(self, channel: str | os.PathLike) -> None:
         self.channel = Path(channel)
         self.channel.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha1(str(self.channel.resolve()).encode()).hexdigest()[:20]
-        self._control_name = f"estuary-wc-{digest}"
+        self._control_name = _control_name(self.channel)
         self._control: shared_memory.SharedMemory | None = None
         self._owner = False  # this side created (and will unlink) the control block
         self._ring: list[shared_memory.SharedMemory] = []

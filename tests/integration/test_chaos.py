@@ -23,6 +23,7 @@ def _check(t, faults: int) -> None:
     assert t.driver_agrees
 
 
+@pytest.mark.slow  # the default suite kills each kind once in test_fault_tolerance.py
 def test_three_kills_lose_nothing_and_train_nothing_twice(tmp_path):
     # The run ends two steps after the third fault; the time budget only bounds a slow machine.
     t = run_chaos(minutes=6, seed=0, min_gap=5, max_gap=8, overrides=QUICK, out_dir=tmp_path, max_faults=3)

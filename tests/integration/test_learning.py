@@ -35,7 +35,11 @@ def demo_path_config(tmp_path: Path, sft_steps: int = SFT_STEPS, rl_steps: int =
     code = {**raw["environments"]["code"], "kwargs": {"templates": ["max2"]}}
     tool = {**raw["environments"]["tool_use"], "kwargs": {"difficulty": 0, "max_turns": 2, "partial_credit": True}}
     raw["environments"] = {"code": code, "tool_use": tool}
-    raw["sft"].update(steps=sft_steps, cache=False)
+    # Calibrated on the one-attention-layer preset without copy pretraining (max2 copies nothing
+    # from its context); the demo's copy stage would add 90 s and leave less to sharpen.
+    raw["model"].update(preset="tiny-hybrid-moe")
+    raw["rollout"]["budget"] = {"min_tokens": 8, "max_tokens": 32, "grace_tokens": 4}  # as calibrated
+    raw["sft"].update(steps=sft_steps, cache=False, copy_steps=0)
     raw["eval"].update(instances=256, budgets=[], every_steps=0)
     raw["learner"].update(checkpoint_every=0)
     path = tmp_path / "learns.yaml"

@@ -22,7 +22,7 @@ def test_presets_load_as_plain_dataclasses():
 
 def test_preset_values_and_names():
     tiny = load_config("tiny_cpu")
-    assert tiny.model.preset == "tiny-hybrid-moe"
+    assert tiny.model.preset == "tiny-hybrid-moe-2attn"
     assert set(tiny.environments) == {"math", "code", "tool_use", "long_context"}
     assert tiny.environments["math"].id == "estuary/math"
     nano = load_config("nemotron3_nano_gpu")

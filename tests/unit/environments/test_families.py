@@ -261,3 +261,23 @@ def test_code_templates_pick_task_families_by_name():
     assert names == {"max2", "fib"}
     with pytest.raises(ValueError, match="unknown templates \\['max3'\\]; choose from"):
         environments.make("estuary/code", templates=["max3"])
+
+
+def test_reference_thoughts_quote_the_context_that_holds_the_answer():
+    # multikey: only the asked key's line, never a decoy's (the quote is what SFT teaches to copy)
+    env = environments.make("estuary/long_context", task="multikey", length_tokens=256, value_digits=4)
+    env.reset(seed=3)
+    thought = env.reference_answer().split("</think>")[0].removeprefix("<think>")
+    [value] = env.task.answer
+    assert thought.endswith(f" is {value}.") and thought in env.task.prompt
+    assert thought.count("special magic number") == 1
+    # tool_use: the call turn restates the question's words, the answer turn quotes the page
+    env = environments.make("estuary/tool_use", max_turns=3)
+    messages, _ = env.reset(seed=5)
+    attr, title = env.task.data["attr"], env.task.data["plan"][0][1]["title"]
+    first = env.reference_answer()
+    assert first.startswith(f"<think>The {attr} of {title}.</think><tool_call>")
+    reply, *_ = env.step(first)
+    answer = env.reference_answer()
+    quote = answer.split("</think>")[0].removeprefix("<think>")
+    assert quote in reply[0]["content"] and quote.endswith(str(env.task.answer))

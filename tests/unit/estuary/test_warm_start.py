@@ -9,7 +9,7 @@ from estuary.warm_start import warm_start, warm_start_key
 
 
 def _cfg(*extra: str):
-    return load_config("tiny_cpu", ["sft.steps=2", "sft.batch_size=2", "model.mtp_steps=0",
+    return load_config("tiny_cpu", ["sft.steps=2", "sft.batch_size=2", "sft.copy_steps=2", "model.mtp_steps=0",
                                     "environments={math: {id: estuary/math}}", *extra])
 
 
@@ -34,8 +34,8 @@ def test_any_input_that_changes_the_policy_changes_the_key(tmp_path, monkeypatch
     monkeypatch.setenv("ESTUARY_CACHE", str(tmp_path / "cache"))
     base = warm_start_key(_cfg())
     assert warm_start_key(_cfg()) == base
-    for change in ("sft.steps=3", "sft.lr=1e-4", "run.seed=1", "model.preset=tiny-hybrid-dense",
-                   "environments.math.kwargs={difficulty: 1}", "rollout.budget.max_tokens=16"):
+    for change in ("sft.steps=3", "sft.lr=1e-4", "sft.copy_steps=5", "run.seed=1", "model.preset=tiny-hybrid-dense",
+                   "environments.math.kwargs={difficulty: 1}", "rollout.budget.max_tokens=48"):
         assert warm_start_key(_cfg(change)) != base, change
     assert warm_start_key(_cfg("sft.cache=false")) == base  # whether to cache is not an input
     said: list[str] = []

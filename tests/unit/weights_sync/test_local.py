@@ -107,3 +107,17 @@ def test_another_process_pulls_and_nothing_leaks(tmp_path):
 def test_unknown_transport():
     with pytest.raises(ValueError, match="local"):
         make_weight_sync("carrier-pigeon", "/tmp/x")
+
+
+def test_remove_channel_clears_a_previous_runs_segments(tmp_path):
+    # A learner is killed with its run, not closed: a new run in the same folder must not read the
+    # old run's version (its learner would skip publishing what the engines "already hold").
+    from weights_sync.local import remove_channel
+
+    old = SharedMemoryWeightSync(tmp_path / "weights")
+    old.publish({"w": torch.ones(4)}, version=60)
+    names = [segment._name for segment in old._ring] + [old._control._name]
+    assert remove_channel(tmp_path / "weights") == len(names)
+    assert not any(os.path.exists(f"/dev/shm{name}") for name in names)
+    assert SharedMemoryWeightSync(tmp_path / "weights").latest_version() == -1
+    assert remove_channel(tmp_path / "weights") == 0  # nothing left: idempotent

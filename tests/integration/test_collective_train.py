@@ -29,6 +29,10 @@ def served(run: str, workers: int, at_least: int, timeout_s: float = 30.0) -> li
         time.sleep(0.1)
 
 
+# slow: the default suite drives the collective transport through estuary train in
+# test_two_node_cluster.py, and an engine's rejoin after kill -9 in
+# tests/unit/weights_sync/test_collective_membership.py (2.5 minutes saved in CI).
+@pytest.mark.slow
 def test_collective_transport_runs_estuary_train_and_a_restarted_engine_rejoins(tmp_path):
     cfg = load_config("tiny_cpu", [
         f"run.output_dir={tmp_path}", "run.name=coll", "run.max_steps=4", "eval.instances=1", "eval.every_steps=2",

@@ -39,6 +39,7 @@ def _stop_own_cluster(*temp_dirs: str) -> None:
     psutil.wait_procs(list(tree.values()), timeout=30)
 
 
+@pytest.mark.slow  # 2 minutes in CI; its two-node variant below submits the same way
 def test_ray_job_submit_runs_a_training_job_on_a_started_cluster(tmp_path):
     # The cluster is what a user starts by hand: the venv's `ray`, auth as the README says.
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",

@@ -43,11 +43,17 @@ def _untracked(segment: shared_memory.SharedMemory) -> shared_memory.SharedMemor
 
 
 def _unlink(segment: shared_memory.SharedMemory) -> None:
-    # SharedMemory.unlink() would also tell the resource tracker, which no longer tracks it.
+    _unlink_name(segment._name)  # noqa: SLF001
+
+
+def _unlink_name(name: str) -> bool:
+    """Unlink a segment by its `/name`; whether it existed. (SharedMemory.unlink() would also tell
+    the resource tracker, which no longer tracks it.)"""
     try:
-        shared_memory._posixshmem.shm_unlink(segment._name)  # noqa: SLF001
+        shared_memory._posixshmem.shm_unlink(name)  # noqa: SLF001
+        return True
     except FileNotFoundError:
-        pass
+        return False
 
 
 def _layout(weights: dict[str, torch.Tensor]) -> tuple[list[dict], int]:
@@ -105,14 +111,7 @@ def remove_channel(channel: str | os.PathLike) -> int:
         tag = layout.name.removeprefix("layout-").removesuffix(".json")
         names += [f"estuary-w-{tag}-{i}" for i in range(RING)]
         layout.unlink(missing_ok=True)
-    removed = 0
-    for name in names:
-        try:
-            shared_memory._posixshmem.shm_unlink(f"/{name}")  # noqa: SLF001
-            removed += 1
-        except FileNotFoundError:
-            pass
-    return removed
+    return sum(_unlink_name(f"/{name}") for name in names)
 
 
 class SharedMemoryWeightSync:

@@ -388,6 +388,12 @@ class SftConfig:
     """Reuse a warm start (preset + SFT + MTP heads) cached under `$ESTUARY_CACHE/warm_start`, keyed by
     everything that determines it (`estuary/warm_start.py`); false: always rebuild."""
 
+    def __post_init__(self) -> None:
+        _positive("sft", "steps", self.steps, allow_zero=True)
+        _positive("sft", "copy_steps", self.copy_steps, allow_zero=True)
+        _positive("sft", "copy_length", self.copy_length)
+        _positive("sft", "copy_lr", self.copy_lr)
+
 
 @dataclass
 class Config:

@@ -110,3 +110,9 @@ def test_show_prints_resolved_yaml(capsys):
     assert main(["config", "show", "tiny_cpu", "learner.lr=0.25"]) == 0
     out = capsys.readouterr().out
     assert "lr: 0.25" in out and "preset: tiny-hybrid-moe" in out
+
+
+def test_copy_pretraining_settings_are_checked():
+    for bad in ("sft.copy_steps=-1", "sft.copy_length=0", "sft.copy_lr=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].split(".")[1]):
+            load_config("tiny_cpu", [bad])

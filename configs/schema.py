@@ -166,6 +166,11 @@ class RolloutConfig:
     """Samples per prompt (G): one trajectory group."""
     max_concurrent_episodes: int = 16
     """Episodes a worker drives at once, across all its environments."""
+    mix: str = "informative"
+    """How environments share the prompts: `informative` (each environment's `weight` is its share
+    of the groups whose rewards differ, the ones the learner trains on: the least served
+    environment with room goes next) or `weight` (prompts drawn at random by weight; environments
+    whose episodes end sooner then fill more of every step)."""
     max_len: int = 2048
     """Longest sequence (prompt and every turn) an episode may reach; the engine's cache size."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -178,6 +183,7 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         _one_of("rollout", "engine", self.engine, ("torch", "vllm"))
         _one_of("rollout", "placement", self.placement, ("DEFAULT", "SPREAD"))
+        _one_of("rollout", "mix", self.mix, ("informative", "weight"))
         _positive("rollout", "num_workers", self.num_workers)
         _positive("rollout", "group_size", self.group_size)
         _positive("rollout", "max_concurrent_episodes", self.max_concurrent_episodes)
@@ -212,6 +218,10 @@ class StreamConfig:
     """Redis stream key of the trajectory groups."""
     max_len: int = 10_000
     """Most entries kept in the stream; producers wait (never drop) when it is full."""
+    max_unread: int = 0
+    """Producers also wait while this many groups wait unread (0: no bound). Set it to a step or
+    two of groups in async runs: rollouts that run ahead of the learner make groups that go stale
+    before they are read, and take the CPU the learner needs."""
     claim_idle_ms: int = 60_000
     """Entries pending this long on a silent consumer are reclaimed by another."""
 

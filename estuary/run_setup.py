@@ -43,6 +43,11 @@ def check_run_config(cfg: Config) -> None:
             f"stream.max_len={cfg.stream.max_len} is too small: the learner holds up to {held} unacknowledged "
             f"groups between checkpoints (groups_per_step x checkpoint_every); set stream.max_len >= {2 * held} "
             "or checkpoint more often")
+    # A sync round publishes its groups before the learner reads any: a smaller bound never fills it.
+    if 0 < cfg.stream.max_unread < cfg.learner.groups_per_step:
+        raise ConfigError(f"stream.max_unread={cfg.stream.max_unread} is below learner.groups_per_step="
+                          f"{cfg.learner.groups_per_step}: producers would wait on a learner that waits on them; "
+                          f"set it >= {cfg.learner.groups_per_step} (or 0 for no bound)")
 
 
 @contextmanager

@@ -53,7 +53,8 @@ def build_worker(spec: RolloutSpec, reconstructed: bool = False):
                   "seed": spec.seed, **spec.rollout.vllm_kwargs}
     engine = make_engine(spec.rollout.engine, spec.policy_dir, dtype=spec.model.dtype, **kwargs)
     stream = TrajectoryStream(spec.redis_url, key=spec.stream.key, consumer=f"rollout-{spec.index}",
-                              max_len=spec.stream.max_len, claim_idle_ms=spec.stream.claim_idle_ms)
+                              max_len=spec.stream.max_len, max_unread=spec.stream.max_unread,
+                              claim_idle_ms=spec.stream.claim_idle_ms)
     device = "cuda" if spec.rollout.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
     sync = spec.sync.open(rank=spec.index + 1, device=device)
     seed = spec.seed * 1009 + spec.index + (random.SystemRandom().randrange(1 << 30) if reconstructed else 0)

@@ -4,7 +4,8 @@
     groups = worker.round()     # one round: pull weights, generate, judge, publish
     worker.run()                # streams until worker.stop() (a Ray actor runs this on a thread)
 
-Prompts are drawn across the environments by their configured weights (each environment's
+Prompts are shared across the environments by their configured weights (`rollout.mix`: by
+default each weight is a share of the groups with differing rewards; each environment's
 `concurrency` caps its live episodes), each with a thinking budget from `rollout.budget` (seeded,
 shared by the prompt's G samples, stated in its system message). Episodes run turn by turn at
 their own pace (`rollout.scheduler.TurnScheduler`) and a group is published the moment its G
@@ -104,6 +105,11 @@ class RolloutWorker:
                       if env.weight > 0 and max(1, env.concurrency // g) > live[n]]
         if not open_names:
             return None
+        if self.cfg.mix == "informative":
+            # Drawn by weight alone, the environment whose episodes end soonest (single-turn math)
+            # filled most of every step, and mostly with groups the learner drops for equal rewards.
+            served = {n: self.counters[f"{n}/informative_groups"] / self.envs[n].weight for n in open_names}
+            open_names = [n for n in open_names if served[n] == min(served.values())]
         name = self.rng.choices(open_names, weights=[self.envs[n].weight for n in open_names])[0]
         env = self.envs[name]
         seed = self.rng.randrange(self.seed_limit)
@@ -126,6 +132,8 @@ class RolloutWorker:
         name = group.metadata.get("env", group.env_id)
         self.counters[f"{name}/reward_sum"] += sum(s.reward for s in group.samples)
         self.counters[f"{name}/samples"] += len(group.samples)
+        rewards = [s.reward for s in group.samples]
+        self.counters[f"{name}/informative_groups"] += len(rewards) > 1 and max(rewards) - min(rewards) > 1e-9
         # Each verdict's count, and the hack-like ones together (logged as rollout/<env>/...).
         for verdict in group.metadata.get("verdicts", []):
             self.counters[f"{name}/verdict/{verdict or 'none'}"] += 1

@@ -18,7 +18,9 @@
   `<key>:dropped` in the same transaction as its acknowledgement, and what is neither trained
   nor dropped is still in the stream (`learner.checkpoint.commit_records` names the trained).
 - Backpressure: `publish` waits while the stream holds `max_len` unacknowledged entries
-  (acknowledged ones are deleted, so the length is the backlog).
+  (acknowledged ones are deleted, so the length is the backlog), and while `max_unread` entries
+  wait unread: trained entries stay unacknowledged until a checkpoint, so only the unread count
+  says whether producers are ahead of the learner (what they make beyond it only goes stale).
 - Redis restarts: every call retries with exponential backoff until `reconnect_s` has passed.
 """
 
@@ -37,11 +39,14 @@ from streams.trajectory import TrajectoryDecodeError, TrajectoryGroup, decode, e
 T = TypeVar("T")
 
 
-# Appends a group unless its id was published before; returns {entry id or nil, stream length}.
+# Appends a group unless its id was published before; returns {entry id or nil, stream length,
+# entries not yet delivered to the consumer group}. Every entry in the stream is unacknowledged
+# (acknowledged ones are deleted), so the unread ones are the length less the pending ones.
 _APPEND_ONCE = """
 local len = redis.call('XLEN', KEYS[1])
-if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return {false, len} end
-return {redis.call('XADD', KEYS[1], '*', 'g', ARGV[2], 'id', ARGV[1]), len + 1}
+local unread = len - redis.call('XPENDING', KEYS[1], ARGV[3])[1]
+if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return {false, len, unread} end
+return {redis.call('XADD', KEYS[1], '*', 'g', ARGV[2], 'id', ARGV[1]), len + 1, unread + 1}
 """
 
 
@@ -62,10 +67,11 @@ def _text(value: bytes | str) -> str:
 class TrajectoryStream:
     def __init__(self, url: str, key: str = "estuary:trajectories", group: str = "learners",
                  consumer: str | None = None, max_len: int = 10_000, claim_idle_ms: int = 60_000,
-                 reconnect_s: float = 30.0, redeliver_own: bool = False) -> None:
+                 reconnect_s: float = 30.0, redeliver_own: bool = False, max_unread: int = 0) -> None:
         self.url, self.key, self.group = url, key, group
         self.consumer = consumer or f"{socket.gethostname()}-{time.time_ns()}"
         self.max_len, self.claim_idle_ms, self.reconnect_s = max_len, claim_idle_ms, reconnect_s
+        self.max_unread = max_unread  # 0: no bound on the unread entries
         self.dead_key, self.published_key, self.dropped_key = f"{key}:dead", f"{key}:published", f"{key}:dropped"
         self.client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10)
         self._append = self.client.register_script(_APPEND_ONCE)
@@ -104,7 +110,8 @@ class TrajectoryStream:
 
     # -- producers -----------------------------------------------------------------------------
     def publish(self, group: TrajectoryGroup, timeout_s: float | None = None) -> str | None:
-        """Append one group; waits while the backlog is at `max_len` (raises TimeoutError after timeout_s).
+        """Append one group; waits while the backlog is at `max_len` or the unread entries at
+        `max_unread` (raises TimeoutError after timeout_s).
 
         Returns the entry id, or None when a group with this id was published before.
 
@@ -115,16 +122,24 @@ class TrajectoryStream:
         if self._full:
             self._wait_for_room(timeout_s)
 
-        entry_id, depth = self._retry(lambda: self._append(keys=[self.key, self.published_key],
-                                                           args=[group.group_id, payload]))
-        self._full = depth >= self.max_len
+        entry_id, depth, unread = self._retry(lambda: self._append(
+            keys=[self.key, self.published_key], args=[group.group_id, payload, self.group]))
+        self._full = self._over(depth, unread)
         return None if entry_id is None else _text(entry_id)
+
+    def _over(self, depth: int, unread: int) -> bool:
+        return depth >= self.max_len or (self.max_unread > 0 and unread >= self.max_unread)
+
+    def unread(self) -> int:
+        """Entries appended and not yet delivered to any consumer of the group."""
+        return self._retry(lambda: self.client.xlen(self.key) - self.client.xpending(self.key, self.group)["pending"])
 
     def _wait_for_room(self, timeout_s: float | None) -> None:
         start, delay = time.monotonic(), 0.01
-        while self._retry(lambda: self.client.xlen(self.key)) >= self.max_len:
+        while self._over(self.depth(), self.unread() if self.max_unread > 0 else 0):
             if timeout_s is not None and time.monotonic() - start > timeout_s:
-                raise TimeoutError(f"stream {self.key} stayed full ({self.max_len}) for {timeout_s}s")
+                raise TimeoutError(f"stream {self.key} stayed full ({self.max_len} entries or {self.max_unread} "
+                                   f"unread) for {timeout_s}s")
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
         self._full = False

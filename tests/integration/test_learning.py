@@ -39,6 +39,13 @@ def demo_path_config(tmp_path: Path, sft_steps: int = SFT_STEPS, rl_steps: int =
     # from its context); the demo's copy stage would add 90 s and leave less to sharpen.
     raw["model"].update(preset="tiny-hybrid-moe")
     raw["rollout"]["budget"] = {"min_tokens": 8, "max_tokens": 32, "grace_tokens": 4}  # as calibrated
+    # ... and before the demo's KL to the warm start, its 64-token answers and its informative mix
+    # (the KL slows a 20-step run; the bounded backlog and the mix change which groups it sees).
+    raw["learner"].update(kl_coef=0.0)
+    raw["rollout"].update(mix="weight")
+    raw["rollout"]["sampling"].update(max_new_tokens=48)
+    raw["stream"].update(max_unread=0)
+    code["concurrency"] = tool["concurrency"] = 8
     raw["sft"].update(steps=sft_steps, cache=False, copy_steps=0)
     raw["eval"].update(instances=256, budgets=[], every_steps=0)
     raw["learner"].update(checkpoint_every=0)

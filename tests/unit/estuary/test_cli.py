@@ -52,6 +52,8 @@ def test_model_init_writes_a_policy_transformers_loads(tmp_path, capsys):
 @pytest.mark.parametrize(("override", "message"), [
     ("stream.max_len=100", "stream.max_len=100 is too small"),
     ("learner.num_learners=0", "learner.num_learners=0 must be > 0"),
+    ("stream.max_unread=4", "stream.max_unread=4 is below learner.groups_per_step=8"),
+    ("rollout.mix=round-robin", "rollout.mix"),
 ])
 def test_what_estuary_train_cannot_run_is_refused_up_front(override, message):
     from configs import load_config

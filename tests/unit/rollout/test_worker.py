@@ -158,6 +158,27 @@ def test_a_hung_environment_step_does_not_delay_the_other_groups_publication():
         assert [g.metadata["env"] for g in rounds[0]] == ["two", "two", "held"]
 
 
+def test_environments_share_the_groups_with_differing_rewards_by_weight():
+    """`rollout.mix=informative`: the environment with the fewest mixed-reward groups per unit of
+    weight goes next, whichever finishes its episodes sooner; `weight` draws at random by weight."""
+    from collections import Counter
+
+    with EmbeddedRedis() as server:
+        envs = {"fast": EnvironmentConfig(id="test/two-turns", weight=2.0),
+                "slow": EnvironmentConfig(id="test/two-turns", weight=1.0)}
+        worker, _ = _worker(server, envs, group_size=2)
+        worker.counters.update({"fast/informative_groups": 3, "slow/informative_groups": 2})
+        assert {worker._draw(Counter()).name for _ in range(20)} == {"fast"}  # 3/2 per weight < 2/1
+        worker.counters["fast/informative_groups"] = 5
+        assert {worker._draw(Counter()).name for _ in range(20)} == {"slow"}
+        assert worker._draw(Counter(slow=4)).name == "fast"  # the least served is full: the next goes
+        worker.cfg.mix = "weight"
+        assert {worker._draw(Counter()).name for _ in range(40)} == {"fast", "slow"}
+        groups = worker.round()  # a published group counts when its rewards differ
+        mixed = sum(len({s.reward for s in g.samples}) > 1 for g in groups)
+        assert groups and sum(worker.counters[f"{n}/informative_groups"] for n in envs) == 5 + 2 + mixed
+
+
 def test_unknown_environment_fails_at_start_up():
     with EmbeddedRedis() as server, pytest.raises(Exception, match="estuary/mathh"):
         _worker(server, {"m": EnvironmentConfig(id="estuary/mathh")})

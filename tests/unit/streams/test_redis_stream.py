@@ -132,6 +132,22 @@ def test_producer_waits_instead_of_dropping(server):
     assert stream.depth() == 3
 
 
+def test_producer_waits_while_unread_entries_reach_max_unread(server):
+    producer = TrajectoryStream(server.url, consumer="p", max_unread=2)
+    learner = TrajectoryStream(server.url, consumer="l")
+    producer.publish(make_group(seed=0))
+    producer.publish(make_group(seed=1))
+    with pytest.raises(TimeoutError, match="2 unread"):
+        producer.publish(make_group(seed=2), timeout_s=0.2)
+    read = learner.read(count=2)  # read, not acknowledged: the learner trains until a checkpoint
+    assert producer.unread() == 0 and producer.depth() == 2
+    producer.publish(make_group(seed=3), timeout_s=2)
+    producer.publish(make_group(seed=4), timeout_s=2)
+    assert producer.depth() == 4 and producer.unread() == 2
+    learner.ack(read)
+    assert producer.unread() == 2  # acknowledging read entries makes no room for unread ones
+
+
 def test_redis_restart_with_aof_loses_nothing(tmp_path):
     server = EmbeddedRedis(data_dir=tmp_path / "redis", durable=True).start()
     try:

@@ -108,7 +108,11 @@ class RolloutWorker:
         if self.cfg.mix == "informative":
             # Drawn by weight alone, the environment whose episodes end soonest (single-turn math)
             # filled most of every step, and mostly with groups the learner drops for equal rewards.
-            served = {n: self.counters[f"{n}/informative_groups"] / self.envs[n].weight for n in open_names}
+            # An environment counts as served by at least a quarter of its finished groups: one
+            # that never yields differing rewards (a policy that always fails it) must not take
+            # every slot from those that do, or the learner waits for groups nobody makes.
+            served = {n: max(self.counters[f"{n}/informative_groups"], self.counters[f"{n}/groups_done"] / 4)
+                      / self.envs[n].weight for n in open_names}
             open_names = [n for n in open_names if served[n] == min(served.values())]
         name = self.rng.choices(open_names, weights=[self.envs[n].weight for n in open_names])[0]
         env = self.envs[name]
@@ -133,6 +137,7 @@ class RolloutWorker:
         self.counters[f"{name}/reward_sum"] += sum(s.reward for s in group.samples)
         self.counters[f"{name}/samples"] += len(group.samples)
         rewards = [s.reward for s in group.samples]
+        self.counters[f"{name}/groups_done"] += 1
         self.counters[f"{name}/informative_groups"] += len(rewards) > 1 and max(rewards) - min(rewards) > 1e-9
         # Each verdict's count, and the hack-like ones together (logged as rollout/<env>/...).
         for verdict in group.metadata.get("verdicts", []):

@@ -172,11 +172,14 @@ def test_environments_share_the_groups_with_differing_rewards_by_weight():
         worker.counters["fast/informative_groups"] = 5
         assert {worker._draw(Counter()).name for _ in range(20)} == {"slow"}
         assert worker._draw(Counter(slow=4)).name == "fast"  # the least served is full: the next goes
+        worker.counters["slow/groups_done"] = 40  # 40 groups, none with differing rewards: served as 10
+        assert {worker._draw(Counter()).name for _ in range(20)} == {"fast"}  # never starves the other
         worker.cfg.mix = "weight"
         assert {worker._draw(Counter()).name for _ in range(40)} == {"fast", "slow"}
         groups = worker.round()  # a published group counts when its rewards differ
         mixed = sum(len({s.reward for s in g.samples}) > 1 for g in groups)
         assert groups and sum(worker.counters[f"{n}/informative_groups"] for n in envs) == 5 + 2 + mixed
+        assert sum(worker.counters[f"{n}/groups_done"] for n in envs) == 40 + len(groups)
 
 
 def test_unknown_environment_fails_at_start_up():

@@ -170,8 +170,8 @@ class RolloutConfig:
     """How environments share the prompts: `informative` (each environment's `weight` is its share
     of the groups whose rewards differ, the ones the learner trains on: the least served
     environment with room goes next; one counts as served by at least a quarter of its groups, so
-    an environment the policy always fails cannot starve the others) or `weight` (prompts drawn at random by weight; environments
-    whose episodes end sooner then fill more of every step)."""
+    an environment the policy always fails cannot starve the others) or `weight` (prompts drawn
+    at random by weight; environments whose episodes end sooner then fill more of every step)."""
     max_len: int = 2048
     """Longest sequence (prompt and every turn) an episode may reach; the engine's cache size."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

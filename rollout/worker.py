@@ -134,9 +134,9 @@ class RolloutWorker:
         # Every generated sample, before the learner's filters (dynamic sampling keeps only
         # mixed groups, so the trained groups' mean says little about the policy itself).
         name = group.metadata.get("env", group.env_id)
-        self.counters[f"{name}/reward_sum"] += sum(s.reward for s in group.samples)
-        self.counters[f"{name}/samples"] += len(group.samples)
         rewards = [s.reward for s in group.samples]
+        self.counters[f"{name}/reward_sum"] += sum(rewards)
+        self.counters[f"{name}/samples"] += len(rewards)
         self.counters[f"{name}/groups_done"] += 1
         self.counters[f"{name}/informative_groups"] += len(rewards) > 1 and max(rewards) - min(rewards) > 1e-9
         # Each verdict's count, and the hack-like ones together (logged as rollout/<env>/...).

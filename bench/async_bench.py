@@ -1,12 +1,12 @@
 """Asynchronous vs synchronous GRPO on the same config and seed: time to a target eval reward.
 
-    .venv/bin/python -m bench.async_bench [--config tiny_cpu] [--target 0.2] [key=value ...]
+    .venv/bin/python -m bench.async_bench [--config tiny_cpu] [--target 0.2] [--env NAME] [key=value ...]
 
 Prepares the starting policy once (preset, SFT warm start, MTP heads: the stages before RL are
 the same for both and not what is compared), then runs `estuary train` from it twice with the
 same config and seed, `run.mode=async` then `run.mode=sync` (generate-then-train: rollouts wait
 for the learner and the learner for the rollouts). For each: wall time of the RL stage until the
-mean held-out eval reward first reaches `--target` (evaluations every `eval.every_steps`;
+held-out eval reward (the mean over environments, or `--env`'s) first reaches `--target` (evaluations every `eval.every_steps`;
 evaluation time counts for both) and optimizer steps per hour. Ratios are sync/async (above 1: asynchronous is better; 2 is the limit when generation and
 training overlap perfectly).
 
@@ -21,15 +21,25 @@ import tempfile
 from pathlib import Path
 
 
-def time_to(timeline: list[tuple[float, int, float]], target: float) -> float:
+def reward_of(rewards: dict[str, float], env: str | None) -> float:
+    """One evaluation's reward: `env`'s, or the mean over environments."""
+    if env is not None:
+        if env not in rewards:
+            raise SystemExit(f"--env {env!r} is not evaluated; choose one of {sorted(rewards)}")
+        return rewards[env]
+    return sum(rewards.values()) / max(1, len(rewards))
+
+
+def time_to(timeline: list[tuple[float, int, dict[str, float]]], target: float, env: str | None = None) -> float:
     """Seconds until the eval reward first reached `target` (inf if it never did)."""
-    return next((t for t, _, reward in timeline if reward >= target), math.inf)
+    return next((t for t, _, rewards in timeline if reward_of(rewards, env) >= target), math.inf)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="tiny_cpu")
-    parser.add_argument("--target", type=float, default=0.2, help="mean eval reward to reach")
+    parser.add_argument("--target", type=float, default=0.2, help="eval reward to reach")
+    parser.add_argument("--env", default=None, help="the environment whose eval reward counts (default: the mean)")
     parser.add_argument("overrides", nargs="*", help="config overrides for both runs")
     args = parser.parse_args()
 
@@ -45,8 +55,10 @@ def main() -> None:
             cfg = load_config(args.config, [*args.overrides, f"run.output_dir={out}", f"run.name=bench-{mode}",
                                             f"run.mode={mode}", f"model.path={policy}", "sft.steps=0"])
             result = train(cfg)
-            rows[mode] = (time_to(result.timeline, args.target), result.steps / result.seconds * 3600,
-                          result.timeline[-1][2], result.seconds)
+            print(f"{mode}: " + "  ".join(f"{t:.0f}s v{v} {reward_of(r, args.env):.3f}" for t, v, r in result.timeline),
+                  flush=True)
+            rows[mode] = (time_to(result.timeline, args.target, args.env), result.steps / result.seconds * 3600,
+                          reward_of(result.timeline[-1][2], args.env), result.seconds)
     print(f"{'mode':<6} {'to target s':>12} {'steps/h':>9} {'final reward':>13} {'wall s':>8}")
     for mode, (to_target, per_hour, final, wall) in rows.items():
         print(f"{mode:<6} {to_target:>12.1f} {per_hour:>9.1f} {final:>13.3f} {wall:>8.1f}")

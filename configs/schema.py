@@ -98,6 +98,9 @@ class ModelConfig:
     """Parameter dtype for training and generation: float32, bfloat16 or float16."""
     mtp_steps: int = 0
     """Draft tokens per step from the MTP head (0: no speculative drafting)."""
+    draft_max_batch: int = -1
+    """Drafts only while at most this many sequences are active: -1, the crossover measured as the
+    engine runs (`rollout.draft_governor`); 0, at any batch size."""
     mtp_loss_coef: float = 0.0
     """Weight of the MTP auxiliary loss in the learner (0: heads not trained with the policy)."""
 
@@ -106,6 +109,9 @@ class ModelConfig:
             raise ConfigError("model: set model.path (an HF directory) or model.preset (a tiny preset)")
         _one_of("model", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _positive("model", "mtp_steps", self.mtp_steps, allow_zero=True)
+        if self.draft_max_batch < -1:
+            raise ConfigError(f"model.draft_max_batch={self.draft_max_batch}: use -1 (measured), 0 (always) "
+                              "or a batch size")
 
 
 @dataclass
@@ -258,6 +264,14 @@ class LearnerConfig:
     """Trajectory groups consumed per optimizer step, in total over every learner rank."""
     micro_batch_tokens: int = 4096
     """Token budget of one packed micro-batch; steps accumulate gradients over micro-batches."""
+    logprob_chunk: int = 0
+    """Positions whose full-vocabulary logits exist at once when computing log-probs (the output
+    head runs chunk by chunk and again in backward); 0: every position of a micro-batch at once.
+    At long context the logits are the learner's largest activation (`estuary plan` counts them)."""
+    share_prompt: bool = True
+    """Run each group's prompt once in the forward pass and branch its state into the G samples
+    (3.1x fewer tokens on the demo); off under `routing_replay`, a load-balance loss (they read
+    whole rows) and `activation_checkpointing` (transformers' checkpointed layers drop the cache)."""
     minibatches: int = 1
     """Optimizer steps per consumed batch (PPO mini-batches); >1 recomputes proximal log-probs first."""
     epochs: int = 1
@@ -364,6 +378,8 @@ class EvalConfig:
     """Held-out seeds start here, far from the training seeds."""
     budgets: list[int] = field(default_factory=list)
     """Extra thinking budgets to evaluate at (beside no budget), each stated in the prompts."""
+    environments: list[str] = field(default_factory=list)
+    """The environments evaluated, by their key under `environments` (empty: every one)."""
 
     def __post_init__(self) -> None:
         _positive("eval", "instances", self.instances)

@@ -107,7 +107,9 @@ def learner_role(arch: Architecture, cfg: LearnerConfig, dtype: str, max_seq: in
     else:
         terms.append(Term("activations", arch.n_layers * layer, f"{arch.n_layers} layers x {tokens} tokens x "
                           f"{arch.hidden} x {ACT_BYTES_PER_HIDDEN * bw // 2} B"))
-    terms.append(Term("logits", tokens * arch.vocab * (bw + 8), f"{tokens} tokens x {arch.vocab} vocab x "
+    at_once = min(tokens, cfg.logprob_chunk) if cfg.logprob_chunk else tokens
+    chunked = f" (learner.logprob_chunk; of {tokens})" if at_once < tokens else ""
+    terms.append(Term("logits", at_once * arch.vocab * (bw + 8), f"{at_once} tokens{chunked} x {arch.vocab} vocab x "
                       f"({bw} B logits + 4 B fp32 copy + 4 B log-softmax)"))
     role = Role("learner rank", n, cfg.gpus_per_learner, cfg.cpus_per_learner,
                 f"{cfg.backend}" + (f" ZeRO-{z}" if cfg.backend == "deepspeed" else "") + f" across {n} rank(s), "
@@ -187,8 +189,9 @@ def _check_learner(role: Role, cfg: Config) -> None:
         "ZeRO-3 gathered": "use GPUs with more memory (cluster.gpu_memory_gb): one layer does not fit",
         "activations": "set learner.activation_checkpointing=true or lower learner.micro_batch_tokens "
                        "(and rollout.max_len: a sequence is never split)",
-        "logits": "lower learner.micro_batch_tokens and the longest sequence (rollout.max_len / "
-                  "vllm_kwargs.max_model_len), or use GPUs with more memory (cluster.gpu_memory_gb)",
+        "logits": "set learner.logprob_chunk (e.g. 4096: log-probs a chunk of positions at a time), or "
+                  "lower learner.micro_batch_tokens and the longest sequence (rollout.max_len / "
+                  "vllm_kwargs.max_model_len)",
     }
     raise ConfigError(f"the learner does not fit: {_gib(role.total)} per GPU of cluster.gpu_memory_gb="
                       f"{cfg.cluster.gpu_memory_gb:g} x learner.gpus_per_learner={lc.gpus_per_learner:g}; the "

@@ -48,6 +48,7 @@ class RunLog:
         self.tty = sys.stdout.isatty()
         self.last_line = ""
         self.totals: dict[str, float] = {}  # rollout counters at the previous step
+        self.last_step_at = time.monotonic()
         params = flatten(config_tree)
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per call
             mlflow.log_params(dict(list(params.items())[i: i + 100]))
@@ -66,6 +67,13 @@ class RunLog:
         metrics = {f"learner/{k}": float(v) for k, v in stats.items()}
         metrics.update({f"rollout/{k}": float(v) for k, v in report.group_metrics.items()})
         metrics.update({f"rollout/{k}": float(v) for k, v in rollout.items()})
+        if rollout.get("mtp/drafted"):  # over the run so far: drafts accepted, tokens per verification
+            metrics["rollout/mtp/acceptance"] = rollout["mtp/accepted"] / rollout["mtp/drafted"]
+            metrics["rollout/mtp/mean_accepted_length"] = 1 + rollout["mtp/accepted"] / max(rollout["mtp/steps"], 1)
+        now = time.monotonic()  # policy tokens the rollouts generated per second since the previous step
+        fresh_tokens = rollout.get("policy_tokens", 0.0) - self.totals.get("policy_tokens", 0.0)
+        metrics["rollout/tokens_per_s"] = fresh_tokens / max(now - self.last_step_at, 1e-9)
+        self.last_step_at = now
         generated = self._generated_rewards(rollout)
         metrics.update({f"rollout/{k}/generated_reward_mean": v for k, v in generated.items()})
         staleness = report.staleness or [0]

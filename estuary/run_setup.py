@@ -43,6 +43,10 @@ def check_run_config(cfg: Config) -> None:
             f"stream.max_len={cfg.stream.max_len} is too small: the learner holds up to {held} unacknowledged "
             f"groups between checkpoints (groups_per_step x checkpoint_every); set stream.max_len >= {2 * held} "
             "or checkpoint more often")
+    unknown = sorted(set(cfg.eval.environments) - set(cfg.environments))
+    if unknown:
+        raise ConfigError(f"eval.environments names {unknown}, which are not under environments; "
+                          f"choose from {sorted(cfg.environments)} (or [] for every one)")
     # A sync round publishes its groups before the learner reads any: a smaller bound never fills it.
     if 0 < cfg.stream.max_unread < cfg.learner.groups_per_step:
         raise ConfigError(f"stream.max_unread={cfg.stream.max_unread} is below learner.groups_per_step="

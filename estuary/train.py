@@ -27,7 +27,8 @@ class TrainResult:
     evals: dict[str, dict[str, dict[str, float]]]
     seconds: float
     trained_groups: dict[int, list[str]]  # the group ids each policy version was trained on
-    timeline: list[tuple[float, int, float]]  # (seconds since start, version, mean eval reward) per evaluation
+    timeline: list[tuple[float, int, dict[str, float]]]
+    """Per evaluation: (seconds since start, version, unbudgeted eval reward per environment)."""
 
 
 def train(cfg: Config, on_step=None) -> TrainResult:
@@ -63,9 +64,10 @@ def train(cfg: Config, on_step=None) -> TrainResult:
         evaluator, timeline = load_policy(policy_dir, dtype=cfg.model.dtype), []
 
         def held_out(version: int, label: str) -> dict:
-            results = evaluate(evaluator, cfg.environments, cfg.eval, cfg.rollout, cfg.run.seed)
+            results = evaluate(evaluator, cfg.environments, cfg.eval, cfg.rollout, cfg.run.seed,
+                               only=cfg.eval.environments or None)
             log.evaluation(results, version, label)
-            timeline.append((time.monotonic() - started, version, _mean_reward(results)))
+            timeline.append((time.monotonic() - started, version, _rewards(results)))
             return results
 
         evals = {"start": held_out(0, "start")}
@@ -102,10 +104,9 @@ def train(cfg: Config, on_step=None) -> TrainResult:
         return TrainResult(run.info.run_id, version, checkpoint, evals, time.monotonic() - started, trained, timeline)
 
 
-def _mean_reward(results: dict[str, dict[str, float]]) -> float:
-    """Mean over environments of the unbudgeted eval reward."""
-    plain = [r["reward"] for name, r in results.items() if ":budget" not in name]
-    return sum(plain) / max(1, len(plain))
+def _rewards(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each environment's unbudgeted eval reward."""
+    return {name: r["reward"] for name, r in results.items() if ":budget" not in name}
 
 
 def _out_of_time(cfg: Config, started: float) -> bool:
@@ -115,8 +116,8 @@ def _out_of_time(cfg: Config, started: float) -> bool:
 def _rollout_counters(ray, workers) -> dict[str, float]:
     totals: dict[str, float] = {}
     for counters in ray.get([w.counters.remote() for w in workers]):
-        for key, value in counters.items():
-            totals[key] = totals.get(key, 0) + value
+        for key, value in counters.items():  # totals, but a crossover is a batch size: the largest
+            totals[key] = max(totals.get(key, 0), value) if key.endswith("crossover") else totals.get(key, 0) + value
     return totals
 
 

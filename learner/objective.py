@@ -29,11 +29,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from learner.batching import MicroBatch
+from learner.logprobs import chunked_logprobs, logprobs_from_logits
 from learner.losses import LossConfig, load_balance_loss, policy_loss
 from models.routing import RouterTap
-from rollout.sampling import processed_logprobs
+
+__all__ = ["Objective", "forward", "logprobs_from_logits", "microbatch_loss", "policy_logprobs", "reference_logprobs"]
 
 
 @dataclass(frozen=True)
@@ -49,34 +52,12 @@ class Objective:
     """The sampler's nucleus mass (`rollout.sampling.top_p`; 1.0: no truncation)."""
     top_k: int = 0
     """The sampler's top-k (`rollout.sampling.top_k`; 0: no truncation)."""
+    logprob_chunk: int = 0
+    """Positions whose logits exist at once (`learner.logprobs.chunked_logprobs`); 0: all."""
 
     @property
     def truncates(self) -> bool:
         return self.top_p < 1.0 or self.top_k > 0
-
-
-def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0,
-                         top_p: float = 1.0, top_k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (B, T, V), ids (B, T) -> (log-prob of each token given its prefix, entropy), both (B, T).
-
-    Under the sampler's processing (`rollout.sampling.processed_logprobs`): temperature, then
-    top-k and top-p; a token outside the kept set gets -inf. Position 0 has no prefix: 0.
-    """
-    scores = logits[:, :-1]  # (B, T-1, V) predicts tokens 1..T-1
-    if temperature == 1.0 and top_p >= 1.0 and top_k <= 0:
-        logp_all = torch.log_softmax(scores.float(), dim=-1)
-    else:
-        (b, t, v), dev = scores.shape, logits.device
-        n = b * t  # one row per position, each with the sampler's settings
-        logp_all = processed_logprobs(scores.reshape(n, v), torch.full((n,), temperature, device=dev),
-                                      torch.full((n,), top_k, device=dev), torch.full((n,), top_p, device=dev))
-        logp_all = logp_all.view(b, t, v)
-    logp = logp_all.gather(2, input_ids[:, 1:, None])[..., 0]
-    with torch.no_grad():
-        p = logp_all.exp()
-        entropy = -(p * logp_all.masked_fill(p == 0, 0.0)).sum(-1)  # truncated tokens add 0, not 0 * -inf
-    zero = torch.zeros_like(logp[:, :1])
-    return torch.cat([zero, logp], dim=1), torch.cat([zero, entropy], dim=1)
 
 
 def _replay(batch: MicroBatch) -> list[torch.Tensor] | None:
@@ -88,33 +69,79 @@ def _replay(batch: MicroBatch) -> list[torch.Tensor] | None:
 
 
 def forward(module, model, batch: MicroBatch, objective: Objective, hidden: bool = False):
-    """Run the policy on a micro-batch: (logits (B, T, V), final normed hidden (B, T, D) or None, RouterTap)."""
+    """Run the policy on a micro-batch: (logits (B, T-s, V), final normed hidden (B, T-s, D) or
+    None, RouterTap, s), for the positions s..T-1 of every row.
+
+    s is 0 unless the rows share a prompt (`batch.prefix_len` P): then the prompt runs once, its
+    cache is branched into the rows (`models.prefix_cache`), and s = P - 2, the first position
+    whose output any loss reads (the MTP head's first target, token P, is read from hidden P-2).
+    """
     replay = _replay(batch) if objective.routing_replay else None
+    chunked = objective.logprob_chunk > 0
+    hidden = hidden or chunked  # chunked log-probs run the output head on the hidden states
+    keep = _NO_LOGITS if chunked else 0  # transformers' logits_to_keep (0: every position)
     captured = []
     # The trunk's output (after its final norm) is what the MTP head reads; a hook takes it from
-    # the one forward pass instead of asking transformers for every layer's hidden states.
+    # the forward pass instead of asking transformers for every layer's hidden states.
     handle = model.model.register_forward_hook(lambda _m, _i, o: captured.append(o.last_hidden_state)) \
         if hidden else None
     try:
         with RouterTap(model, replay=replay) as tap:
-            logits = module(batch.input_ids).logits
+            if batch.prefix_len:
+                logits, start = _shared_prompt_forward(module, model, batch, chunked), batch.prefix_len - 2
+            else:
+                logits, start = module(batch.input_ids, logits_to_keep=keep).logits, 0
     finally:
         if handle is not None:
             handle.remove()
-    return logits, (captured[-1] if captured else None), tap
+    logits = None if chunked else logits
+    if not captured:
+        return logits, None, tap, start
+    if batch.prefix_len:  # (1, P, D) then (B, T-P, D): the prompt's last two positions, then the rows'
+        rows = batch.input_ids.shape[0]
+        return logits, torch.cat([captured[0][:, -2:].expand(rows, -1, -1), captured[1]], dim=1), tap, start
+    return logits, captured[-1], tap, start
+
+
+# logits_to_keep selecting no position: the forward pass stops at the final hidden states.
+_NO_LOGITS = torch.zeros(0, dtype=torch.long)
+
+
+def _shared_prompt_forward(module, model, batch: MicroBatch, chunked: bool = False) -> torch.Tensor:
+    """Logits (B, T-P+2, V) of positions P-2..T-1, the prompt (P tokens) run once for all B rows
+    (`chunked`: none, the head runs later on the hidden states)."""
+    from models.prefix_cache import branch_cache
+
+    if model.training and getattr(model, "is_gradient_checkpointing", False):
+        # transformers' checkpointed layers drop the cache: the rows would run without their prompt
+        raise ValueError("a shared prompt needs the layers' cache, which activation checkpointing drops: "
+                         "pack with learner.share_prompt=false")
+    p, rows = batch.prefix_len, batch.input_ids.shape[0]
+    keep = _NO_LOGITS if chunked else 0
+    prompt = module(batch.input_ids[:1, :p], use_cache=True, logits_to_keep=_NO_LOGITS if chunked else 2)  # (1, 2, V)
+    cache = branch_cache(prompt.past_key_values, rows)
+    tail = module(batch.input_ids[:, p:], past_key_values=cache, use_cache=True, logits_to_keep=keep).logits
+    return torch.cat([prompt.logits.expand(rows, -1, -1), tail], dim=1)  # (B, T-P+2, V)
+
+
+def policy_logprobs(module, model, batch: MicroBatch, objective: Objective, hidden: bool = False):
+    """(log-probs (B, T), entropy (B, T), hidden window or None, RouterTap, s) under the sampler's
+    processing; positions before s (prompt tokens when the prompt is shared) get 0."""
+    logits, states, tap, start = forward(module, model, batch, objective, hidden=hidden)
+    ids, sampler = batch.input_ids[:, start:], (objective.temperature, objective.top_p, objective.top_k)
+    if logits is None:  # chunked: from the hidden states, a chunk of positions at a time
+        logp, entropy = chunked_logprobs(model.lm_head, states, ids, objective.logprob_chunk, *sampler)
+    else:
+        logp, entropy = logprobs_from_logits(logits, ids, *sampler)  # (B, T-s) each
+    if start:
+        logp, entropy = F.pad(logp, (start, 0)), F.pad(entropy, (start, 0))
+    return logp, entropy, states, tap, start
 
 
 @torch.no_grad()
 def reference_logprobs(model, batch: MicroBatch, objective: Objective) -> torch.Tensor:
     """(B, T) log-probs under `model` without gradients (the proximal or reference policy)."""
-    logits, _, _ = forward(model, model, batch, objective)
-    return sampled_logprobs(logits, batch, objective)[0]
-
-
-def sampled_logprobs(logits: torch.Tensor, batch: MicroBatch, objective: Objective
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`logprobs_from_logits` under the objective's sampler settings: (log-probs, entropy), (B, T)."""
-    return logprobs_from_logits(logits, batch.input_ids, objective.temperature, objective.top_p, objective.top_k)
+    return policy_logprobs(model, model, batch, objective)[0]
 
 
 def _within_nucleus(mask: torch.Tensor, *logps: torch.Tensor | None):
@@ -130,8 +157,7 @@ def _within_nucleus(mask: torch.Tensor, *logps: torch.Tensor | None):
 def microbatch_loss(module, model, batch: MicroBatch, objective: Objective, ref_model=None
                     ) -> tuple[torch.Tensor, dict[str, float]]:
     want_mtp = objective.mtp_coef > 0 and getattr(model, "mtp", None) is not None
-    logits, hidden, tap = forward(module, model, batch, objective, hidden=want_mtp)
-    logp, entropy = sampled_logprobs(logits, batch, objective)
+    logp, entropy, hidden, tap, start = policy_logprobs(module, model, batch, objective, hidden=want_mtp)
     prox = None
     if objective.decoupled:
         prox = batch.prox_logp if batch.prox_logp is not None else logp.detach()
@@ -148,6 +174,8 @@ def microbatch_loss(module, model, batch: MicroBatch, objective: Objective, ref_
     gap = (batch.behav_logp - logp.detach()) * trained  # (B, T)
     stats["mismatch_kl"] = float(gap.sum() / trained.sum().clamp(min=1))
     if objective.load_balance_coef and tap.router_logits:
+        if batch.prefix_len:
+            raise ValueError("the load-balance loss needs whole rows: pack with share_prompt off")
         real = (torch.arange(batch.input_ids.shape[1], device=batch.lengths.device)[None, :]
                 < batch.lengths[:, None]).reshape(-1)
         balance = torch.stack([load_balance_loss(lg, ex, real) for lg, ex in
@@ -157,7 +185,8 @@ def microbatch_loss(module, model, batch: MicroBatch, objective: Objective, ref_
     if want_mtp:
         from models.mtp import mtp_logits, mtp_loss
 
-        draft = mtp_loss(mtp_logits(model, batch.input_ids, hidden.detach()), batch.input_ids, mask)
+        ids = batch.input_ids[:, start:]  # hidden covers positions start..T-1
+        draft = mtp_loss(mtp_logits(model, ids, hidden.detach()), ids, mask[:, start:])
         loss = loss + objective.mtp_coef * draft
         stats["mtp_loss"] = float(draft.detach())
     return loss, stats

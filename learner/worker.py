@@ -45,7 +45,7 @@ import torch
 
 from configs.schema import LearnerConfig
 from learner.advantages import task_and_shaping_advantages
-from learner.batching import pack
+from learner.batching import MicroBatch, pack, pack_groups
 from learner.checkpoint import latest_checkpoint, record_commit, restore_checkpoint, save_checkpoint
 from learner.collectives import gather_to_all, scatter_from_rank0
 from learner.losses import LossConfig
@@ -88,7 +88,7 @@ def objective_from(cfg: LearnerConfig, mtp_coef: float = 0.0, temperature: float
                       kl_coef=cfg.kl_coef)
     return Objective(loss=loss, decoupled=cfg.decoupled, load_balance_coef=cfg.load_balance_coef,
                      mtp_coef=mtp_coef, routing_replay=cfg.routing_replay, temperature=temperature,
-                     top_p=top_p, top_k=top_k)
+                     top_p=top_p, top_k=top_k, logprob_chunk=cfg.logprob_chunk)
 
 
 def task_and_shaping(group: TrajectoryGroup) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +140,7 @@ class LearnerWorker:
         self.version = 0
         self.counters: Counter[str] = Counter()
         self._uncommitted: list[Entry] = []  # trained on since the last commit
+        self._waited = 0.0  # seconds spent waiting for groups since the last step
         self._kept: list[tuple[Entry, float, int]] = []  # usable groups waiting for a step
         self._committed: tuple[int, Path] | None = None  # (version, path) of the newest checkpoint
         self._resume()
@@ -236,18 +237,31 @@ class LearnerWorker:
         kept, self._kept = self._kept[: self.cfg.groups_per_step], self._kept[self.cfg.groups_per_step:]
         return kept
 
-    def _samples(self, kept) -> tuple[list[Trajectory], list[float]]:
-        samples, advantages = [], []
+    def _groups(self, kept) -> list[tuple[list[Trajectory], list[float]]]:
+        """Each kept group's (samples, advantages)."""
+        groups = []
         for entry, scale, _ in kept:
             group = entry.group
             adv = task_and_shaping_advantages(*task_and_shaping(group), self.cfg.advantage)[0] * scale
-            for sample, a in zip(group.samples, adv.tolist(), strict=True):
+            samples = []
+            for sample in group.samples:
                 if self.cfg.overlong_filter and sample.finish_reason == "length":
                     sample = _without_policy_tokens(sample)
                     self.counters["overlong_masked"] += 1
                 samples.append(sample)
-                advantages.append(a)
-        return samples, advantages
+            groups.append((samples, adv.tolist()))
+        return groups
+
+    def _pack(self, groups: list[tuple[list[Trajectory], list[float]]]) -> list[MicroBatch]:
+        pad = self.policy.tokenizer.pad_token_id or 0
+        # These read whole rows (replayed experts and balance statistics per row position), or
+        # drop the cache a shared prompt hands to its rows (transformers' checkpointed layers).
+        whole_rows = self.cfg.routing_replay or self.cfg.load_balance_coef or self.cfg.activation_checkpointing
+        if whole_rows or not self.cfg.share_prompt:
+            samples = [s for group, _ in groups for s in group]
+            advantages = [a for _, adv in groups for a in adv]
+            return pack(samples, advantages, self.cfg.micro_batch_tokens, pad, routing=self.cfg.routing_replay)
+        return pack_groups(groups, self.cfg.micro_batch_tokens, pad)
 
     def _over_ranks(self, stats: dict[str, float]) -> dict[str, float]:
         """One rank's step statistics merged with every other's: tokens summed, time the slowest
@@ -271,15 +285,15 @@ class LearnerWorker:
         return scatter_from_rank0(shares)
 
     def step(self, timeout_s: float | None = None) -> StepReport | None:
+        waiting = time.perf_counter()
         kept = self.collect(timeout_s) if self.stream is not None else None
         mine = self._share(kept)  # data-parallel ranks step together or not at all
+        self._waited += time.perf_counter() - waiting
         if mine is None:
             return None
         kept = kept if kept is not None else mine  # rank 0 commits and reports the whole step
         start = time.perf_counter()
-        samples, advantages = self._samples(mine)
-        pad = self.policy.tokenizer.pad_token_id or 0
-        batches = pack(samples, advantages, self.cfg.micro_batch_tokens, pad, routing=self.cfg.routing_replay)
+        batches = self._pack(self._groups(mine))
         per_step = self.trainer.train(batches, self.objective, self.cfg.minibatches, self.cfg.epochs)
         self.version = self.trainer.steps
         stats = {k: float(np.mean([s.get(k, 0.0) for s in per_step])) for k in per_step[-1]}
@@ -287,6 +301,7 @@ class LearnerWorker:
         stats["train_s"] = time.perf_counter() - start
         stats = self._over_ranks(stats)
         stats["tokens_per_s"] = stats["trained_tokens"] / max(stats["train_s"], 1e-9)
+        stats["wait_s"], self._waited = self._waited, 0.0  # for groups, since the previous step
         if self.version % self.cfg.publish_every == 0:
             stats["publish_s"] = self.publish()
         if self.stream is not None:
@@ -297,6 +312,8 @@ class LearnerWorker:
                 self.stream.ack(self._uncommitted)
             self._uncommitted = []
         elif self.version // every > (self.version - len(per_step)) // every:
+            writing = time.perf_counter()
             self.checkpoint()
+            stats["checkpoint_s"] = time.perf_counter() - writing
         groups = [e.group for e, _, _ in kept]
         return StepReport(self.version, stats, groups, [s for _, _, s in kept], [g.group_id for g in groups])

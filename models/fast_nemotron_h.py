@@ -132,8 +132,9 @@ class FastNemotronH:
 
     @torch.no_grad()
     def decode(self, state: DecodeState, slots: torch.Tensor, tokens: torch.Tensor,
-               routing: list | None = None) -> torch.Tensor:
-        """One token per slot: slots (B,), tokens (B,) -> logits (B, vocab)."""
+               routing: list | None = None, return_hidden: bool = False):
+        """One token per slot: slots (B,), tokens (B,) -> logits (B, vocab) (and the final hidden
+        states (B, D) with `return_hidden`, for MTP drafting)."""
         lengths = state.lengths[slots]
         state.check_room_many(slots)
         h = self._layers(
@@ -143,7 +144,8 @@ class FastNemotronH:
             routing=routing,
         )
         state.lengths[slots] = lengths + 1
-        return self.model.lm_head(h).float()
+        logits = self.model.lm_head(h).float()
+        return (logits, h) if return_hidden else logits
 
     @torch.no_grad()
     def verify(self, state: DecodeState, slots: torch.Tensor, tokens: torch.Tensor):

@@ -47,7 +47,7 @@ def build_worker(spec: RolloutSpec, reconstructed: bool = False):
 
     torch.set_num_threads(max(1, int(spec.rollout.cpus_per_worker)))
     kwargs = {"max_batch": spec.rollout.max_concurrent_episodes, "max_len": spec.rollout.max_len,
-              "seed": spec.seed, "mtp_steps": spec.model.mtp_steps}
+              "seed": spec.seed, "mtp_steps": spec.model.mtp_steps, "draft_max_batch": spec.model.draft_max_batch}
     if spec.rollout.engine == "vllm":
         kwargs = {"max_model_len": spec.rollout.max_len, "max_num_seqs": spec.rollout.max_concurrent_episodes,
                   "seed": spec.seed, **spec.rollout.vllm_kwargs}
@@ -116,8 +116,13 @@ class RolloutActor:
             self.worker.round()
         return dict(self.worker.counters)
 
-    def counters(self) -> dict[str, int]:
-        return dict(self.worker.counters)
+    def counters(self) -> dict[str, float]:
+        """The worker's counters, and the torch engine's MTP drafting totals (`mtp/...`)."""
+        engine = self.worker.engine
+        mtp = {f"mtp/{k}": float(v) for k, v in getattr(engine, "stats", {}).items()}
+        if getattr(engine, "mtp_steps", 0):
+            mtp["mtp/crossover"] = float(engine.governor.crossover())
+        return {**self.worker.counters, **mtp}
 
     def served(self) -> dict[str, float]:
         """The weights this engine holds: the version it serves, the newest it received, and the

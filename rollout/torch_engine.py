@@ -18,6 +18,7 @@ requests whose samples all finished; `cancel(request_id)` drops one. A kept samp
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ import torch
 
 from models.fast_llama import fast_decoder
 from rollout.budget import BudgetControl, BudgetState
+from rollout.draft_governor import DraftGovernor
 from rollout.sampling import processed_for, sample
 from rollout.types import FINISH_LENGTH, FINISH_STOP, Request, Sample
 
@@ -54,7 +56,7 @@ class TorchEngine:
     """Generation with exact behaviour log-probs, budget control and live weight swaps."""
 
     def __init__(self, policy, max_batch: int = 64, max_len: int = 4096, seed: int = 0,
-                 mtp_steps: int = 0) -> None:
+                 mtp_steps: int = 0, draft_max_batch: int = -1) -> None:
         self.model = policy.model
         self.tokenizer = policy.tokenizer
         self.decoder = fast_decoder(self.model)
@@ -78,6 +80,9 @@ class TorchEngine:
             raise EngineError("mtp_steps > 0 needs a NemotronH policy with MTP heads "
                               "(add them with models.mtp.add_mtp_heads / `estuary model train-mtp`)")
         self.stats = {"drafted": 0, "accepted": 0, "steps": 0}
+        # drafts only while few sequences are active (-1: the crossover measured as it runs)
+        self.governor = DraftGovernor(draft_max_batch)
+        self._drafted_last: bool | None = None  # the previous step's mode
 
     # -- weights ------------------------------------------------------------------------------
     def update_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
@@ -203,9 +208,21 @@ class TorchEngine:
         seq.finish = self._finish_reason(seq, token)
 
     def _step(self, active: list[_Seq]) -> list[_Seq]:
+        draft = bool(self.mtp_steps) and self.governor.draft(len(active))
+        # A step that switches modes costs what neither mode does (a switch off feeds the tokens
+        # left for a speculative step; a switch on emits tokens without a forward pass): only
+        # steps in the same mode as the one before are measured.
+        steady, self._drafted_last = draft == self._drafted_last, draft
+        start, before = time.perf_counter(), sum(len(s.tokens) for s in active)
+        if self.mtp_steps and not draft:  # plain steps: feed the tokens left for a speculative step
+            waiting = [s for s in active if s.pending is not None]
+            for seq in waiting:
+                seq.pending = None
+            if waiting:
+                self._decode(waiting)
         drafting = [s for s in active if s.pending is not None]
         fresh = [s for s in active if s.pending is None]
-        finished = self._sample_step(fresh) if fresh else []
+        finished = self._sample_step(fresh, draft) if fresh else []
         if drafting:
             from rollout.torch_spec import spec_step
 
@@ -217,9 +234,12 @@ class TorchEngine:
         for seq in finished:
             if not seq.request.params.keep_state:
                 self.free.append(seq.slot)
+        if self.mtp_steps and steady:
+            emitted = sum(len(s.tokens) for s in active) - before
+            self.governor.record(len(active), draft, time.perf_counter() - start, emitted)
         return finished
 
-    def _sample_step(self, active: list[_Seq]) -> list[_Seq]:
+    def _sample_step(self, active: list[_Seq], draft: bool = False) -> list[_Seq]:
         """One token per sequence from its current logits (then fed, unless drafting takes over)."""
         lp = processed_for(torch.stack([s.logits for s in active]), [s.request.params for s in active])
         sampled, sampled_lp = sample(lp, self._gen)
@@ -229,7 +249,7 @@ class TorchEngine:
             forced = self.budget.forced_token(seq.budget)
             token = forced if forced is not None else tokens[i]
             self._emit(seq, token, 0.0 if forced is not None else token_lp[i], forced is not None)
-            if self.mtp_steps and seq.finish is None:
+            if draft and seq.finish is None:
                 seq.pending = token  # fed by the next speculative step, with its drafts
             elif seq.finish is None or seq.request.params.keep_state:
                 feed.append(seq)  # kept samples absorb their last token for continuation
@@ -241,7 +261,12 @@ class TorchEngine:
         slots = torch.tensor([s.slot for s in feed], device=self.device)
         last = torch.tensor([s.tokens[-1] for s in feed], device=self.device)
         routing: list | None = [] if any(s.routing is not None for s in feed) else None
-        out = self.decoder.decode(self.state, slots, last, routing)
+        if self.mtp_steps:  # the hidden state too: the next step may draft from it
+            out, hidden = self.decoder.decode(self.state, slots, last, routing, return_hidden=True)
+            for i, seq in enumerate(feed):
+                seq.hidden = hidden[i]
+        else:
+            out = self.decoder.decode(self.state, slots, last, routing)
         for i, seq in enumerate(feed):
             seq.logits = out[i]
             if routing is not None and seq.routing is not None:

@@ -131,6 +131,7 @@ class RolloutWorker:
         failed = group.metadata["failed"]
         self.counters["episodes_failed"] += len(failed)
         self.counters["episodes"] += len(failed) + len(group.samples)
+        self.counters["policy_tokens"] += sum(s.policy_tokens for s in group.samples)
         # Every generated sample, before the learner's filters (dynamic sampling keeps only
         # mixed groups, so the trained groups' mean says little about the policy itself).
         name = group.metadata.get("env", group.env_id)

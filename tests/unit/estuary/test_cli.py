@@ -54,6 +54,7 @@ def test_model_init_writes_a_policy_transformers_loads(tmp_path, capsys):
     ("learner.num_learners=0", "learner.num_learners=0 must be > 0"),
     ("stream.max_unread=4", "stream.max_unread=4 is below learner.groups_per_step=8"),
     ("rollout.mix=round-robin", "rollout.mix"),
+    ("eval.environments=[tool_use,chess]", r"eval.environments names \['chess'\]"),
 ])
 def test_what_estuary_train_cannot_run_is_refused_up_front(override, message):
     from configs import load_config

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from learner.batching import pack
+from learner.batching import pack, pack_groups
 from learner.losses import LossConfig, load_balance_loss
 from learner.objective import (
     Objective,
     forward,
     logprobs_from_logits,
     microbatch_loss,
-    sampled_logprobs,
+    policy_logprobs,
 )
 from learner.trainer import Trainer, TrainerOptions
 from models.mtp import add_mtp_heads
@@ -54,7 +54,7 @@ def test_routing_replay_pins_the_experts_and_changes_log_probs_only_where_they_d
     batch = _batch(policy)
     objective = Objective(routing_replay=True)
     with torch.no_grad():
-        logits, _, tap = forward(policy.model, policy.model, batch, Objective())
+        logits, _, tap, _ = forward(policy.model, policy.model, batch, Objective())
     own = logprobs_from_logits(logits, batch.input_ids)[0]
     layers = len(moe_routers(policy.model))
     b, t = batch.input_ids.shape
@@ -70,7 +70,7 @@ def test_routing_replay_pins_the_experts_and_changes_log_probs_only_where_they_d
     forced[1] = -1  # unknown for row 1: the trainer routes it itself
     batch.routed = forced
     with torch.no_grad():
-        logits2, _, tap2 = forward(policy.model, policy.model, batch, objective)
+        logits2, _, tap2, _ = forward(policy.model, policy.model, batch, objective)
     replayed = logprobs_from_logits(logits2, batch.input_ids)[0]
     assert torch.equal(tap2.experts[0].reshape(b, t, -1)[0, 3].sort().values, forced[0, 3, 0].long().sort().values)
     assert not torch.allclose(replayed[0, 4:], own[0, 4:], atol=1e-6)  # later positions see the change
@@ -140,8 +140,9 @@ def test_kl_to_the_reference_is_zero_at_start_and_grows():
     assert first["kl"] == pytest.approx(0.0, abs=1e-7) and later[-1]["kl"] > 1e-4
 
 
-@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 1.0), (0.7, 0.8)])
-def test_learner_logprobs_equal_the_engines_behaviour_logprobs(temperature, top_p):
+@pytest.mark.parametrize(("temperature", "top_p", "share"),
+                         [(1.0, 1.0, False), (0.7, 1.0, False), (0.7, 0.8, False), (0.7, 0.8, True)])
+def test_learner_logprobs_equal_the_engines_behaviour_logprobs(temperature, top_p, share):
     """Same weights, same sampler settings: the ratio to the behaviour policy must be 1."""
     policy = init_policy("tiny-hybrid-moe", seed=0)
     engine = TorchEngine(init_policy("tiny-hybrid-moe", seed=0), max_batch=4, max_len=128, seed=0)
@@ -152,11 +153,11 @@ def test_learner_logprobs_equal_the_engines_behaviour_logprobs(temperature, top_
     n = len(prompt)
     trajectories = [Trajectory(np.array(prompt + s.token_ids), np.array([PROMPT] * n + [POLICY] * len(s.token_ids)),
                                np.array([0.0] * n + s.logprobs), np.array([-1] * n + s.versions)) for s in samples]
-    batch = pack(trajectories, [0.0] * 4, max_tokens=10_000)[0]
+    [batch] = pack_groups([(trajectories, [0.0] * 4)], max_tokens=10_000, share_prompt=share)
+    assert batch.prefix_len == (n if share else 0)  # the prompt, run once for the four rows
     objective = Objective(temperature=temperature, top_p=top_p)
     with torch.no_grad():
-        logits, _, _ = forward(policy.model, policy.model, batch, objective)
-        learner = sampled_logprobs(logits, batch, objective)[0]
+        learner = policy_logprobs(policy.model, policy.model, batch, objective)[0]
         loss, stats = microbatch_loss(policy.model, policy.model, batch, objective)
     sampled = batch.loss_mask.bool()
     assert sampled.sum() >= 8

@@ -89,7 +89,7 @@ def test_downweighted_stale_groups_and_overlong_filter(tmp_path):
         worker.version = 5
         kept = worker.collect(timeout_s=10)
         assert [round(scale, 3) for _, scale, _ in kept] == [round(1 / 3, 3), 1.0]  # 4 old, limit 2
-        samples, _ = worker._samples(kept)
+        samples = [s for group, _ in worker._groups(kept) for s in group]
         assert all(not (s.loss_mask == POLICY).any() for s in samples[:4])  # cut samples: no loss
         assert worker.counters["overlong_masked"] == 4
 
@@ -109,7 +109,8 @@ def test_advantages_follow_the_task_reward_and_shaping_keeps_its_own_scale(tmp_p
     shaping_only = _with_parts(0, [formatted, wrong, formatted, malformed])
     right_wrong = _with_parts(1, [{"correct": 1.0, "format": 0.1}, formatted, {"correct": 1.0}, wrong])
     assert worker._admit(shaping_only)[0]  # kept by dynamic sampling: it carries signal at its scale
-    _, adv = worker._samples([(Entry("1-0", shaping_only), 1.0, 0), (Entry("2-0", right_wrong), 1.0, 0)])
+    groups = worker._groups([(Entry("1-0", shaping_only), 1.0, 0), (Entry("2-0", right_wrong), 1.0, 0)])
+    adv = [a for _, advantages in groups for a in advantages]
     assert adv[:4] == pytest.approx([0.075, -0.025, 0.075, -0.125], abs=1e-5)
     unit = 0.5 / (1 / 3) ** 0.5  # grpo's advantage of correct 1, 0, 1, 0
     assert adv[4:] == pytest.approx([unit + 0.05, -unit + 0.05, unit - 0.05, -unit - 0.05], abs=1e-4)

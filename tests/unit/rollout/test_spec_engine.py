@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import pytest
@@ -28,8 +29,25 @@ def peaky():
     return policy, prompt
 
 
-def _generate(policy, prompt, top_p, n_total=3000, mtp_steps=2):
-    engine = TorchEngine(policy, max_batch=100, max_len=64, seed=11, mtp_steps=mtp_steps)
+class Coin:
+    """A draft governor that turns drafting on or off at random each step (a switch off feeds
+    the token left for a speculative step; a switch on drafts from a plain step's hidden state):
+    every hand-over between the two modes must keep decoding exact."""
+
+    def __init__(self) -> None:
+        self.rng = random.Random(0)
+
+    def draft(self, active: int) -> bool:
+        return self.rng.random() < 0.5
+
+    def record(self, *_) -> None:
+        pass
+
+
+def _generate(policy, prompt, top_p, n_total=3000, mtp_steps=2, alternate=False):
+    engine = TorchEngine(policy, max_batch=100, max_len=64, seed=11, mtp_steps=mtp_steps, draft_max_batch=0)
+    if alternate:
+        engine.governor = Coin()
     params = SamplingParams(n=100, max_new_tokens=3, top_p=top_p, ignore_eos=True)
     out = engine.generate([Request(prompt, params) for _ in range(n_total // 100)])
     return [tuple(s.token_ids) for samples in out for s in samples], engine
@@ -55,10 +73,10 @@ def _pvalue(counts: Counter, probs: torch.Tensor) -> float:
     return chisquare(observed, [e * scale for e in expected]).pvalue
 
 
-@pytest.mark.parametrize("top_p", [1.0, 0.8])
-def test_draft_positions_follow_the_target(peaky, top_p):
+@pytest.mark.parametrize(("top_p", "alternate"), [(1.0, False), (0.8, False), (1.0, True)])
+def test_draft_positions_follow_the_target(peaky, top_p, alternate):
     policy, prompt = peaky
-    samples, engine = _generate(policy, prompt, top_p)
+    samples, engine = _generate(policy, prompt, top_p, alternate=alternate)
     assert engine.stats["drafted"] > 0 and engine.stats["accepted"] < engine.stats["drafted"]
     if top_p == 1.0:  # both paths exercised: accepted drafts and residual resamples
         assert engine.stats["accepted"] > 0
@@ -85,9 +103,12 @@ def test_a_biased_acceptance_rule_is_detected(peaky, monkeypatch):
     assert _pvalue(second, _exact(policy, prompt + [first], 1.0)) < 1e-3
 
 
-def test_speculative_logprobs_are_the_targets(peaky):
+@pytest.mark.parametrize("alternate", [False, True])
+def test_speculative_logprobs_are_the_targets(peaky, alternate):
     policy, prompt = peaky
-    engine = TorchEngine(policy, max_batch=8, max_len=128, mtp_steps=3)
+    engine = TorchEngine(policy, max_batch=8, max_len=128, mtp_steps=3, draft_max_batch=0)
+    if alternate:
+        engine.governor = Coin()
     [samples] = engine.generate([Request(prompt, SamplingParams(n=4, max_new_tokens=30))])
     for s in samples:
         with torch.no_grad():

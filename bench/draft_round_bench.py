@@ -1,0 +1,95 @@
+"""Adaptive MTP drafting on a rollout round: drafts off vs on at every batch vs adaptive.
+
+    .venv/bin/python -m bench.draft_round_bench [--policy DIR] [--draft-steps 2] [--repeats 3]
+
+A round is what a rollout worker's engine serves: groups of 8 samples of a prompt, continuously
+batched. Two rounds, each timed with the same engine and requests in three modes:
+- `tail`: 32 sequences, 28 of them stop after 16 tokens and 4 run to 256 (a long tail: most of
+  the round's wall time is a few sequences running alone, where speculation should pay);
+- `even`: 32 sequences of 64 tokens (no tail: drafting mostly runs at full batch).
+Modes: `off` (no drafts), `always` (`model.draft_max_batch=0`) and `adaptive` (-1: drafting
+while the batch is at or below the crossover the engine measures as it runs; one untimed
+round first, as a rollout worker's engine has served many before).
+
+The policy is the quick start's warm start (`configs/tiny_cpu.yaml`: copy pretraining, SFT and
+MTP heads fitted on its own generations; built once, then cached), so acceptance is that of a
+trained policy's heads, not of a random one's near-uniform distributions. `--policy` takes any
+NemotronH directory with `mtp.safetensors`.
+
+Prints a table, then `RESULT draft_adaptive_round_s_<round> ours=<adaptive> baseline=<off>`
+(ratio off/adaptive: above 1, adaptive takes less wall time) and the same for `always`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from models.policy import load_policy
+from rollout.torch_engine import TorchEngine
+from rollout.types import Request, SamplingParams
+
+ROUNDS = {"tail": [(16, 28), (256, 4)], "even": [(64, 32)]}  # (tokens, sequences) per round
+
+
+def requests(policy, shape: list[tuple[int, int]]) -> list[Request]:
+    out = []
+    for i, (tokens, sequences) in enumerate(shape):
+        for j in range(0, sequences, 8):
+            prompt = policy.tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"Compute {(i + j) % 10} + {(3 * j + 1) % 10}."}],
+                add_generation_prompt=True, return_dict=False)
+            out.append(Request(prompt, SamplingParams(n=min(8, sequences - j), max_new_tokens=tokens, ignore_eos=True)))
+    return out
+
+
+def round_seconds(policy, shape, mtp_steps: int, draft_max_batch: int, repeats: int) -> tuple[float, TorchEngine]:
+    """Best-of-`repeats` wall time of one round, after one untimed round on the same engine."""
+    engine = TorchEngine(policy, max_batch=64, max_len=512, seed=0, mtp_steps=mtp_steps,
+                         draft_max_batch=draft_max_batch)
+    engine.generate(requests(policy, shape))
+    engine.stats = {"drafted": 0, "accepted": 0, "steps": 0}
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        engine.generate(requests(policy, shape))
+        best = min(best, time.perf_counter() - start)
+    return best, engine
+
+
+def warm_start_policy(out: Path) -> Path:
+    from configs import load_config
+    from estuary.warm_start import warm_start
+
+    return warm_start(load_config("tiny_cpu", [f"run.output_dir={out}"]), out / "policy", print)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", default=None, help="NemotronH directory with MTP heads (default: the demo's warm start)")
+    parser.add_argument("--draft-steps", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # as a rollout worker runs (rollout.cpus_per_worker: 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        policy = load_policy(args.policy or warm_start_policy(Path(tmp)))
+    results = []
+    print(f"{'round':<6} {'off s':>8} {'always s':>9} {'adaptive s':>11} {'crossover':>10} {'acceptance':>11}")
+    for name, shape in ROUNDS.items():
+        off, _ = round_seconds(policy, shape, 0, 0, args.repeats)
+        always, eng_always = round_seconds(policy, shape, args.draft_steps, 0, args.repeats)
+        adaptive, engine = round_seconds(policy, shape, args.draft_steps, -1, args.repeats)
+        acceptance = eng_always.stats["accepted"] / max(1, eng_always.stats["drafted"])
+        print(f"{name:<6} {off:>8.2f} {always:>9.2f} {adaptive:>11.2f} {engine.governor.crossover():>10} "
+              f"{acceptance:>11.3f}")
+        results += [(f"draft_adaptive_round_s_{name}", adaptive, off), (f"draft_always_round_s_{name}", always, off)]
+    for label, ours, base in results:
+        print(f"RESULT {label} ours={ours:.2f} baseline={base:.2f} ratio={base / ours:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -20,9 +20,9 @@ import torch
 
 from bench.engine_bench import best_of, prompts
 from models.policy import init_policy, load_policy
-from models.train_mtp import train_mtp
 from rollout.torch_engine import TorchEngine
 from rollout.types import Request, SamplingParams
+from warmstart.train_mtp import train_mtp
 
 
 def run(policy, batch: int, new_tokens: int, mtp_steps: int) -> tuple[float, TorchEngine]:

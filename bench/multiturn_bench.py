@@ -39,24 +39,24 @@ import numpy as np
 import torch
 
 from configs.schema import EnvironmentConfig, SftConfig
+from environments import env_factory
 from rollout.episodes import Prompt, run_groups
 from rollout.scheduler import TurnScheduler
 from rollout.torch_engine import TorchEngine
 from rollout.types import SamplingParams
-from rollout.worker import env_factory
 from streams.trajectory import PROMPT
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("lockstep", "turns/round", "turns/stream")
 # What the SFT'd weights depend on (decoders and the engine do not change them).
-SFT_SOURCES = ("models/presets.py", "models/tokenizer.py", "models/policy.py", "learner/sft.py",
+SFT_SOURCES = ("models/presets.py", "models/tokenizer.py", "models/policy.py", "warmstart/sft.py",
                "environments/base.py", "environments/tool_use.py")
 
 
 def sft_policy(env: EnvironmentConfig, steps: int, fresh: bool = False) -> Path:
     """tiny-hybrid-moe SFT'd on the environment's reference conversations, cached by its inputs."""
-    from learner.sft import run_sft
     from models.policy import init_policy
+    from warmstart.sft import run_sft
 
     digest = hashlib.sha256(f"{env}|{steps}".encode())
     for name in SFT_SOURCES:

@@ -395,7 +395,7 @@ class SftConfig:
     steps: int = 0
     """Warm-start SFT steps on environment reference answers before RL (0: skip)."""
     copy_steps: int = 0
-    """Copy-pretraining steps before SFT, for a random-init preset (`learner/copy_pretrain.py`): random
+    """Copy-pretraining steps before SFT, for a random-init preset (`warmstart/copy_pretrain.py`): random
     token sequences shown twice, trained on the second showing, so the policy can copy from its
     context as a pretrained model does (0: skip; it runs only with SFT, `sft.steps` > 0, and never on a
     `model.path` policy)."""

@@ -12,6 +12,7 @@ from environments.base import HACK_VERDICTS, DatasetError, Generation, Task, Tex
 from environments.registry import (
     EnvironmentNotFound,
     describe,
+    env_factory,
     estuary_ids,
     make,
     plugin_errors,
@@ -20,5 +21,5 @@ from environments.registry import (
 
 __all__ = [
     "HACK_VERDICTS", "DatasetError", "EnvironmentNotFound", "Generation", "Task", "TextEnv", "TurnResult",
-    "describe", "estuary_ids", "make", "plugin_errors", "register",
+    "describe", "env_factory", "estuary_ids", "make", "plugin_errors", "register",
 ]

@@ -16,8 +16,10 @@ and Estuary loads those entry points on first use. A plug-in that fails to impor
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
@@ -105,6 +107,17 @@ def make(id: str, **kwargs: Any):
         raise _not_found(id)
     env = gym.make(id, disable_env_checker=True, **kwargs)
     return env.unwrapped
+
+
+def env_factory(cfg) -> Callable[[], Any]:
+    """A zero-argument builder of the environment an `EnvironmentConfig` describes (its id, its
+    kwargs and its reward list), checked by building one now: a bad config fails at start-up, not
+    in the first episode."""
+    kwargs = dict(cfg.kwargs)
+    if cfg.rewards:
+        kwargs["rewards"] = list(cfg.rewards)
+    make(cfg.id, **kwargs)
+    return functools.partial(make, cfg.id, **kwargs)
 
 
 def describe() -> list[EnvInfo]:

@@ -46,7 +46,7 @@ def _model_init(args: argparse.Namespace) -> int:
 def _train_mtp(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
-    from models.train_mtp import train_mtp
+    from warmstart.train_mtp import train_mtp
 
     hf_logging.disable_progress_bar()
     result = train_mtp(args.policy_dir, env_ids=args.env or None, samples=args.samples,

@@ -23,9 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from configs.schema import EnvironmentConfig, EvalConfig, RolloutConfig
+from environments import env_factory
 from estuary.eval_stats import summarise
 from rollout.episodes import Prompt, run_groups
-from rollout.worker import env_factory, sampling_params
+from rollout.worker import sampling_params
 from streams.trajectory import TrajectoryGroup
 
 log = logging.getLogger(__name__)

@@ -94,6 +94,9 @@ def learner_role(arch: Architecture, cfg: LearnerConfig, dtype: str, max_seq: in
         Term("optimizer state", p * opt / shard[1],
              f"{p:.4g} x {opt} B" + (f" / {n} ranks (ZeRO-{z})" if z >= 1 else "")),
     ]
+    if cfg.kl_coef > 0:  # the frozen reference: sharded like the weights under ZeRO-3, else whole
+        terms.append(Term("reference", p * bw / shard[3], f"{p:.4g} params x {bw} B (learner.kl_coef > 0)"
+                          + (f" / {n} ranks (ZeRO-3)" if z >= 3 else "")))
     if z == 3:
         biggest = max(arch.largest_layer, arch.vocab * arch.hidden)
         terms.append(Term("ZeRO-3 gathered", 2 * biggest * bw,
@@ -184,6 +187,7 @@ def _check_learner(role: Role, cfg: Config) -> None:
     worst = max(role.terms, key=lambda t: t.bytes)
     fixes = {
         "weights": "set learner.zero_stage=3 and raise learner.num_learners (ZeRO-3 shards the weights)",
+        "reference": "set learner.zero_stage=3 and raise learner.num_learners (ZeRO-3 shards the reference too)",
         "gradients": "set learner.zero_stage=2 or 3 and raise learner.num_learners",
         "optimizer state": "set learner.zero_stage >= 1 and raise learner.num_learners",
         "ZeRO-3 gathered": "use GPUs with more memory (cluster.gpu_memory_gb): one layer does not fit",

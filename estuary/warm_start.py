@@ -27,7 +27,7 @@ from pathlib import Path
 from configs.schema import Config
 
 # Source whose change changes the warm start (folders are hashed file by file, sorted).
-_SOURCES = ("models", "environments", "rewards", "learner/sft.py", "learner/copy_pretrain.py", "rollout")
+_SOURCES = ("models", "environments", "rewards", "warmstart", "rollout")
 _ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -73,15 +73,15 @@ def _build(cfg: Config, out: Path, say) -> None:
         write_preset(cfg.model.preset, out, seed=cfg.run.seed)
         say(f"policy: tiny preset {cfg.model.preset} (seed {cfg.run.seed})")
         if cfg.sft.copy_steps and cfg.sft.steps:  # part of the warm start: `sft.steps=0` skips both
-            from learner.copy_pretrain import run_copy_pretraining
+            from warmstart.copy_pretrain import run_copy_pretraining
 
             copied = run_copy_pretraining(out, cfg.sft.copy_steps, cfg.sft.copy_length, cfg.sft.copy_lr,
                                           seed=cfg.run.seed)
             say(f"copy pretraining: {cfg.sft.copy_steps} steps, loss {copied.loss_start:.2f} -> "
                 f"{copied.loss_end:.2f}, copy accuracy {copied.accuracy:.2f} in {copied.seconds:.0f}s")
     if cfg.sft.steps:
-        from learner.sft import run_sft
         from rollout.worker import budget_range
+        from warmstart.sft import run_sft
 
         result = run_sft(out, cfg.sft, cfg.environments, seed=cfg.run.seed, seed_limit=cfg.eval.seed_offset,
                          budget=budget_range(cfg.rollout.budget),
@@ -89,7 +89,7 @@ def _build(cfg: Config, out: Path, say) -> None:
         say(f"sft: {cfg.sft.steps} steps on {result.examples} reference conversations, "
             f"loss {result.loss_start:.2f} -> {result.loss_end:.2f} in {result.seconds:.0f}s")
     if cfg.model.mtp_steps and not (out / MTP_FILE).is_file():
-        from models.train_mtp import train_mtp
+        from warmstart.train_mtp import train_mtp
 
         env_ids = [(env.id, dict(env.kwargs)) for env in cfg.environments.values()]
         result = train_mtp(out, env_ids=env_ids, samples=128, steps=100, seed=cfg.run.seed)

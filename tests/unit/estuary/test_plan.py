@@ -96,3 +96,12 @@ def test_several_learners_need_deepspeed():
     check_run_config(load_config("tiny_cpu", ["learner.num_learners=2"]))  # no longer refused
     with pytest.raises(ConfigError, match="needs learner.backend=deepspeed"):
         check_run_config(load_config("tiny_cpu", ["learner.num_learners=2", "learner.backend=torch"]))
+
+
+def test_a_kl_reference_is_planned_sharded_under_zero3_and_whole_otherwise():
+    base = ["learner.kl_coef=0.05"]
+    sharded = _terms(plan_run(load_config("nemotron3_nano_gpu", base)).roles[0])
+    assert sharded["reference"] == sharded["weights"]  # 1/128 of the weights each
+    whole = _terms(learner_role(ARCH, LearnerConfig(kl_coef=0.05, zero_stage=2, num_learners=4), "float32",
+                                max_seq=50, gpu_bytes=80 * GIB))
+    assert whole["reference"] == whole["weights"] == ARCH.params * 4  # fp32 on CPU, not sharded

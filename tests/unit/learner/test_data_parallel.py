@@ -1,6 +1,8 @@
 """Two learner processes, DeepSpeed ZeRO-3 over gloo: the same update as one process on all the data.
 
 Rank 0 alone reads the stream (`groups_per_step` is the total) and scatters the groups by tokens.
+With a KL term, the ranks' frozen reference is a ZeRO-3 engine holding half the weights each;
+the single learner's is a whole copy: the second step's gradient (KL no longer 0) must agree.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from test_worker import make_group  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
 STEPS = 2
-CFG = dict(lr=1e-3, micro_batch_tokens=48, checkpoint_every=STEPS, max_staleness=100, warmup_steps=0)
+CFG = dict(lr=1e-3, micro_batch_tokens=48, checkpoint_every=STEPS, max_staleness=100, warmup_steps=0, kl_coef=0.1)
 
 RANK = textwrap.dedent("""
     import sys
@@ -44,6 +46,8 @@ RANK = textwrap.dedent("""
             print("grad_norm", report.stats["grad_norm"], flush=True)
     if rank == 0:
         print("pending", stream.pending(), "depth", stream.depth(), flush=True)
+    held = list(worker.trainer.reference.module.parameters())
+    print("reference", sum(p.ds_tensor.numel() for p in held), sum(p.ds_numel for p in held), flush=True)
 """)
 
 
@@ -75,6 +79,9 @@ def test_two_zero3_learners_match_one_learner_on_the_union(tmp_path):
     # the global gradient (not just its direction) is the single learner's: token-weighted over ranks
     dp_norms = [float(line.split()[1]) for line in logs[0].splitlines() if line.startswith("grad_norm")]
     assert dp_norms == pytest.approx(norms, rel=1e-4)
+    for log in logs:  # each rank holds about half of the reference, not all of it
+        [(shard, whole)] = [tuple(map(int, line.split()[1:])) for line in log.splitlines() if line.startswith("reference")]
+        assert whole == sum(p.numel() for p in worker.policy.model.parameters()) and shard <= whole // 2 + 1000
     ours = load_policy(tmp_path / f"dp/checkpoints/step-{STEPS:06d}").model.state_dict()
     reference = worker.policy.model.state_dict()
     initial = init_policy("tiny-hybrid-moe", seed=0).model.state_dict()

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from configs.schema import BudgetConfig, EnvironmentConfig, RolloutConfig
+from environments import env_factory
 from models.policy import init_policy
 from rollout.episodes import Prompt, run_groups
 from rollout.torch_engine import TorchEngine
 from rollout.types import SamplingParams
-from rollout.worker import RolloutWorker, env_factory
+from rollout.worker import RolloutWorker
 from streams.trajectory import FORCED, POLICY, PROMPT
 
 MATH = EnvironmentConfig(id="estuary/math", kwargs={"difficulty": 0})

@@ -15,6 +15,7 @@ import torch
 
 import environments
 from configs.schema import EnvironmentConfig
+from environments import env_factory
 from environments.base import TurnResult
 from environments.tool_use import ToolUseEnv
 from learner.objective import logprobs_from_logits
@@ -24,7 +25,6 @@ from rollout.episodes import Prompt
 from rollout.scheduler import TurnScheduler
 from rollout.torch_engine import TorchEngine
 from rollout.types import SamplingParams
-from rollout.worker import env_factory
 from streams.trajectory import FORCED, POLICY, PROMPT
 
 RELEASE = threading.Event()  # what the blocking environment waits for

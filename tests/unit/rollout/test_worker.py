@@ -201,9 +201,9 @@ def test_a_time_out_counts_from_when_the_step_starts_not_while_it_waits_for_a_th
     """Six 0.3 s steps on one thread take 1.8 s: none is past its own 1 s time-out (an eval's batch)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from environments import env_factory
     from rollout.episodes import Prompt, run_groups
     from rollout.types import SamplingParams
-    from rollout.worker import env_factory
 
     policy = init_policy("tiny-hybrid-moe", seed=0)
     engine = TorchEngine(policy, max_batch=8, max_len=256, seed=0)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from learner.copy_pretrain import copy_batch, copy_loss, run_copy_pretraining
 from models.policy import load_policy, write_preset
+from warmstart.copy_pretrain import copy_batch, copy_loss, run_copy_pretraining
 
 
 def test_a_copy_batch_shows_random_tokens_from_the_vocabulary_twice():

@@ -8,7 +8,10 @@ import re
 import torch
 
 from configs.schema import EnvironmentConfig, SftConfig
-from learner.sft import (
+from environments import env_factory
+from models.policy import init_policy, write_preset
+from models.tokenizer import build_tokenizer
+from warmstart.sft import (
     _batch,
     accumulate,
     cut_thinking,
@@ -17,9 +20,6 @@ from learner.sft import (
     sft_loss,
     thought_tokens,
 )
-from models.policy import init_policy, write_preset
-from models.tokenizer import build_tokenizer
-from rollout.worker import env_factory
 
 
 def test_cut_thinking_keeps_the_budgets_prefix_of_the_thought_and_the_whole_answer():

@@ -271,7 +271,9 @@ class LearnerConfig:
     share_prompt: bool = True
     """Run each group's prompt once in the forward pass and branch its state into the G samples
     (3.1x fewer tokens on the demo); off under `routing_replay`, a load-balance loss (they read
-    whole rows) and `activation_checkpointing` (transformers' checkpointed layers drop the cache)."""
+    whole rows), `activation_checkpointing` (transformers' checkpointed layers drop the cache) and
+    ZeRO-3 across several ranks (each forward pass gathers with the other ranks: every rank must
+    make as many)."""
     minibatches: int = 1
     """Optimizer steps per consumed batch (PPO mini-batches); >1 recomputes proximal log-probs first."""
     epochs: int = 1

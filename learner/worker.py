@@ -256,7 +256,11 @@ class LearnerWorker:
         pad = self.policy.tokenizer.pad_token_id or 0
         # These read whole rows (replayed experts and balance statistics per row position), or
         # drop the cache a shared prompt hands to its rows (transformers' checkpointed layers).
-        whole_rows = self.cfg.routing_replay or self.cfg.load_balance_coef or self.cfg.activation_checkpointing
+        # Under ZeRO-3 every forward pass gathers parameters with the other ranks, so every rank
+        # must make as many: a shared prompt makes two, a rank's plain or padding micro-batch one.
+        zero3_group = self.trainer.world_size > 1 and self.cfg.backend == "deepspeed" and self.cfg.zero_stage == 3
+        whole_rows = (self.cfg.routing_replay or self.cfg.load_balance_coef or self.cfg.activation_checkpointing
+                      or zero3_group)
         if whole_rows or not self.cfg.share_prompt:
             samples = [s for group, _ in groups for s in group]
             advantages = [a for _, adv in groups for a in adv]

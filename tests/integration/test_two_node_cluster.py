@@ -120,7 +120,9 @@ def _one_learner_on(trained: dict[int, list[str]], groups: dict, cfg, tmp_path) 
             for group_id in trained[version]:
                 stream.publish(groups[group_id])
         s = cfg.rollout.sampling
-        worker = LearnerWorker(replace(cfg.learner, backend="torch", num_learners=1, checkpoint_every=0),
+        # whole rows, as the ZeRO-3 ranks train them (a shared prompt differs in float32 rounding)
+        worker = LearnerWorker(replace(cfg.learner, backend="torch", num_learners=1, checkpoint_every=0,
+                                       share_prompt=False),
                                load_policy(tmp_path / "nodes/policy"), stream, tmp_path / "one",
                                temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
         while worker.version < STEPS:

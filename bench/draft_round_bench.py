@@ -2,8 +2,8 @@
 
     .venv/bin/python -m bench.draft_round_bench [--policy DIR] [--draft-steps 2] [--repeats 3]
 
-A round is what a rollout worker's engine serves: groups of 8 samples of a prompt, continuously
-batched. Two rounds, each timed with the same engine and requests in three modes:
+A round is what a rollout worker's engine serves: groups of 8 samples of a prompt (the quick
+start's four environments in turn, held-out seeds), continuously batched. Two rounds, each timed with the same engine and requests in three modes:
 - `tail`: 32 sequences, 28 of them stop after 16 tokens and 4 run to 256 (a long tail: most of
   the round's wall time is a few sequences running alone, where speculation should pay);
 - `even`: 32 sequences of 64 tokens (no tail: drafting mostly runs at full batch).
@@ -36,20 +36,29 @@ from rollout.types import Request, SamplingParams
 ROUNDS = {"tail": [(16, 28), (256, 4)], "even": [(64, 32)]}  # (tokens, sequences) per round
 
 
-def requests(policy, shape: list[tuple[int, int]]) -> list[Request]:
+def env_prompts(policy, count: int) -> list[list[int]]:
+    """Prompts of the quick start's four environments in turn (held-out seeds): what its engines serve."""
+    from configs import load_config
+    from environments import env_factory
+
+    makers = [env_factory(e) for e in load_config("tiny_cpu", []).environments.values()]
     out = []
-    for i, (tokens, sequences) in enumerate(shape):
-        for j in range(0, sequences, 8):
-            prompt = policy.tokenizer.apply_chat_template(
-                [{"role": "user", "content": f"Compute {(i + j) % 10} + {(3 * j + 1) % 10}."}],
-                add_generation_prompt=True, return_dict=False)
-            out.append(Request(prompt, SamplingParams(n=min(8, sequences - j), max_new_tokens=tokens, ignore_eos=True)))
+    for i in range(count):
+        messages, _ = makers[i % len(makers)]().reset(seed=10**6 + i)
+        out.append(policy.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
     return out
+
+
+def requests(policy, shape: list[tuple[int, int]]) -> list[Request]:
+    groups = [(tokens, min(8, sequences - j)) for tokens, sequences in shape for j in range(0, sequences, 8)]
+    prompts = env_prompts(policy, len(groups))
+    return [Request(p, SamplingParams(n=n, max_new_tokens=tokens, ignore_eos=True))
+            for p, (tokens, n) in zip(prompts, groups, strict=True)]
 
 
 def round_seconds(policy, shape, mtp_steps: int, draft_max_batch: int, repeats: int) -> tuple[float, TorchEngine]:
     """Best-of-`repeats` wall time of one round, after one untimed round on the same engine."""
-    engine = TorchEngine(policy, max_batch=64, max_len=512, seed=0, mtp_steps=mtp_steps,
+    engine = TorchEngine(policy, max_batch=64, max_len=1024, seed=0, mtp_steps=mtp_steps,
                          draft_max_batch=draft_max_batch)
     engine.generate(requests(policy, shape))
     engine.stats = {"drafted": 0, "accepted": 0, "steps": 0}

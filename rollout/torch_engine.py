@@ -213,7 +213,7 @@ class TorchEngine:
         # left for a speculative step; a switch on emits tokens without a forward pass): only
         # steps in the same mode as the one before are measured.
         steady, self._drafted_last = draft == self._drafted_last, draft
-        start, before = time.perf_counter(), sum(len(s.tokens) for s in active)
+        start, before = (time.perf_counter(), sum(len(s.tokens) for s in active)) if self.mtp_steps else (0.0, 0)
         if self.mtp_steps and not draft:  # plain steps: feed the tokens left for a speculative step
             waiting = [s for s in active if s.pending is not None]
             for seq in waiting:

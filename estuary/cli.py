@@ -15,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-PRESET_NAMES = ("tiny-hybrid-moe", "tiny-hybrid-moe-2attn", "tiny-hybrid-dense", "tiny-attention")  # models/presets.py
+PRESET_NAMES = ("tiny-hybrid-moe", "tiny-hybrid-moe-2attn", "tiny-hybrid-dense", "tiny-attention", "hybrid-moe-100m")  # models/presets.py
 
 
 class UsageError(Exception):
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True, metavar="ACTION"
     )
     init = model.add_parser("init", help="write a tiny random-init policy as an HF directory")
-    init.add_argument("preset", choices=PRESET_NAMES, help="which tiny preset")
+    init.add_argument("preset", choices=PRESET_NAMES, help="which preset (the tiny ones build in a second; hybrid-moe-100m has 107M parameters)")
     init.add_argument("out_dir", help="directory to write (config.json, safetensors, tokenizer)")
     init.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     init.set_defaults(handler=_model_init)

@@ -35,7 +35,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("ESTUARY_CACHE", Path.home() / ".cache" / "estuary")) / "warm_start"
 
 
-def _source_digest() -> str:
+def source_digest() -> str:
     digest = hashlib.sha256()
     for name in _SOURCES:
         path = _ROOT / name
@@ -53,7 +53,7 @@ def warm_start_key(cfg: Config) -> str:
         "sft": asdict(cfg.sft), "budget": asdict(cfg.rollout.budget),
         "environments": {name: asdict(env) for name, env in sorted(cfg.environments.items())},
         "mtp": bool(cfg.model.mtp_steps), "seed_offset": cfg.eval.seed_offset,
-        "source": _source_digest(),
+        "source": source_digest(),
     }
     inputs["sft"].pop("cache", None)  # whether to cache does not change what is built
     blob = json.dumps(inputs, sort_keys=True, default=str).encode()
@@ -112,13 +112,13 @@ def warm_start(cfg: Config, target: Path, say=print) -> Path:
     else:
         _build(cfg, tmp, say)
         if cached is not None:
-            _store(tmp, cached)
+            store_atomically(tmp, cached)
             say(f"warm start: cached as {cached}")
     tmp.rename(target)
     return target
 
 
-def _store(built: Path, cached: Path) -> None:
+def store_atomically(built: Path, cached: Path) -> None:
     """Copy into the cache atomically: a half-written entry is never taken for a whole one."""
     staging = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)

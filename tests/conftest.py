@@ -22,7 +22,7 @@ os.environ.setdefault("ESTUARY_CACHE", tempfile.mkdtemp(prefix="estuary-test-cac
 def tiny_policy_dirs(tmp_path_factory):
     """Each tiny preset written once per session as an HF directory."""
     from models.policy import write_preset
-    from models.presets import PRESETS
+    from models.presets import TINY
 
     root = tmp_path_factory.mktemp("policies")
-    return {name: write_preset(name, root / name, seed=0) for name in PRESETS}
+    return {name: write_preset(name, root / name, seed=0) for name in TINY}

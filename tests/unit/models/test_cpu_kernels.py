@@ -122,3 +122,44 @@ def test_a_slot_outside_the_state_is_refused_not_written():
     with pytest.raises(RuntimeError, match="slot -1 is outside"):
         k.attn_decode(q, kv, kv, cache, cache.clone(), torch.tensor([-1]), torch.tensor([0]), 1.0)
     assert not state.any() and not cache.any()
+
+
+@pytest.mark.parametrize("rows", range(1, 9))
+def test_small_linear_is_f_linear_for_one_to_eight_rows(rows):
+    k = kernels()
+    gen = torch.Generator().manual_seed(rows)
+    # 1029 columns: a tail after the 8-wide vectors; 77 outputs: a tail after the row blocks
+    for cols, outs in [(1029, 77), (128, 768), (5, 3)]:
+        x, w, b = (torch.randn(rows, cols, generator=gen), torch.randn(outs, cols, generator=gen),
+                   torch.randn(outs, generator=gen))
+        assert torch.allclose(k.small_linear(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-5)
+        batched = k.small_linear(x[None], w, None)  # leading dimensions kept, no bias
+        assert batched.shape == (1, rows, outs)
+        assert torch.allclose(batched[0], x @ w.T, atol=1e-4, rtol=1e-5)
+
+
+def test_small_linear_refuses_more_than_eight_rows():
+    with pytest.raises(RuntimeError, match="1 to 8 rows"):
+        kernels().small_linear(torch.zeros(9, 4), torch.zeros(3, 4), None)
+
+
+@pytest.mark.parametrize("tokens", [5, 12])  # up to 8 tokens of large experts go expert by expert
+def test_routed_experts_match_torch_token_by_token_and_grouped(tokens):
+    gen = torch.Generator().manual_seed(tokens)
+    experts, latent, inner, top_k = 4, 256, 256, 2  # 256 x 256: large enough for the grouped path
+    scores = torch.rand(tokens, experts, generator=gen)
+    bias = torch.randn(experts, generator=gen) * 0.1
+    x = torch.randn(tokens, latent, generator=gen)
+    up_t = torch.randn(experts, latent, inner, generator=gen) / 16
+    down_t = torch.randn(experts, inner, latent, generator=gen) / 16
+    out, ids, weights = kernels().moe_experts(scores, bias, x, up_t, down_t, top_k, True, 1.0)
+    chosen = (scores + bias).topk(top_k, dim=-1).indices
+    assert torch.equal(ids, chosen)
+    picked = scores.gather(1, chosen)
+    assert torch.allclose(weights, picked / picked.sum(-1, keepdim=True), atol=1e-6)
+    expected = torch.zeros_like(x)
+    for t in range(tokens):
+        for j in range(top_k):
+            e = int(chosen[t, j])
+            expected[t] += weights[t, j] * (torch.relu(x[t] @ up_t[e]) ** 2) @ down_t[e]
+    assert torch.allclose(out, expected, atol=1e-4, rtol=1e-4)

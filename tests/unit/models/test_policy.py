@@ -9,11 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.policy import PolicyError, init_policy, load_policy
-from models.presets import PRESETS
+from models.presets import TINY
 from models.tokenizer import MARKUP_TOKENS
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", sorted(TINY))
 def test_saved_policy_loads_in_transformers_with_same_logits(preset, tiny_policy_dirs):
     ours = init_policy(preset, seed=0)
     theirs = AutoModelForCausalLM.from_pretrained(tiny_policy_dirs[preset], dtype=torch.float32)
@@ -25,7 +25,7 @@ def test_saved_policy_loads_in_transformers_with_same_logits(preset, tiny_policy
     assert torch.allclose(a, b, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", sorted(TINY))
 def test_load_policy_round_trip(preset, tiny_policy_dirs, tmp_path):
     policy = load_policy(tiny_policy_dirs[preset])
     policy.save(tmp_path / "again")

@@ -5,7 +5,7 @@
 The policy: the preset, a short SFT on the quick start's four environments' reference
 conversations, then MTP heads fitted on its own generations (`warmstart/train_mtp.py`). It is
 built once and cached under `$ESTUARY_CACHE/bench/` (keyed by the preset, the stages' settings
-and the source), about 10 minutes for `hybrid-moe-100m` on 2 cores. A random-init policy would
+and the source), about 20 minutes for `hybrid-moe-100m` on 2 cores. A random-init policy would
 not do: acceptance on its near-uniform distributions says nothing about a trained one's.
 
 The work: the environments' held-out prompts in turn, one sample each at temperature 1, up to
@@ -20,7 +20,7 @@ is on at every batch size here (`draft_max_batch=0`): this measures what a draft
 buys, not the adaptive governor (`bench.draft_round_bench` does that).
 
 Why 100M parameters: at batch 1-4 a decode step of ~75M active fp32 parameters streams ~300 MB of
-weights from memory, so verifying K+1 tokens in one pass costs about one step, as on a GPU; the
+weights from memory, so verifying K+1 tokens in one pass costs little more than one step, as on a GPU; the
 tiny presets sit in cache and are dispatch-bound, where a verification costs ~1.5 steps.
 
 Prints a table, then `RESULT mtp_drafts_tok_per_s_b<B> ours=<on> baseline=<off> ratio=<on/off>`,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
-from weights_sync.collective import CollectiveWeightSync, bucket_layout
+from weights_sync.collective import CollectiveWeightSync, ReceiveBuffers, bucket_layout
 from weights_sync.membership import host_rendezvous
 
 
@@ -14,6 +16,26 @@ def _weights(scale: float) -> dict[str, torch.Tensor]:
     return {"a": torch.arange(12, dtype=torch.float32).reshape(3, 4) * scale,
             "b": torch.full((5,), scale, dtype=torch.bfloat16), "c": torch.ones(2, 2) * scale,
             "big": torch.full((40,), scale), "d": torch.tensor(int(scale), dtype=torch.int64)}
+
+
+@contextmanager
+def _publisher_and_engine() -> Iterator[tuple[CollectiveWeightSync, CollectiveWeightSync]]:
+    _store, address = host_rendezvous("127.0.0.1")
+    engine = CollectiveWeightSync(address, rank=1, world_size=2, timeout_s=60)
+    publisher = CollectiveWeightSync(address, rank=0, world_size=2, bucket_bytes=64, timeout_s=60,
+                                     join_window_s=60)
+    try:
+        yield publisher, engine
+    finally:
+        publisher.close()
+        engine.close()
+
+
+def _wait_for(engine: CollectiveWeightSync, version: int):
+    deadline = time.monotonic() + 30
+    while engine.pull(newer_than=version - 1) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return engine.pull(newer_than=version - 1)
 
 
 def test_buckets_hold_one_dtype_each_and_at_most_the_bound_unless_one_tensor_is_bigger():
@@ -25,23 +47,42 @@ def test_buckets_hold_one_dtype_each_and_at_most_the_bound_unless_one_tensor_is_
 
 
 def test_a_bucketed_broadcast_arrives_whole_and_exact():
-    _store, address = host_rendezvous("127.0.0.1")
-    engine = CollectiveWeightSync(address, rank=1, world_size=2, timeout_s=60)
-    publisher = CollectiveWeightSync(address, rank=0, world_size=2, bucket_bytes=64, timeout_s=60,
-                                     join_window_s=60)
-    try:
+    with _publisher_and_engine() as (publisher, engine):
         for version in (1, 2):
             publisher.publish(_weights(float(version)), version)
         # two packing buffers per dtype, each as big as its largest bucket of several tensors (the
         # lone big one is sent as it lies)
         assert {k: [b.numel() for b in pair] for k, pair in publisher._buffers.items()} == {"float32": [16, 16]}
-        deadline = time.monotonic() + 30
-        while (engine.pull(newer_than=1) is None) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        update = engine.pull(newer_than=1)
+        update = _wait_for(engine, 2)
         assert update is not None and update.version == 2
         for name, value in _weights(2.0).items():
             assert torch.equal(update.weights[name], value) and update.weights[name].dtype == value.dtype, name
-    finally:
-        publisher.close()
-        engine.close()
+
+
+def test_receive_buffers_are_reused_only_once_nothing_else_holds_them():
+    pool = ReceiveBuffers(torch.device("cpu"))
+    assert pool.keep
+    held = pool.take(torch.float32, 8)[2:6].view(2, 2)  # a version's tensor, still served
+    first = held.untyped_storage().data_ptr()
+    pool.reclaim()
+    second = pool.take(torch.float32, 8).data_ptr()  # that version's views already dropped
+    assert second != first
+    del held  # the engine applied that version and let it go
+    pool.reclaim()
+    assert {pool.take(torch.float32, 8).data_ptr(), pool.take(torch.float32, 8).data_ptr()} == {first, second}
+    assert pool.take(torch.float32, 8).data_ptr() not in (first, second)
+
+
+def test_a_version_still_held_is_never_overwritten_by_later_ones():
+    with _publisher_and_engine() as (publisher, engine):
+        kept = None
+        for version in range(1, 6):
+            publisher.publish(_weights(float(version)), version)
+            latest = _wait_for(engine, version)
+            kept = kept or latest
+        assert kept is not None and kept.version == 1
+        for name, value in _weights(1.0).items():
+            assert torch.equal(kept.weights[name], value), name
+        assert latest is not None and latest.version == 5
+        for name, value in _weights(5.0).items():
+            assert torch.equal(latest.weights[name], value), name

@@ -39,9 +39,10 @@ def demo_path_config(tmp_path: Path, sft_steps: int = SFT_STEPS, rl_steps: int =
     # from its context); the demo's copy stage would add 90 s and leave less to sharpen.
     raw["model"].update(preset="tiny-hybrid-moe", draft_max_batch=0)  # drafts at every batch, as calibrated
     raw["rollout"]["budget"] = {"min_tokens": 8, "max_tokens": 32, "grace_tokens": 4}  # as calibrated
-    # ... and before the demo's KL to the warm start, its 64-token answers and its informative mix
-    # (the KL slows a 20-step run; the bounded backlog and the mix change which groups it sees).
-    raw["learner"].update(kl_coef=0.0)
+    # ... and before the demo's KL to the warm start, its 64-token answers, its informative mix and
+    # its overlong filter (the KL slows a 20-step run; the bounded backlog and the mix change which
+    # groups it sees).
+    raw["learner"].update(kl_coef=0.0, overlong_filter=False)
     raw["rollout"].update(mix="weight")
     raw["rollout"]["sampling"].update(max_new_tokens=48)
     raw["stream"].update(max_unread=0)

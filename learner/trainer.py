@@ -202,8 +202,11 @@ class Trainer:
         if self.world_size > 1:
             total, = all_reduce([local], "sum")
             n_micro = int(all_reduce([len(batches)], "max")[0])
-        if total == 0:
-            return {"loss": 0.0, "trained_tokens": 0}
+        if total == 0:  # nothing to train anywhere (every sample cut and filtered, say): the
+            # weights stay as they are, but the step counts, so the version moves on with it
+            self.scheduler.step()
+            self.steps += 1
+            return {"loss": 0.0, "trained_tokens": 0, "lr": self.scheduler.get_last_lr()[0]}
         module = self.engine if self.engine is not None else self.model
         module.train()
         if self.engine is None:

@@ -37,6 +37,17 @@ def test_packing_respects_the_token_budget():
     assert sum(b.n_tokens for b in batches) == 3 + 10 + 4 + 9
 
 
+def test_a_step_with_nothing_to_train_moves_no_weight_but_counts():
+    policy = init_policy("tiny-hybrid-moe", seed=0)
+    sample = _sample(policy, [1, 2], [3, 4, 5])
+    sample.loss_mask[:] = PROMPT  # every policy token filtered out (a sample cut at the limit)
+    trainer = Trainer(policy.model, TrainerOptions(backend="torch", lr=1e-3))
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    stats = trainer.step(pack([sample], [1.0], max_tokens=8), LossConfig())
+    assert stats["trained_tokens"] == 0 and trainer.steps == 1  # the learner's version moves on
+    assert all(torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
+
+
 def test_grpo_step_raises_the_better_sample_and_lowers_the_worse():
     torch.manual_seed(0)
     policy = init_policy("tiny-hybrid-moe", seed=0)

@@ -23,13 +23,16 @@ ENGINE = textwrap.dedent("""
 
     N = 1 << 20
     sync = make_weight_sync("collective", sys.argv[1], rank=int(sys.argv[2]), world_size=3)
-    seen, deadline = [], time.monotonic() + 240
+    seen = []
+
+    def received(update):  # every version the receiver takes, not only those a poll happens to catch
+        right = torch.equal(update.weights["w"], torch.full((N,), float(update.version)))
+        seen.append(update.version)
+        print("version", update.version, "right" if right else "WRONG", flush=True)
+
+    sync.subscribe(received)
+    deadline = time.monotonic() + 240
     while time.monotonic() < deadline and (not seen or seen[-1] < 5):
-        update = sync.pull(newer_than=seen[-1] if seen else -1)
-        if update is not None:
-            assert torch.equal(update.weights["w"], torch.full((N,), float(update.version)))
-            seen.append(update.version)
-            print("version", update.version, flush=True)
         time.sleep(0.01)
     print("seen", seen, flush=True)
     sync.close()
@@ -53,7 +56,10 @@ def _wait_for(predicate, what: str, timeout_s: float = 120) -> None:
 
 
 def _seen(log: str) -> list[int]:
-    return [int(line.split()[1]) for line in log.splitlines() if line.startswith("version ")]
+    """The versions an engine received, each checked to hold its own weights."""
+    lines = [line.split() for line in log.splitlines() if line.startswith("version ")]
+    assert all(right == "right" for _, _, right in lines), log
+    return [int(version) for _, version, _ in lines]
 
 
 def test_engines_and_the_publisher_rejoin_after_kill_9_and_versions_only_go_up():

@@ -76,6 +76,9 @@ with open(out, "wb") as f:
 """
 
 
+# 95 s; the default suite checks two ranks against one process (tests/unit/learner/test_data_parallel.py)
+# and two ranks surviving a kill -9 (test_learner_group.py); this adds the second node
+@pytest.mark.slow
 def test_two_learner_ranks_on_two_nodes_train_the_weights_one_learner_trains_on_the_same_groups(
         tmp_path, two_nodes):
     overrides = [

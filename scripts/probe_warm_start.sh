@@ -8,10 +8,10 @@
 # RL lifts pass@1 toward pass@k; an environment whose pass@8 is near its pass@1 (near 0 or near 1)
 # has nothing to sharpen. About 5 minutes on 2 cores (the build), and 20-60 s for the scores.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { echo "usage: bash scripts/probe_warm_start.sh OUT_DIR [key=value ...]" >&2; exit 2; }
-out=$1
+out=$(realpath -m "$1")  # before the cd: a relative OUT_DIR is the caller's
 shift
+cd "$(dirname "$0")/.."
 [ ! -e "$out" ] || { echo "probe_warm_start: $out exists; give a new folder (or delete it)" >&2; exit 2; }
 start=$(date +%s)
 .venv/bin/python - "$out" "$@" <<'PY'

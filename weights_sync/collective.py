@@ -14,14 +14,14 @@ The group is a process group of its own (built on the rendezvous store, not
 Membership comes in generations (`weights_sync.membership`): engines that restart rejoin, a
 member that dies is dropped, a restarted publisher carries on, and no rank is ever reused.
 
-A publication is announced through the store (generation, sequence number -> version, layout
-id), then the tensors go out in buckets of at most `bucket_bytes` (one dtype each; a bigger
+A publication is announced in each member's inbox on the store (version, layout id), then the
+tensors go out in buckets of at most `bucket_bytes` (one dtype each; a bigger
 tensor travels alone, sent from where it lies), packed into two reusable buffers per dtype: no
 side ever allocates a whole-model flat buffer. (Sending every tensor of 1 MiB or more alone
 instead was no faster at 100M: a broadcast's fixed cost outweighs the copy.) Layouts (buckets,
 names, shapes, offsets) go through the store once per new layout. On each engine a receiver
-thread watches the store (never sitting in a collective while idle, so it notices a new
-generation or a dead publisher), unpacks each bucket into the new version's own tensors and
+thread blocks on its inbox (never in a collective while idle, so a closed generation or a
+restarted publisher reaches it through the store), unpacks each bucket into the new version's own tensors and
 only then swaps the version in: the learner never waits for an engine busy generating, and a
 partially received update is never served. Versions only go up.
 """
@@ -31,16 +31,31 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
-from weights_sync.membership import POLL_S, Publisher, connect, counter, join, new_group
+from weights_sync.membership import (
+    CLOSED,
+    Publisher,
+    announce,
+    connect,
+    counter,
+    inbox,
+    join,
+    new_group,
+)
 from weights_sync.protocol import Update
 
 log = logging.getLogger(__name__)
+
+# How long an idle engine's inbox wait lasts before it looks at the generation counter itself
+# (only a publisher that died and never came back leaves an inbox silent): long, as c10d logs
+# each time-out.
+IDLE_CHECK_S = 600.0
 
 
 def bucket_layout(weights: dict[str, torch.Tensor], bucket_bytes: int) -> list[dict]:
@@ -116,13 +131,18 @@ class CollectiveWeightSync:
         self._latest: Update | None = None
         self._subscribers: list[Callable[[Update], None]] = []
         self._stopping = threading.Event()
+        self._inbox: str | None = None  # an engine's inbox while it is a member (`close` wakes it)
         self.counters = {"generations": 0, "failed_broadcasts": 0}
         if rank == 0:
             self.store = connect(address, timeout_s)
             self.members = Publisher(self.store, world_size - 1, join_window_s)
-            self._group, self._formed, self._seq = None, False, 0
+            self._group, self._formed, self._size = None, False, 1
             self._layout: list | None = None
             self._layout_id = 0
+            self._signature: list | None = None  # names, shapes, dtypes the layout was made for
+            # the newest version on this channel, from the store once (a restarted publisher's
+            # predecessor may have published): a store read per publish cost a small model 20%
+            self._published = int(self.store.get("published")) if self.store.check(["published"]) else -1
             self._buffers: dict[str, list[torch.Tensor]] = {}  # the publisher's reusable packing buffers
             self._receiver = None
         else:
@@ -153,8 +173,13 @@ class CollectiveWeightSync:
                 self.counters["failed_broadcasts"] += 1
                 self._drop_group()
         self.store.set("published", str(version))
+        self._published = version
 
     def _layout_for(self, weights: dict[str, torch.Tensor]) -> int:
+        signature = [(name, t.shape, t.dtype) for name, t in weights.items()]
+        if signature == self._signature:
+            return self._layout_id
+        self._signature = signature
         layout = bucket_layout(weights, self.bucket_bytes)
         if layout != self._layout:  # ids from the store: unique across publisher restarts
             self._layout_id = int(self.store.add("layouts", 1))
@@ -166,7 +191,7 @@ class CollectiveWeightSync:
     def _regroup(self) -> None:
         self._drop_group()
         generation, size = self.members.regroup()
-        self._seq = 0
+        self._size = size
         self.counters["generations"] += 1
         if size > 1:
             self._group = new_group(self.store, generation, 0, size, self.device, self.timeout_s)
@@ -179,8 +204,7 @@ class CollectiveWeightSync:
     def _send(self, weights: dict[str, torch.Tensor], version: int, layout_id: int) -> None:
         if self._group is None:  # nobody to send to (no engine took a ticket in time)
             return
-        self.store.set(f"g{self.members.generation}/m{self._seq}", json.dumps([version, layout_id]))
-        self._seq += 1
+        announce(self.store, self.members.generation, self._size, json.dumps([version, layout_id]))
         in_flight: deque = deque()  # at most two broadcasts: one on the wire while the next is packed
         try:
             with torch.no_grad():
@@ -198,15 +222,14 @@ class CollectiveWeightSync:
         if len(bucket["tensors"]) == 1:
             return weights[bucket["tensors"][0][0]].detach().reshape(-1).to(self.device).contiguous()
         buffer = self._buffers[bucket["dtype"]][i % 2][: bucket["n"]]
-        for name, _, start, n in bucket["tensors"]:
-            buffer[start: start + n].copy_(weights[name].reshape(-1))
-        return buffer
+        # one copy kernel for the bucket (a copy_ per tensor cost a small model's publish 0.3 ms)
+        return torch.cat([weights[name].reshape(-1) for name, *_ in bucket["tensors"]], out=buffer)
 
     def latest_version(self) -> int:
         """The publisher: the newest version ever published on this channel (a restarted
         publisher sees its predecessor's); an engine: the newest it holds."""
         if self.rank == 0:
-            return int(self.store.get("published")) if self.store.check(["published"]) else -1
+            return self._published
         with self._lock:
             return -1 if self._latest is None else self._latest.version
 
@@ -214,6 +237,8 @@ class CollectiveWeightSync:
     def _receive_loop(self) -> None:
         try:
             store = connect(self.address, self.timeout_s)
+            waiting = store.clone()  # the inbox's own client: its wait may outlast `timeout_s`
+            waiting.set_timeout(timedelta(seconds=IDLE_CHECK_S))
             store.add("joins", 1)  # a new engine, or a restarted one: the publisher re-forms the group
         except RuntimeError as e:
             log.error("cannot reach the weight-sync rendezvous at %s: %s", self.address, e)
@@ -231,26 +256,29 @@ class CollectiveWeightSync:
             generation, rank, size = member
             try:
                 group = new_group(store, generation, rank, size, self.device, self.timeout_s)
-                self._serve(store, group, generation, layouts)
+                self._serve(store, waiting, group, generation, rank, layouts)
             except RuntimeError as e:  # the publisher or another member died: wait for the next generation
                 log.info("left weight-sync generation %d: %s", generation, str(e))
             group = None
 
-    def _serve(self, store, group, generation: int, layouts: dict[int, list]) -> None:
-        """Receive every announced version of `generation` until a newer generation opens."""
-        seq = 0
+    def _serve(self, store, waiting, group, generation: int, rank: int, layouts: dict[int, list]) -> None:
+        """Receive every version announced to this member of `generation` until it closes."""
+        key = inbox(generation, rank)
+        with self._lock:
+            self._inbox = key
         while not self._stopping.is_set():
-            key = f"g{generation}/m{seq}"
-            if store.check([key]):
-                version, layout_id = json.loads(store.get(key))
-                if layout_id not in layouts:
-                    layouts[layout_id] = json.loads(store.get(f"layout-{layout_id}"))
-                self._take(Update(version=version, weights=self._receive(group, layouts[layout_id])))
-                seq += 1
-            elif counter(store, "gen") != generation:
+            try:
+                message = waiting.queue_pop(key)
+            except dist.DistStoreError:  # silent for IDLE_CHECK_S: still the newest generation?
+                if counter(store, "gen") != generation:
+                    return
+                continue
+            if message == CLOSED or self._stopping.is_set():
                 return
-            else:
-                time.sleep(POLL_S)
+            version, layout_id = json.loads(message)
+            if layout_id not in layouts:
+                layouts[layout_id] = json.loads(store.get(f"layout-{layout_id}"))
+            self._take(Update(version=version, weights=self._receive(group, layouts[layout_id])))
 
     def _receive(self, group, layout: list[dict]) -> dict[str, torch.Tensor]:
         """One version, bucket by bucket, straight into tensors of its own (views of one buffer
@@ -295,9 +323,16 @@ class CollectiveWeightSync:
 
     def close(self) -> None:
         """Leave the group: the publisher drops it (members go back to waiting for a generation);
-        an engine's receiver stops at its next look at the store."""
+        an engine's receiver is woken through its inbox and stops."""
         self._stopping.set()
         if self.rank == 0:
             self._drop_group()
         elif self._receiver is not None:
+            with self._lock:
+                key = self._inbox
+            if key is not None:
+                try:
+                    connect(self.address, 5).queue_push(key, "stop")
+                except RuntimeError:  # the store is gone: so is the receiver's wait
+                    pass
             self._receiver.join(timeout=5)

@@ -24,7 +24,14 @@ Store keys:
   g<G>/tickets     counter: an engine's ticket in generation G is its rank (1, 2, ...)
   g<G>/size        set by the publisher when G closes: 1 + the tickets taken by then
   g<G>/pg/...      generation G's process-group rendezvous
-  g<G>/m<S>        the S-th announcement in G (`weights_sync.collective`)
+  g<G>/r<R>/inbox  queue: what member R of G is told, in order: each announcement
+                   (`weights_sync.collective`), then CLOSED when the next generation opens
+
+A member blocks on its inbox (`TCPStore.queue_pop`): it wakes the moment a version is announced,
+without polling (a 10 ms poll was most of a small model's broadcast time) and without a wait
+that times out while idle (c10d logs every time-out, and a member must notice at once that its
+generation closed, or it misses the next one's join window). Opening a generation closes the
+previous one, so a restarted publisher releases its predecessor's members too.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 POLL_S = 0.01  # how often a waiting side looks at the store (a round trip on loopback is ~0.1 ms)
+CLOSED = b"closed"  # the last thing a member's inbox tells it: its generation is over
 
 
 def host_rendezvous(host: str, port: int = 0) -> tuple[dist.TCPStore, str]:
@@ -84,6 +92,7 @@ class Publisher:
         """Open the next generation and close it after `window_s` (or once every expected engine
         holds a ticket); returns (generation, size). Engines taking a ticket after the close get
         a rank >= size: they are not members and ask for the next generation."""
+        close_generation(self.store, counter(self.store, "gen"))
         generation = int(self.store.add("gen", 1))
         tickets, deadline = f"g{generation}/tickets", time.monotonic() + self.window_s
         while counter(self.store, tickets) < self.engines and time.monotonic() < deadline:
@@ -94,6 +103,22 @@ class Publisher:
         # left out of this (closed) generation and add another join, which opens the next one.
         self.joins_seen, self.generation = counter(self.store, "joins"), generation
         return generation, size
+
+
+def inbox(generation: int, rank: int) -> str:
+    return f"g{generation}/r{rank}/inbox"
+
+
+def announce(store: dist.TCPStore, generation: int, size: int, message: str) -> None:
+    """Tell every member (ranks 1..size-1) of `generation` `message`, in order after the last."""
+    for rank in range(1, size):
+        store.queue_push(inbox(generation, rank), message)
+
+
+def close_generation(store: dist.TCPStore, generation: int) -> None:
+    """Release `generation`'s members (if it ever closed with members) to join the next one."""
+    if generation > 0 and store.check([f"g{generation}/size"]):
+        announce(store, generation, int(store.get(f"g{generation}/size")), CLOSED.decode())
 
 
 def join(store: dist.TCPStore, after: int, stop: Callable[[], bool]) -> tuple[int, int, int] | None:

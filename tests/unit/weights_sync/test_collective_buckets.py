@@ -86,3 +86,19 @@ def test_a_version_still_held_is_never_overwritten_by_later_ones():
         assert latest is not None and latest.version == 5
         for name, value in _weights(5.0).items():
             assert torch.equal(latest.weights[name], value), name
+
+
+def test_an_idle_engine_waits_on_its_inbox_and_is_woken_by_a_new_generation_and_by_close():
+    """No poll: the receiver blocks on the store (for `IDLE_CHECK_S`, ten minutes), so only the
+    inbox can wake it. A new generation's CLOSED and `close()` must each reach it at once."""
+    with _publisher_and_engine() as (publisher, engine):
+        publisher.publish(_weights(1.0), 1)
+        assert _wait_for(engine, 1) is not None
+        first = engine._inbox
+        publisher._drop_group()  # as after a failed broadcast: the next publish opens a new generation
+        publisher.publish(_weights(2.0), 2)  # waits (join window 60 s) until the engine joins it
+        assert _wait_for(engine, 2).version == 2 and engine._inbox != first
+        start = time.monotonic()
+        engine.close()
+        assert not engine._receiver.is_alive(), "close() did not wake the receiver's inbox wait"
+        assert time.monotonic() - start < 5

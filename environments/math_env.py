@@ -1,7 +1,9 @@
 """`estuary/math`: generated arithmetic, algebra and word problems, or GSM8K/MATH-style JSONL.
 
 Generated tasks scale with `difficulty` (0: one operation on small numbers, up to 3: multi-step
-word problems and larger equations). A dataset row has `problem` and `answer` (a GSM8K
+word problems and larger equations); `kinds=[...]` picks families by name (`arithmetic`,
+`algebra`, `word`, `count_on`: adding or taking 1 or 10 from a two-digit number, a step below
+difficulty 0 that only a digit's successor, carries included, and copying need). A dataset row has `problem` and `answer` (a GSM8K
 `... #### 72` answer, a number, or MATH LaTeX, possibly `\\boxed{}`) and an optional `solution`.
 The reward is answer equivalence by math-verify (thread-safe here), 1 or 0; hedged answers
 (several candidates) and ones that expand to something huge score 0 (`rewards.math`).
@@ -71,6 +73,15 @@ def _word(rng: random.Random, difficulty: int) -> tuple[str, int, str]:
     )
 
 
+def _count_on(rng: random.Random, difficulty: int) -> tuple[str, int, str]:
+    """Counting on or back by 1 or 10 from a two-digit number (the answer is never guessable from
+    a handful of values: two digits, one of them copied, one stepped, with carries)."""
+    a, k, op = rng.randint(10, 89 + 10 * difficulty), rng.choice((1, 10)), rng.choice("+-")
+    value = _OPS[op](a, k)
+    return f"Compute {a} {op} {k}.", value, f"{a} {op} {k} = {value}"
+
+
+KINDS = {"arithmetic": _arithmetic, "algebra": _algebra, "word": _word, "count_on": _count_on}
 _KINDS = (_arithmetic, _algebra, _word)
 
 
@@ -83,9 +94,20 @@ class MathEnv(TextEnv):
 
     description = "arithmetic, algebra and word problems (generated, or GSM8K/MATH JSONL); math-verify reward"
 
+    def __init__(self, *args: Any, kinds: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        unknown = sorted(set(kinds or ()) - set(KINDS))
+        if unknown:
+            raise ValueError(f"estuary/math: unknown kinds {unknown}; choose from {sorted(KINDS)}")
+        # `kinds` narrows generated problems to these families (drawn uniformly, at `difficulty`)
+        self.kinds = [KINDS[k] for k in kinds] if kinds else None
+
     def generate(self, rng: random.Random) -> Task:
-        kind = _KINDS[rng.randrange(len(_KINDS))] if self.difficulty > 0 else rng.choice(
-            (_arithmetic, _arithmetic, _word))
+        if self.kinds:
+            kind = rng.choice(self.kinds)
+        else:
+            kind = _KINDS[rng.randrange(len(_KINDS))] if self.difficulty > 0 else rng.choice(
+                (_arithmetic, _arithmetic, _word))
         problem, answer, work = kind(rng, self.difficulty)
         return Task(prompt=f"{problem} {INSTRUCTION}", answer=str(answer), data={"work": work})
 

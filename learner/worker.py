@@ -18,8 +18,8 @@ What one step does, in order:
    rewards differ only by shaping is kept: its advantages stay on the shaping's scale.
 2. Advantages per group, from the task reward (the `correct` part) with the shaping terms
    (every other part) added on their own scale (`task_and_shaping_advantages`); samples cut
-   at the length limit lose their loss mask with `overlong_filter`; micro-batches packed by
-   `micro_batch_tokens`.
+   at the length limit are left out with `overlong_filter` (no token of theirs would train);
+   micro-batches packed by `micro_batch_tokens`.
 3. `epochs` x `minibatches` optimizer steps (the policy version counts optimizer steps).
 4. Publish the weights every `publish_every` steps; engines pull them when ready.
 5. Commit: every `checkpoint_every` steps a checkpoint records the step, the version and the
@@ -53,7 +53,7 @@ from learner.objective import Objective
 from learner.trainer import Trainer, TrainerOptions
 from models.policy import Policy
 from streams.redis_stream import Entry, TrajectoryStream
-from streams.trajectory import POLICY, PROMPT, Trajectory, TrajectoryGroup
+from streams.trajectory import Trajectory, TrajectoryGroup
 
 
 @dataclass
@@ -112,12 +112,6 @@ def split_by_tokens(kept: list, ranks: int) -> list[list]:
         shares[lightest].append(item)
         load[lightest] += sum(len(s.token_ids) for s in item[0].group.samples)
     return shares
-
-
-def _without_policy_tokens(t: Trajectory) -> Trajectory:
-    mask = np.where(t.loss_mask == POLICY, PROMPT, t.loss_mask).astype(np.uint8)
-    return Trajectory(t.token_ids, mask, t.logprobs, t.versions, t.reward, t.reward_parts,
-                      t.finish_reason, t.routed_experts)
 
 
 class LearnerWorker:
@@ -238,18 +232,23 @@ class LearnerWorker:
         return kept
 
     def _groups(self, kept) -> list[tuple[list[Trajectory], list[float]]]:
-        """Each kept group's (samples, advantages)."""
+        """Each kept group's (samples, advantages), advantages from the whole group. With the
+        overlong filter a cut sample is left out: every term of the loss (policy, KL, MTP) and its
+        normalisation count only policy tokens, so a row with none changes nothing but the
+        learner's time (a fifth of the quick start's policy tokens were in such rows)."""
         groups = []
         for entry, scale, _ in kept:
             group = entry.group
             adv = task_and_shaping_advantages(*task_and_shaping(group), self.cfg.advantage)[0] * scale
-            samples = []
-            for sample in group.samples:
+            samples, advantages = [], []
+            for sample, a in zip(group.samples, adv.tolist(), strict=True):
                 if self.cfg.overlong_filter and sample.finish_reason == "length":
-                    sample = _without_policy_tokens(sample)
                     self.counters["overlong_masked"] += 1
+                    continue
                 samples.append(sample)
-            groups.append((samples, adv.tolist()))
+                advantages.append(a)
+            if samples:
+                groups.append((samples, advantages))
         return groups
 
     def _pack(self, groups: list[tuple[list[Trajectory], list[float]]]) -> list[MicroBatch]:

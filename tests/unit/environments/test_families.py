@@ -281,3 +281,21 @@ def test_reference_thoughts_quote_the_context_that_holds_the_answer():
     answer = env.reference_answer()
     quote = answer.split("</think>")[0].removeprefix("<think>")
     assert quote in reply[0]["content"] and quote.endswith(str(env.task.answer))
+
+
+def test_math_kinds_pick_problem_families_and_count_on_steps_by_one_or_ten():
+    env = environments.make("estuary/math", kinds=["count_on"])
+    steps = set()
+    for seed in range(40):
+        messages, _ = env.reset(seed=seed)
+        a, op, k = messages[-1]["content"].split(".")[0].removeprefix("Compute ").split()
+        steps.add(k)
+        assert 10 <= int(a) <= 89 and env.unwrapped.task.answer == str(int(a) + int(k) * (1 if op == "+" else -1))
+        reward, _, _ = _play(env, lambda e: e.reference_answer())
+        assert reward == 1.0
+    assert steps == {"1", "10"}
+    mixed = environments.make("estuary/math", kinds=["count_on", "word"])
+    prompts = [mixed.reset(seed=s)[0][-1]["content"] for s in range(20)]
+    assert any("has" in p for p in prompts) and any(p.startswith("Compute") for p in prompts)
+    with pytest.raises(ValueError, match="unknown kinds \\['nope'\\]; choose from"):
+        environments.make("estuary/math", kinds=["nope"])

@@ -89,9 +89,38 @@ def test_downweighted_stale_groups_and_overlong_filter(tmp_path):
         worker.version = 5
         kept = worker.collect(timeout_s=10)
         assert [round(scale, 3) for _, scale, _ in kept] == [round(1 / 3, 3), 1.0]  # 4 old, limit 2
-        samples = [s for group, _ in worker._groups(kept) for s in group]
-        assert all(not (s.loss_mask == POLICY).any() for s in samples[:4])  # cut samples: no loss
+        groups = worker._groups(kept)  # the cut group's samples are left out, none of them trained
+        assert len(groups) == 1 and groups[0][0] == kept[1][0].group.samples
         assert worker.counters["overlong_masked"] == 4
+        mixed = make_group(2, rewards=(1.0, 0.0, 0.0, 0.0))
+        mixed.samples[1].finish_reason = "length"  # a cut sample: its advantage came from the whole group
+        (samples, advantages), = worker._groups([(Entry("2-0", mixed), 1.0, 0)])
+        full = worker._groups([(Entry("2-0", make_group(2, rewards=(1.0, 0.0, 0.0, 0.0))), 1.0, 0)])[0][1]
+        assert samples == [mixed.samples[i] for i in (0, 2, 3)] and advantages == [full[i] for i in (0, 2, 3)]
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_a_row_without_policy_tokens_changes_no_step(aggregation):
+    """Leaving a cut sample out equals training it with its loss mask cleared: the same update."""
+    from learner.batching import pack
+    from learner.trainer import Trainer, TrainerOptions
+    from learner.worker import objective_from
+
+    group = make_group(3, rewards=(1.0, 0.0, 0.5, 0.0))
+    cut = group.samples[1]
+    masked = Trajectory(cut.token_ids, np.where(cut.loss_mask == POLICY, PROMPT, cut.loss_mask).astype(np.uint8),
+                        cut.logprobs, cut.versions, cut.reward)
+    adv = [1.0, -0.5, 0.3, -0.8]
+    objective = objective_from(_cfg(kl_coef=0.1, loss_aggregation=aggregation))
+    weights = []
+    for samples, advantages in (([group.samples[0], masked, *group.samples[2:]], adv),
+                                ([group.samples[0], *group.samples[2:]], [adv[0], *adv[2:]])):
+        policy = init_policy("tiny-attention", seed=0)
+        trainer = Trainer(policy.model, TrainerOptions(backend="torch", lr=1e-3, keep_reference=True))
+        trainer.step(pack(samples, advantages, max_tokens=64), objective)
+        weights.append(torch.cat([p.detach().reshape(-1) for p in policy.model.parameters()]))
+    # float32 summation order only (2-3e-7 measured); a row that trained would move weights by ~lr
+    assert torch.allclose(weights[0], weights[1], atol=1e-6)
 
 
 def _with_parts(seed: int, parts: list[dict[str, float]]) -> TrajectoryGroup:

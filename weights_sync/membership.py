@@ -22,7 +22,7 @@ Store keys:
   joins            counter: +1 when an engine starts, or finds itself left out of a generation
   gen              counter: the current generation (the publisher adds 1 to open the next)
   g<G>/tickets     counter: an engine's ticket in generation G is its rank (1, 2, ...)
-  g<G>/size        set by the publisher when G closes: 1 + the tickets taken by then
+  g<G>/size        set by the publisher when G stops taking tickets: 1 + the tickets taken by then
   g<G>/pg/...      generation G's process-group rendezvous
   g<G>/r<R>/inbox  queue: what member R of G is told, in order: each announcement
                    (`weights_sync.collective`), then CLOSED when the next generation opens

@@ -27,8 +27,9 @@ ENGINE = textwrap.dedent("""
 
     def received(update):  # every version the receiver takes, not only those a poll happens to catch
         right = torch.equal(update.weights["w"], torch.full((N,), float(update.version)))
-        seen.append(update.version)
+        # printed before it is recorded: the main thread's last print must not cut into this line
         print("version", update.version, "right" if right else "WRONG", flush=True)
+        seen.append(update.version)
 
     sync.subscribe(received)
     deadline = time.monotonic() + 240

@@ -3,10 +3,11 @@
 Generated tasks scale with `difficulty` (0: one operation on small numbers, up to 3: multi-step
 word problems and larger equations); `kinds=[...]` picks families by name (`arithmetic`,
 `algebra`, `word`, `count_on`: adding or taking 1 or 10 from a two-digit number, a step below
-difficulty 0 that only a digit's successor, carries included, and copying need). A dataset row has `problem` and `answer` (a GSM8K
-`... #### 72` answer, a number, or MATH LaTeX, possibly `\\boxed{}`) and an optional `solution`.
-The reward is answer equivalence by math-verify (thread-safe here), 1 or 0; hedged answers
-(several candidates) and ones that expand to something huge score 0 (`rewards.math`).
+difficulty 0 that needs only a digit's successor, carries included, and copying). A dataset
+row has `problem` and `answer` (a GSM8K `... #### 72` answer, a number, or MATH LaTeX, possibly
+`\\boxed{}`) and an optional `solution`. The reward is answer equivalence by math-verify
+(thread-safe here), 1 or 0; hedged answers (several candidates) and ones that expand to
+something huge score 0 (`rewards.math`).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _count_on(rng: random.Random, difficulty: int) -> tuple[str, int, str]:
 
 
 KINDS = {"arithmetic": _arithmetic, "algebra": _algebra, "word": _word, "count_on": _count_on}
-_KINDS = (_arithmetic, _algebra, _word)
+_KINDS = (_arithmetic, _algebra, _word)  # without `kinds`: difficulty 1+ draws these (count_on only by name)
 
 
 def boxed(answer: Any) -> str:

@@ -222,8 +222,10 @@ class CollectiveWeightSync:
         if len(bucket["tensors"]) == 1:
             return weights[bucket["tensors"][0][0]].detach().reshape(-1).to(self.device).contiguous()
         buffer = self._buffers[bucket["dtype"]][i % 2][: bucket["n"]]
-        # one copy kernel for the bucket (a copy_ per tensor cost a small model's publish 0.3 ms)
-        return torch.cat([weights[name].reshape(-1) for name, *_ in bucket["tensors"]], out=buffer)
+        # one copy kernel for the bucket (a copy_ per tensor cost a small model's publish 0.3 ms);
+        # `.to` is a no-op unless the weights live elsewhere (a GPU learner on a gloo channel)
+        return torch.cat([weights[name].reshape(-1).to(buffer.device) for name, *_ in bucket["tensors"]],
+                         out=buffer)
 
     def latest_version(self) -> int:
         """The publisher: the newest version ever published on this channel (a restarted

@@ -222,7 +222,8 @@ class CollectiveWeightSync:
         if len(bucket["tensors"]) == 1:
             return weights[bucket["tensors"][0][0]].detach().reshape(-1).to(self.device).contiguous()
         buffer = self._buffers[bucket["dtype"]][i % 2][: bucket["n"]]
-        # one copy kernel for the bucket (a copy_ per tensor cost a small model's publish 0.3 ms);
+        # one copy kernel for the bucket, not one per tensor (a tiny model's 53 copy_ calls took
+        # 0.6 ms a publish in cProfile; one cat of the same bytes takes 0.3 ms in broadcast_bench);
         # `.to` is a no-op unless the weights live elsewhere (a GPU learner on a gloo channel)
         return torch.cat([weights[name].reshape(-1).to(buffer.device) for name, *_ in bucket["tensors"]],
                          out=buffer)

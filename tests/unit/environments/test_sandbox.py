@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import os
 import socket
-import tempfile
 import time
 
 import psutil
@@ -53,7 +52,7 @@ def _leftover_dirs(pool: SandboxPool) -> set[str]:
             return not pool.isolated_uid or os.stat(path).st_uid in pool.uids
         except FileNotFoundError:
             return False
-    return {p for p in glob.glob(os.path.join(tempfile.gettempdir(), "estuary-sbx-*")) if ours(p)}
+    return {p for p in glob.glob(os.path.join(pool.base, "estuary-sbx-*")) if ours(p)}
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
@@ -102,10 +101,34 @@ def test_environment_is_scrubbed_and_stdin_closed(pool, monkeypatch):
 
 
 def test_private_tmp_and_fresh_folder(pool):
-    result = pool.run("import os\nopen('/tmp/estuary-probe', 'w').write('x')\nprint(os.listdir('.'))",
-                      LIMITS)
-    assert result.verdict == "ok"
+    write = ("import os\nfor d in ('/tmp', '/dev/shm'):\n    open(d + '/estuary-probe', 'w').write('x')\n"
+             "os.mkdir('/tmp/estuary-probe-dir')\nprint(os.listdir('.'))")
+    look = "import os\nprint(sorted(os.listdir('/tmp')), sorted(os.listdir('/dev/shm')), os.listdir('.'))"
+    for _ in range(3):  # both slots: each run starts with empty folders, whichever slot ran before
+        assert pool.run(write, LIMITS).verdict == "ok"
+        seen = pool.run(look, LIMITS)
+        assert seen.verdict == "ok" and "estuary-probe" not in seen.stdout, seen
     assert not os.path.exists("/tmp/estuary-probe")  # written to a private tmpfs, now gone
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the mount namespace needs root")
+def test_a_run_sees_its_own_folder_only(pool):
+    result = pool.run("import os\nprint(os.listdir(os.path.dirname(os.getcwd())))", LIMITS)
+    assert result.verdict == "sandbox_violation" and "forbidden file access" in result.reason
+
+
+def test_a_run_inherits_no_ctypes_from_the_fork_server(pool):
+    from environments.sandbox import guarded
+
+    probe = ("import gc, sys, _ctypes\n"
+             "left = [n for n in sys.modules if 'ctypes' in n and n != '_ctypes']\n"
+             "objs = [o for o in gc.get_objects() if 'ctypes' in getattr(type(o), '__module__', '')]\n"
+             "subs = _ctypes.CFuncPtr.__subclasses__() + _ctypes._SimpleCData.__subclasses__()\n"
+             "print(left, len(objs), subs)\n"
+             "import ctypes\n")
+    result = pool.run(guarded(probe), LIMITS)
+    assert result.stdout.strip() == "[] 0 []", result
+    assert result.verdict == "sandbox_violation" and "ctypes.dlopen" in result.stderr, result
 
 
 def test_pool_runs_two_at_a_time(pool):

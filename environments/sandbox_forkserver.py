@@ -1,0 +1,309 @@
+"""A sandbox slot's fork server: one interpreter that starts once and forks each execution.
+
+    python -I -S -B sandbox_forkserver.py SOCKET_FD BASE_DIR    # started by `sandbox_spawn.ForkServer`
+
+Starting `python -I -S` for every execution, from a parent that has torch loaded, cost a code
+verdict about 30 ms of CPU: the fork of the big parent (~10 ms), the interpreter's start (~9 ms)
+and the worker's imports (~9 ms). This program pays those once per slot. It sets up its
+namespaces once: as root, an empty network namespace and a mount namespace whose /tmp, /var/tmp
+and /dev/shm are private tmpfs, emptied after every run, with the pool's work folders (BASE_DIR)
+bound back in place; without root, a user and network namespace if the kernel allows. For each
+request it forks a child that sets itself up as a fresh sandboxed process was (its own session,
+the slot uid, resource limits, its folder as cwd, a scrubbed environment, closed stdin) and runs
+`main.py` as `__main__`, as `python -I -S -B main.py ARGS` would, in that same interpreter.
+
+The child inherits this interpreter's stdlib state and nothing else. ctypes, needed once for
+unshare and mount, never reaches it: the server sets up its namespaces, then execs a fresh
+interpreter inside them, so the audit hook of `sandbox_guard` refuses ctypes as in a fresh
+interpreter (an import asks for `ctypes.dlopen`).
+
+Protocol, one request at a time over a SOCK_SEQPACKET socket (messages are JSON):
+    parent -> server  {"workdir", "uid", "limits", "nfds"} + SCM_RIGHTS [stdout, stderr, *fds]
+    server -> parent  {"pid": p} | {"error": why the child could not be set up}
+    server -> parent  {"exit": returncode}        (when it ends; not reaped yet)
+    parent -> server  {"reap": true}              (after the parent killed what the run left)
+The child is reaped only when the parent says so: until then its pid, which is also its process
+group, cannot be reused, so the parent's `killpg` can never hit another process. EOF from the
+parent (its process ended) kills the running child and ends the server.
+
+Stdlib only, no `from __future__`: it runs under the sandbox's interpreter, outside the venv.
+"""
+
+import array
+import json
+import os
+import resource
+import select
+import shutil
+import signal
+import socket
+import sys
+
+_CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
+_MS_REC, _MS_PRIVATE, _MS_NOSUID, _MS_NODEV, _MS_BIND = 0x4000, 0x40000, 0x2, 0x4, 0x1000
+PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+CHANNEL_FD = 3  # a channel's descriptors become 3, 4, ... in the child (named in its argv)
+
+
+def _isolate(base):
+    """Once, in the server: the namespaces every child shares. Returns whether the private
+    tmpfs folders are up (then they are emptied after each run). Each step is optional, as
+    before: a container without CAP_SYS_ADMIN cannot make namespaces."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    private = False
+    if os.geteuid() == 0:
+        if libc.unshare(_CLONE_NEWNS | _CLONE_NEWNET) == 0:
+            keep = os.open(base, os.O_PATH | os.O_DIRECTORY)
+            libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None)
+            for path in PRIVATE_DIRS:
+                if os.path.isdir(path):
+                    libc.mount(b"tmpfs", path.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"size=16m,mode=1777")
+            os.makedirs(base, exist_ok=True)
+            libc.mount(f"/proc/self/fd/{keep}".encode(), base.encode(), None, _MS_BIND, None)
+            os.close(keep)
+            private = True
+    else:
+        libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET)
+    return private
+
+
+def _empty_private_dirs(base):
+    """What a run left in /tmp, /var/tmp and /dev/shm goes (its processes are dead by now)."""
+    for root in PRIVATE_DIRS:
+        try:
+            entries = list(os.scandir(root))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.path == base or base.startswith(entry.path + "/"):
+                continue  # the pool's work folders, bound in from the host
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    pass
+
+
+def _descriptors(received, status_w):
+    """stdin from /dev/null, stdout and stderr to the parent's files, a channel's ends at 3, 4, ...;
+    every other descriptor (this server's socket included) closed but `status_w`, which is
+    moved above them all and returned."""
+    import fcntl
+
+    status_w = fcntl.fcntl(status_w, fcntl.F_DUPFD, 64)
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, status_w + 1) for fd in received]  # none in 0..n
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    for target, fd in enumerate(high, start=1):
+        os.dup2(fd, target)  # 1: stdout, 2: stderr, 3..: the channel
+    os.closerange(len(high) + 1, status_w)
+    os.closerange(status_w + 1, 1 << 20)
+    return status_w
+
+
+def _setup(request):
+    """In the child: what a fresh sandboxed process had before its first line ran."""
+    os.setsid()
+    limits, uid = request["limits"], request["uid"]
+    mem = limits["memory_mb"] << 20
+    # CPU: SIGXCPU at the soft limit (reported as a timeout), SIGKILL a second later.
+    resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_s"], limits["cpu_s"] + 1))
+    for res, value in (
+        (resource.RLIMIT_AS, mem),
+        (resource.RLIMIT_DATA, mem),
+        (resource.RLIMIT_FSIZE, limits["file_size_mb"] << 20),
+        (resource.RLIMIT_NOFILE, limits["open_files"]),
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_NPROC, limits["max_processes"]),
+    ):
+        resource.setrlimit(res, (value, value))
+    os.chdir(request["workdir"])
+    if uid is not None:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+
+
+def _child(request, received, status_w):
+    """The forked child: set up, then return the program's argv (or exit on a setup failure)."""
+    try:
+        status_w = _descriptors(received, status_w)
+        _setup(request)
+    except BaseException:  # a setup that failed must say why, loudly, in the parent
+        import traceback
+
+        os.write(status_w, traceback.format_exc().encode()[-4000:])
+        os._exit(126)
+    os.close(status_w)
+    return ["main.py"] + [str(CHANNEL_FD + i) for i in range(request["nfds"])]
+
+
+def _run_main(argv):
+    """Run ./main.py as `__main__`, as `python -I -S -B main.py ARGS` would, and exit."""
+    import types
+
+    sys.argv = argv
+    path = os.path.abspath(argv[0])
+    main = types.ModuleType("__main__")
+    main.__file__ = path
+    main.__builtins__ = __builtins__
+    sys.modules["__main__"] = main
+    with open(path, "rb") as f:
+        source = f.read()
+    try:
+        exec(compile(source, path, "exec"), main.__dict__)
+        code = 0
+    except SystemExit as e:
+        code = _exit_code(e.code)
+    except BaseException as e:  # printed as `python main.py` prints it: without this file's frames
+        tb = e.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+            tb = tb.tb_next
+        sys.excepthook(type(e), e.with_traceback(tb), tb)
+        code = 1
+    _exit(code)
+
+
+def _exit_code(code):
+    """SystemExit's argument as the interpreter turns it into a status."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _exit(code):
+    """What an exiting interpreter does that a program can see (wait for its non-daemon threads,
+    run its atexit functions, flush its output), then leave. Module teardown is skipped: in a
+    fork it would write to, and so copy, every page it shares with the server (4 of 8.5 ms)."""
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        threading._shutdown()
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - the interpreter's own exit status for this case
+            code = code or 120
+    os._exit(code)
+
+
+def _exit_status(pid):
+    """The child's returncode if it has ended (left unreaped), else None."""
+    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    if info is None or info.si_pid == 0:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+def _watch(sock, pid):
+    """Report the child's end; reap it when the parent says so. False: the parent is gone."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = None  # an older kernel: look every 10 ms
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    if pidfd is not None:
+        poller.register(pidfd, select.POLLIN)
+    reported = False
+    try:
+        while True:
+            events = poller.poll(None if pidfd is not None or reported else 10)
+            if not reported:
+                code = _exit_status(pid)
+                if code is not None:
+                    sock.send(json.dumps({"exit": code}).encode())
+                    reported = True
+                    if pidfd is not None:
+                        poller.unregister(pidfd)
+            if any(fd == sock.fileno() for fd, _ in events):
+                message = sock.recv(4096)  # {"reap": true}, or EOF: the parent is gone
+                _kill(pid)
+                return bool(message)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _kill(pid):
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def _spawn(sock, request, received):
+    """Fork one execution. Returns its argv in the child; in the server, None once it is reaped."""
+    status_r, status_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(status_r)
+        return _child(request, received, status_w)
+    os.close(status_w)
+    for fd in received:
+        os.close(fd)
+    failure = b""
+    while True:
+        chunk = os.read(status_r, 4096)  # EOF: the child closed it after a good setup, or exited
+        if not chunk:
+            break
+        failure += chunk
+    os.close(status_r)
+    if failure:
+        _kill(pid)
+        sock.send(json.dumps({"error": failure.decode(errors="replace")}).encode())
+        return None
+    sock.send(json.dumps({"pid": pid}).encode())
+    if not _watch(sock, pid):
+        sys.exit(0)
+    return None
+
+
+def serve(sock, base, private):
+    """Answer requests until the parent goes; returns only in a forked child (its argv)."""
+    while True:
+        fds = array.array("i")
+        message, ancillary, _, _ = sock.recvmsg(1 << 16, socket.CMSG_SPACE(64 * fds.itemsize))
+        if not message:
+            sys.exit(0)
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        argv = _spawn(sock, json.loads(message), list(fds))
+        if argv is not None:
+            sock.detach()  # its descriptor is closed already (`_descriptors`)
+            return argv
+        if private:
+            _empty_private_dirs(base)
+
+
+def _freeze():
+    """Everything the server holds goes to the collector's permanent generation: a child's
+    collections then skip it, and so do not touch (and copy) the pages it shares with the server."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
+if __name__ == "__main__":
+    _fd, _base = sys.argv[1], os.path.realpath(sys.argv[2])
+    if len(sys.argv) == 3:  # first start: the namespaces, then a fresh interpreter inside them
+        _private = _isolate(_base)  # (which never loaded ctypes: nothing of it reaches a child)
+        os.execv(sys.executable, [sys.executable, "-I", "-S", "-B", __file__, _fd, _base,
+                                  "private" if _private else "shared"])
+    _freeze()
+    _run_main(serve(socket.socket(fileno=int(_fd)), _base, sys.argv[3] == "private"))

@@ -11,6 +11,11 @@ environment scores them on a thread pool, and a plain-torch `Trainer` steps the 
 engine decodes with (no weight sync: they share the weights). Time per step is measured after
 one warm-up step, and `estuary train`'s between its first step's end and its last's.
 
+The plain loop's torch uses every core in each phase. So does `run.mode=sync` with
+`learner.threads` set to the core count, since its rollouts idle while the learner steps; the
+table also shows it at one learner thread (the default). Asynchronous runs keep one thread
+each for the learner and the rollouts.
+
 Prints a table, then `RESULT overhead_sync_s_per_step ours=<sync> baseline=<plain> ratio=<sync/plain>`
 (target <= 1.15) and `RESULT overhead_async_steps_per_hour ours=<async> baseline=<plain>
 ratio=<async/plain>` (target >= 1.5).
@@ -97,15 +102,19 @@ def main() -> None:
             from bench.draft_round_bench import warm_start_policy
 
             policy = warm_start_policy(Path(out))
-        runs = {mode: config(policy, args.steps + 1, [f"run.output_dir={out}", f"run.name=overhead-{mode}",
-                                                  f"run.mode={mode}"]) for mode in ("sync", "async")}
+        cores = torch.get_num_threads()  # what the plain loop's torch uses
+        runs = {name: config(policy, args.steps + 1, [f"run.output_dir={out}", f"run.name=overhead-{name}",
+                                                   f"run.mode={mode}", f"learner.threads={threads}"])
+                for name, mode, threads in (("sync", "sync", cores), ("sync-1", "sync", 1), ("async", "async", 0))}
         torch.manual_seed(0)
         plain = plain_loop(runs["sync"], policy, args.steps)
         sync = estuary_seconds_per_step(runs["sync"])
+        sync_one = estuary_seconds_per_step(runs["sync-1"])
         asyn = estuary_seconds_per_step(runs["async"])
-    print(f"{'loop':<14} {'s/step':>8} {'steps/h':>9}")
-    for name, s in (("plain", plain), ("estuary sync", sync), ("estuary async", asyn)):
-        print(f"{name:<14} {s:>8.2f} {3600 / s:>9.0f}")
+    print(f"{'loop':<34} {'s/step':>8} {'steps/h':>9}")
+    for name, s in ((f"plain ({cores} threads)", plain), (f"estuary sync (learner {cores} threads)", sync),
+                    ("estuary sync (learner 1 thread)", sync_one), ("estuary async (1 thread each)", asyn)):
+        print(f"{name:<34} {s:>8.2f} {3600 / s:>9.0f}")
     print(f"RESULT overhead_sync_s_per_step ours={sync:.2f} baseline={plain:.2f} ratio={sync / plain:.2f}")
     print(f"RESULT overhead_async_steps_per_hour ours={3600 / asyn:.0f} baseline={3600 / plain:.0f} "
           f"ratio={plain / asyn:.2f}")

@@ -51,7 +51,7 @@ class LearnerGroup:
     @classmethod
     def start(cls, cfg: Config, spec: LearnerSpec) -> LearnerGroup:
         lc, name = cfg.learner, cfg.run.name
-        spec = replace(spec, cpus=max(1, int(lc.cpus_per_learner)))
+        spec = replace(spec, cpus=lc.threads or max(1, int(lc.cpus_per_learner)))  # its torch threads
         if lc.num_learners == 1:
             # `max_task_retries=-1`: a call running when the actor died runs again on the restarted one.
             return cls([LearnerActor.options(name=f"{name}:learner", max_restarts=-1, max_task_retries=-1,

@@ -61,10 +61,13 @@ class RunLog:
         print(text, flush=True)
         self.last_line = ""
 
-    def step(self, report, rollout: dict[str, float]) -> None:
-        """Log a `learner.worker.StepReport` (summarised by the learner actor) and the rollout counters."""
+    def step(self, report, rollout: dict[str, float], produce_s: float | None = None) -> None:
+        """Log a `learner.worker.StepReport` (summarised by the learner actor) and the rollout
+        counters; `produce_s`: in sync mode, the seconds the step spent generating first."""
         version, stats = report.version, report.stats
         metrics = {f"learner/{k}": float(v) for k, v in stats.items()}
+        if produce_s is not None:
+            metrics["rollout/produce_s"] = produce_s
         metrics.update({f"rollout/{k}": float(v) for k, v in report.group_metrics.items()})
         metrics.update({f"rollout/{k}": float(v) for k, v in rollout.items()})
         if rollout.get("mtp/drafted"):  # over the run so far: drafts accepted, tokens per verification

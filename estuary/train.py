@@ -77,14 +77,20 @@ def train(cfg: Config, on_step=None) -> TrainResult:
         per_worker = -(-cfg.learner.groups_per_step // len(workers))
         samples: list[dict] = []
         trained: dict[int, list[str]] = {}
+        produce_s = 0.0  # sync: the step's time generating, before the learner may start
         while version < cfg.run.max_steps and not _out_of_time(cfg, rl_started):
             if cfg.run.mode == "sync":
+                produce_started = time.monotonic()
                 ray.get([w.produce.remote(per_worker) for w in workers])
-            report = learner.step(timeout_s=5.0 if cfg.run.mode == "async" else 1.0)
+                produce_s += time.monotonic() - produce_started
+            # sync: the groups are in the stream once produce() returns, so the learner never
+            # waits; too few usable ones and the loop produces more at once (it waited 1 s).
+            report = learner.step(timeout_s=5.0 if cfg.run.mode == "async" else 0.0)
             if report is None:
                 continue
             version = report.version
-            log.step(report, _rollout_counters(ray, workers))
+            log.step(report, _rollout_counters(ray, workers), produce_s if cfg.run.mode == "sync" else None)
+            produce_s = 0.0
             samples += report.samples
             trained[version] = report.group_ids  # a restarted learner re-trains lost steps: last word wins
             if on_step is not None:

@@ -35,7 +35,7 @@ class LearnerSpec:
     sampling: SamplingConfig
     """The rollout's sampler settings (`rollout.sampling`): the learner's log-probs use the same."""
     cpus: int = 1
-    """Torch threads of this learner (its placement bundle's CPUs)."""
+    """Torch threads of this learner (`learner.threads`, else its placement bundle's CPUs)."""
     rank: int = 0
     """This learner's rank in the data-parallel group."""
     world_size: int = 1

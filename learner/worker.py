@@ -209,12 +209,15 @@ class LearnerWorker:
         return True, scale, staleness, ""
 
     def collect(self, timeout_s: float | None) -> list[tuple[Entry, float, int]] | None:
-        """Usable groups for one step, or None if they did not arrive within `timeout_s`."""
+        """Usable groups for one step, or None if they did not arrive within `timeout_s` (0: take
+        what the stream holds now, without waiting: sync mode, whose rollouts are done)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while len(self._kept) < self.cfg.groups_per_step:
-            if deadline is not None and time.monotonic() > deadline:
+            left_ms = 200 if deadline is None else min(200, int((deadline - time.monotonic()) * 1000))
+            entries = self.stream.read(count=self.cfg.groups_per_step - len(self._kept),
+                                       block_ms=left_ms if left_ms > 0 else None)  # None: no wait
+            if not entries and deadline is not None and time.monotonic() >= deadline:
                 return None
-            entries = self.stream.read(count=self.cfg.groups_per_step - len(self._kept), block_ms=200)
             dropped: dict[str, list[Entry]] = {}
             for entry in entries:
                 self.counters["groups_read"] += 1

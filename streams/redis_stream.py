@@ -145,9 +145,10 @@ class TrajectoryStream:
         self._full = False
 
     # -- consumers -----------------------------------------------------------------------------
-    def read(self, count: int, block_ms: int = 1000) -> list[Entry]:
+    def read(self, count: int, block_ms: int | None = 1000) -> list[Entry]:
         """Up to `count` groups: this consumer's own unacknowledged entries (when restarted with
-        `redeliver_own`), then stale entries of dead consumers, then new ones."""
+        `redeliver_own`), then stale entries of dead consumers, then new ones, waiting up to
+        `block_ms` for new ones (None: not at all)."""
         if self._redeliver_from is not None:
             got = self._retry(lambda: self.client.xreadgroup(
                 self.group, self.consumer, {self.key: self._redeliver_from}, count=count))

@@ -116,3 +116,10 @@ def test_copy_pretraining_settings_are_checked():
     for bad in ("sft.copy_steps=-1", "sft.copy_length=0", "sft.copy_lr=0"):
         with pytest.raises(ConfigError, match=bad.split("=")[0].split(".")[1]):
             load_config("tiny_cpu", [bad])
+
+
+def test_learner_threads_default_to_its_cpus_and_are_checked():
+    assert load_config("tiny_cpu", []).learner.threads == 0  # 0: cpus_per_learner
+    assert load_config("tiny_cpu", ["learner.threads=2"]).learner.threads == 2
+    with pytest.raises(ConfigError, match=r"learner\.threads=-1 must be >= 0"):
+        load_config("tiny_cpu", ["learner.threads=-1"])

@@ -78,6 +78,24 @@ def test_step_filters_publishes_and_acknowledges_only_after_the_checkpoint(tmp_p
         sync.close()
 
 
+def test_a_step_without_waiting_takes_what_the_stream_holds_and_keeps_it(tmp_path):
+    """Sync mode's `step(timeout_s=0)`: the rollouts are done, so waiting only loses time."""
+    import time
+
+    with EmbeddedRedis() as server:
+        producer = TrajectoryStream(server.url, consumer="rollout")
+        for g in (make_group(0), make_group(1, rewards=(1.0, 1.0, 1.0, 1.0)), make_group(2)):
+            producer.publish(g)
+        worker = LearnerWorker(_cfg(groups_per_step=3), init_policy("tiny-hybrid-moe", seed=0),
+                               TrajectoryStream(server.url, consumer="learner-0"), tmp_path / "run")
+        start = time.monotonic()
+        assert worker.step(timeout_s=0) is None  # 3 usable groups needed, 3 published (one dropped)
+        assert time.monotonic() - start < 0.5 and len(worker._kept) == 2
+        producer.publish(make_group(3))
+        report = worker.step(timeout_s=0)
+        assert report is not None and [g.group_id for g in report.groups] == ["g0-0", "g2-0", "g3-0"]
+
+
 def test_downweighted_stale_groups_and_overlong_filter(tmp_path):
     with EmbeddedRedis() as server:
         producer = TrajectoryStream(server.url, consumer="rollout")

@@ -46,32 +46,33 @@ CHANNEL_FD = 3  # a channel's descriptors become 3, 4, ... in the child (named i
 
 
 def _isolate(base):
-    """Once, in the server: the namespaces every child shares. Returns whether the private
-    tmpfs folders are up (then they are emptied after each run). Each step is optional, as
-    before: a container without CAP_SYS_ADMIN cannot make namespaces."""
+    """Once, in the server: the namespaces every child shares. Returns the folders now on a
+    private tmpfs (only those are emptied after each run: a failed mount leaves the host's).
+    Each step is optional, as before: a container without CAP_SYS_ADMIN cannot make namespaces."""
     import ctypes
 
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    private = False
+    private = []
     if os.geteuid() == 0:
         if libc.unshare(_CLONE_NEWNS | _CLONE_NEWNET) == 0:
             keep = os.open(base, os.O_PATH | os.O_DIRECTORY)
-            libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None)
-            for path in PRIVATE_DIRS:
-                if os.path.isdir(path):
-                    libc.mount(b"tmpfs", path.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"size=16m,mode=1777")
-            os.makedirs(base, exist_ok=True)
-            libc.mount(f"/proc/self/fd/{keep}".encode(), base.encode(), None, _MS_BIND, None)
+            if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) == 0:
+                for path in PRIVATE_DIRS:
+                    if os.path.isdir(path) and libc.mount(b"tmpfs", path.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV,
+                                                          b"size=16m,mode=1777") == 0:
+                        private.append(path)
+                os.makedirs(base, exist_ok=True)
+                if libc.mount(f"/proc/self/fd/{keep}".encode(), base.encode(), None, _MS_BIND, None) != 0:
+                    sys.exit("sandbox fork server: could not bind the work folders into its namespace")
             os.close(keep)
-            private = True
     else:
         libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET)
     return private
 
 
-def _empty_private_dirs(base):
-    """What a run left in /tmp, /var/tmp and /dev/shm goes (its processes are dead by now)."""
-    for root in PRIVATE_DIRS:
+def _empty_private_dirs(private, base):
+    """What a run left in the private tmpfs folders goes (its processes are dead by now)."""
+    for root in private:
         try:
             entries = list(os.scandir(root))
         except OSError:
@@ -273,7 +274,8 @@ def _spawn(sock, request, received):
 
 
 def serve(sock, base, private):
-    """Answer requests until the parent goes; returns only in a forked child (its argv)."""
+    """Answer requests until the parent goes; returns only in a forked child (its argv).
+    `private`: the tmpfs folders to empty after each run."""
     while True:
         fds = array.array("i")
         message, ancillary, _, _ = sock.recvmsg(1 << 16, socket.CMSG_SPACE(64 * fds.itemsize))
@@ -286,8 +288,7 @@ def serve(sock, base, private):
         if argv is not None:
             sock.detach()  # its descriptor is closed already (`_descriptors`)
             return argv
-        if private:
-            _empty_private_dirs(base)
+        _empty_private_dirs(private, base)
 
 
 def _freeze():
@@ -303,7 +304,6 @@ if __name__ == "__main__":
     _fd, _base = sys.argv[1], os.path.realpath(sys.argv[2])
     if len(sys.argv) == 3:  # first start: the namespaces, then a fresh interpreter inside them
         _private = _isolate(_base)  # (which never loaded ctypes: nothing of it reaches a child)
-        os.execv(sys.executable, [sys.executable, "-I", "-S", "-B", __file__, _fd, _base,
-                                  "private" if _private else "shared"])
+        os.execv(sys.executable, [sys.executable, "-I", "-S", "-B", __file__, _fd, _base, ",".join(_private)])
     _freeze()
-    _run_main(serve(socket.socket(fileno=int(_fd)), _base, sys.argv[3] == "private"))
+    _run_main(serve(socket.socket(fileno=int(_fd)), _base, [d for d in sys.argv[3].split(",") if d]))

@@ -27,8 +27,8 @@ containers), and the weaker fallback is used otherwise:
 | network | new network namespace (no interfaces up) | new user+net namespace if the kernel allows, else `socket` blocked in-process |
 | files outside its folder | runs as a per-slot unprivileged uid; private tmpfs over /tmp, /var/tmp, /dev/shm, emptied after each run | the folder is its cwd; other writable paths stay writable |
 | processes that outlive the run | every process of the slot's uid is killed afterwards | the process group is killed afterwards |
-| signalling the parent (the fork server) | different uid: EPERM | not prevented (same uid) |
-| reading the parent's environment | env scrubbed; /proc/<parent>/environ unreadable to another uid | env scrubbed (the fork server's own is too) |
+| signalling the fork server or the trainer | different uid: EPERM | not prevented (same uid); a stopped server is killed after 5 s |
+| reading the parent's environment | env scrubbed; /proc/<pid>/environ unreadable to another uid | env scrubbed; the trainer's /proc/<pid>/environ stays readable |
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import queue
 import shutil
 import signal
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +58,7 @@ SANDBOX_UID_RANGE = 4096
 # Pools in other processes (rollout workers on one node, parallel test runs) must never share a
 # uid: each kills every process of its uids after a run. A uid is held by an flock on its file.
 _UID_LOCKS = Path(tempfile.gettempdir()) / "estuary-sandbox-uids"
+REPORT_TIMEOUT_S = 5.0  # how long a fork server may take to report a killed run's end
 
 
 _BLOCK_SOCKETS = (
@@ -232,8 +234,8 @@ class SandboxPool:
         self.base = tempfile.mkdtemp(prefix="estuary-sbx-pool-")
         os.chmod(self.base, 0o711)  # slot uids reach their own folder, list nothing
         # One fork server per slot: a run forks a warm interpreter instead of starting one.
-        self._servers = [ForkServer(self.python, self.base) for _ in range(max_parallel)]
-        self._finalizer = weakref.finalize(self, _close, self._servers, self.base)
+        self._servers = [ForkServer(self.python, self.base, self.isolated_uid) for _ in range(max_parallel)]
+        self._finalizer = weakref.finalize(self, _close, self._servers, self.base, os.getpid())
 
     def close(self) -> None:
         """Stop the slots' fork servers and remove the pool's folder."""
@@ -244,8 +246,12 @@ class SandboxPool:
         with self._prepared(code, files or {}) as (slot, workdir, uid, out, err):
             start = time.monotonic()
             proc = self._spawn(slot, workdir, out, err, limits, uid)
-            timed_out = wait_exit(proc, limits.wall_s)
-            return _finish(proc, uid, out, err, limits, start, timed_out)
+            timed_out = True
+            try:
+                timed_out = wait_exit(proc, limits.wall_s)
+            finally:  # also on an exception here: the slot's server must hear the run is over
+                result = _finish(proc, uid, out, err, limits, start, timed_out)
+            return result
 
     @contextlib.contextmanager
     def channel(self, code: str, limits: Limits = Limits(),
@@ -307,7 +313,9 @@ class SandboxPool:
         return self._servers[slot].spawn(request, [out.fileno(), err.fileno(), *fds])
 
 
-def _close(servers: list[ForkServer], base: str) -> None:
+def _close(servers: list[ForkServer], base: str, owner: int) -> None:
+    if os.getpid() != owner:  # a forked copy of the process that made the pool: not its to close
+        return
     for server in servers:
         server.close()
     shutil.rmtree(base, ignore_errors=True)
@@ -316,11 +324,16 @@ def _close(servers: list[ForkServer], base: str) -> None:
 def _finish(proc: ForkedChild, uid: int | None, out, err, limits: Limits, start: float,
             timed_out: bool) -> ExecResult:
     # Whatever it started goes too, also processes that left the group with setsid(). The pid
-    # (and so the group) is not reaped before release(), so it cannot belong to anyone else.
-    _kill_group(proc.pid)
+    # (and so the group) is not reaped before release(), so it cannot belong to anyone else;
+    # unless the server died, and then the pid is left alone.
+    if not proc.orphaned:
+        _kill_group(proc.pid)
     if uid is not None:
         _kill_uid(uid)
-    proc.wait()
+    try:
+        proc.wait(timeout=REPORT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:  # a stopped server (SIGSTOP from a run of the same uid)
+        proc.abandon()
     proc.release()
     wall = time.monotonic() - start
     stdout = _read_head(out, limits.output_bytes)

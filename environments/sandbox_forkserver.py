@@ -1,13 +1,14 @@
 """A sandbox slot's fork server: one interpreter that starts once and forks each execution.
 
-    python -I -S -B sandbox_forkserver.py SOCKET_FD BASE_DIR    # started by `sandbox_spawn.ForkServer`
+    python -I -S -B sandbox_forkserver.py SOCKET_FD BASE_DIR slot-uids|no-uids   # by `sandbox_spawn.ForkServer`
 
 Starting `python -I -S` for every execution, from a parent that has torch loaded, cost a code
 verdict about 30 ms of CPU: the fork of the big parent (~10 ms), the interpreter's start (~9 ms)
 and the worker's imports (~9 ms). This program pays those once per slot. It sets up its
-namespaces once: as root, an empty network namespace and a mount namespace whose /tmp, /var/tmp
-and /dev/shm are private tmpfs, emptied after every run, with the pool's work folders (BASE_DIR)
-bound back in place; without root, a user and network namespace if the kernel allows. For each
+namespaces once: for runs under slot uids (as root), an empty network namespace and a mount
+namespace whose /tmp, /var/tmp and /dev/shm are private tmpfs, emptied after every run, with the
+pool's work folders (BASE_DIR) bound back in place; otherwise a user and network namespace if the
+kernel allows (the exec after it drops every capability, root's included). For each
 request it forks a child that sets itself up as a fresh sandboxed process was (its own session,
 the slot uid, resource limits, its folder as cwd, a scrubbed environment, closed stdin) and runs
 `main.py` as `__main__`, as `python -I -S -B main.py ARGS` would, in that same interpreter.
@@ -42,25 +43,29 @@ import sys
 _CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
 _MS_REC, _MS_PRIVATE, _MS_NOSUID, _MS_NODEV, _MS_BIND = 0x4000, 0x40000, 0x2, 0x4, 0x1000
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+# A run fills at most 16 MB and 4096 files per folder: emptying it costs the next run little.
+TMPFS_OPTIONS = b"size=16m,nr_inodes=4096,mode=1777"
 CHANNEL_FD = 3  # a channel's descriptors become 3, 4, ... in the child (named in its argv)
 
 
-def _isolate(base):
-    """Once, in the server: the namespaces every child shares. Returns the folders now on a
-    private tmpfs (only those are emptied after each run: a failed mount leaves the host's).
-    Each step is optional, as before: a container without CAP_SYS_ADMIN cannot make namespaces."""
+def _isolate(base, slot_uids):
+    """Once, in the server: the namespaces every child shares. Returns the private tmpfs folders
+    with their device numbers (only those are emptied after each run: a failed mount leaves the
+    host's). The root path is for runs that get a slot uid; otherwise, root or not, a user and
+    network namespace (the exec that follows drops every capability, as it did per run). Each
+    step is optional, as before: a container without CAP_SYS_ADMIN cannot make namespaces."""
     import ctypes
 
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     private = []
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and slot_uids:
         if libc.unshare(_CLONE_NEWNS | _CLONE_NEWNET) == 0:
             keep = os.open(base, os.O_PATH | os.O_DIRECTORY)
             if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) == 0:
                 for path in PRIVATE_DIRS:
                     if os.path.isdir(path) and libc.mount(b"tmpfs", path.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV,
-                                                          b"size=16m,mode=1777") == 0:
-                        private.append(path)
+                                                          TMPFS_OPTIONS) == 0:
+                        private.append(f"{path}:{os.stat(path).st_dev}")
                 os.makedirs(base, exist_ok=True)
                 if libc.mount(f"/proc/self/fd/{keep}".encode(), base.encode(), None, _MS_BIND, None) != 0:
                     sys.exit("sandbox fork server: could not bind the work folders into its namespace")
@@ -71,22 +76,23 @@ def _isolate(base):
 
 
 def _empty_private_dirs(private, base):
-    """What a run left in the private tmpfs folders goes (its processes are dead by now)."""
-    for root in private:
-        try:
-            entries = list(os.scandir(root))
-        except OSError:
-            continue
-        for entry in entries:
-            if entry.path == base or base.startswith(entry.path + "/"):
-                continue  # the pool's work folders, bound in from the host
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                try:
+    """What a run left in the private tmpfs folders goes (its processes are dead by now). A folder
+    that is no longer the tmpfs mounted at start (its device changed) is never touched, and
+    anything that goes wrong ends the server: its successor mounts fresh ones."""
+    try:
+        for item in private:
+            root, dev = item.rsplit(":", 1)
+            if os.stat(root).st_dev != int(dev):
+                sys.exit(f"sandbox fork server: {root} is no longer its private tmpfs")
+            for entry in list(os.scandir(root)):
+                if entry.path == base or base.startswith(entry.path + "/"):
+                    continue  # the pool's work folders, bound in from the host
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
                     os.unlink(entry.path)
-                except OSError:
-                    pass
+    except Exception:  # noqa: BLE001 - a tree too deep or too odd to remove: start afresh
+        sys.exit(0)
 
 
 def _descriptors(received, status_w):
@@ -154,6 +160,7 @@ def _run_main(argv):
     sys.modules["__main__"] = main
     with open(path, "rb") as f:
         source = f.read()
+    interrupted = False
     try:
         exec(compile(source, path, "exec"), main.__dict__)
         code = 0
@@ -164,8 +171,8 @@ def _run_main(argv):
         while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
             tb = tb.tb_next
         sys.excepthook(type(e), e.with_traceback(tb), tb)
-        code = 1
-    _exit(code)
+        code, interrupted = 1, isinstance(e, KeyboardInterrupt)
+    _exit(code, main, interrupted)
 
 
 def _exit_code(code):
@@ -173,27 +180,45 @@ def _exit_code(code):
     if code is None:
         return 0
     if isinstance(code, int):
-        return code & 0xFF
+        return code & 0xFF if -(1 << 63) <= code < 1 << 63 else 255  # beyond a C long: -1
     print(code, file=sys.stderr)
     return 1
 
 
-def _exit(code):
-    """What an exiting interpreter does that a program can see (wait for its non-daemon threads,
-    run its atexit functions, flush its output), then leave. Module teardown is skipped: in a
-    fork it would write to, and so copy, every page it shares with the server (4 of 8.5 ms)."""
+def _exit(code, main, interrupted):
+    """What an exiting interpreter does that a program can see: wait for its non-daemon threads,
+    run its atexit functions, let its objects go (their `__del__`), flush its output (a failed
+    flush is reported, status 120), die by SIGINT after a KeyboardInterrupt. Tearing down the
+    server's modules is skipped: in a fork it would write to, and so copy, every page it shares
+    with the server (4 of 8.5 ms); its objects are frozen, so the collection walks the run's."""
+    import gc
+
     threading = sys.modules.get("threading")
     if threading is not None:
         threading._shutdown()
     import atexit
 
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
+    main.__dict__.clear()
+    gc.collect()
+    for stream in (sys.stdout, sys.__stdout__, sys.stderr, sys.__stderr__):
         try:
-            stream.flush()
-        except Exception:  # noqa: BLE001 - the interpreter's own exit status for this case
+            if stream is not None:
+                stream.flush()
+        except Exception as e:  # noqa: BLE001 - reported as the interpreter reports it
+            _report_flush(stream, e)
             code = code or 120
+    if interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     os._exit(code)
+
+
+def _report_flush(stream, error):
+    try:
+        os.write(2, f"Exception ignored in: {stream!r}\n{type(error).__name__}: {error}\n".encode())
+    except OSError:
+        pass
 
 
 def _exit_status(pid):
@@ -221,7 +246,9 @@ def _watch(sock, pid):
             if not reported:
                 code = _exit_status(pid)
                 if code is not None:
-                    sock.send(json.dumps({"exit": code}).encode())
+                    if not _send(sock, {"exit": code}):
+                        _kill(pid)
+                        return False
                     reported = True
                     if pidfd is not None:
                         poller.unregister(pidfd)
@@ -265,12 +292,21 @@ def _spawn(sock, request, received):
     os.close(status_r)
     if failure:
         _kill(pid)
-        sock.send(json.dumps({"error": failure.decode(errors="replace")}).encode())
+        if not _send(sock, {"error": failure.decode(errors="replace")}):
+            sys.exit(0)
         return None
-    sock.send(json.dumps({"pid": pid}).encode())
-    if not _watch(sock, pid):
-        sys.exit(0)
+    if not _send(sock, {"pid": pid}) or not _watch(sock, pid):
+        _kill(pid)
+        sys.exit(0)  # the parent is gone: so is the run
     return None
+
+
+def _send(sock, message):
+    try:
+        sock.send(json.dumps(message).encode())
+        return True
+    except OSError:
+        return False
 
 
 def serve(sock, base, private):
@@ -301,9 +337,9 @@ def _freeze():
 
 
 if __name__ == "__main__":
-    _fd, _base = sys.argv[1], os.path.realpath(sys.argv[2])
-    if len(sys.argv) == 3:  # first start: the namespaces, then a fresh interpreter inside them
-        _private = _isolate(_base)  # (which never loaded ctypes: nothing of it reaches a child)
-        os.execv(sys.executable, [sys.executable, "-I", "-S", "-B", __file__, _fd, _base, ",".join(_private)])
+    _fd, _base, _mode = sys.argv[1], os.path.realpath(sys.argv[2]), sys.argv[3]
+    if len(sys.argv) == 4:  # first start: the namespaces, then a fresh interpreter inside them
+        _private = _isolate(_base, _mode == "slot-uids")  # (ctypes loaded: it must not reach a child)
+        os.execv(sys.executable, [sys.executable, "-I", "-S", "-B", __file__, _fd, _base, _mode, ",".join(_private)])
     _freeze()
-    _run_main(serve(socket.socket(fileno=int(_fd)), _base, [d for d in sys.argv[3].split(",") if d]))
+    _run_main(serve(socket.socket(fileno=int(_fd)), _base, [d for d in sys.argv[4].split(",") if d]))

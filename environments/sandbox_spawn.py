@@ -1,6 +1,6 @@
 """The parent's side of a sandbox slot's fork server (`sandbox_forkserver.py`).
 
-    server = ForkServer(python, base)                # one per pool slot, started on first use
+    server = ForkServer(python, base, slot_uids)     # one per pool slot, started on first use
     child = server.spawn(request, [stdout_fd, stderr_fd, *channel_fds])
     child.wait(timeout=5)                            # subprocess.Popen's wait/poll/returncode
     os.killpg(child.pid, signal.SIGKILL)             # safe until release(): the pid is not reaped
@@ -24,6 +24,7 @@ from pathlib import Path
 
 SERVER = Path(__file__).with_name("sandbox_forkserver.py")
 SCRUBBED_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
+SETUP_TIMEOUT_S = 30.0
 
 
 class SandboxSetupError(RuntimeError):
@@ -36,6 +37,8 @@ class ForkedChild:
     def __init__(self, server: ForkServer, pid: int) -> None:
         self.server, self.pid = server, pid
         self.returncode: int | None = None
+        self.orphaned = False
+        """The server died (or was killed) first: the pid is no longer held, never signal it."""
         self._released = False
 
     def poll(self) -> int | None:
@@ -54,19 +57,28 @@ class ForkedChild:
             self._released = True
             self.server.reap(self)
 
+    def abandon(self) -> None:
+        """A server that does not report within bounds (stopped, say) is killed; the run with it."""
+        self.server.kill()
+        self.returncode, self.orphaned = -signal.SIGKILL, True
+
     def _read_exit(self, timeout: float | None) -> bool:
         message = self.server.receive(timeout)
         if message is None:
             return False
-        self.returncode = int(message["exit"]) if "exit" in message else -signal.SIGKILL
+        if "exit" in message:
+            self.returncode = int(message["exit"])
+        else:
+            self.returncode, self.orphaned = -signal.SIGKILL, True
         return True
 
 
 class ForkServer:
     """One sandbox slot's fork server process, started on first use and again if it died."""
 
-    def __init__(self, python: str, base: str) -> None:
+    def __init__(self, python: str, base: str, slot_uids: bool) -> None:
         self.python, self.base = python, base  # base: the folder the pool's work folders are in
+        self.mode = "slot-uids" if slot_uids else "no-uids"  # runs as slot uids: the root set-up
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
@@ -80,9 +92,16 @@ class ForkServer:
                 try:
                     sock.sendmsg([json.dumps(request).encode()],
                                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                    sock.settimeout(SETUP_TIMEOUT_S)  # a fork and a few syscalls: never this long
                     reply = sock.recv(1 << 16)
+                except TimeoutError:
+                    self._kill()
+                    raise SandboxSetupError(f"the sandbox fork server did not answer in {SETUP_TIMEOUT_S} s") from None
                 except OSError:
                     reply = b""
+                finally:
+                    if self._sock is not None:
+                        self._sock.settimeout(None)
                 if reply:
                     break
                 self._stop()
@@ -124,12 +143,21 @@ class ForkServer:
         with self._lock:
             self._stop()
 
+    def kill(self) -> None:
+        """SIGKILL the server (its run dies with it or is orphaned), then forget it."""
+        self._kill()
+
+    def _kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+        self._stop()
+
     def _ensure_started(self) -> socket.socket:
         if self._sock is None:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
                 self._proc = subprocess.Popen(
-                    [self.python, "-I", "-S", "-B", str(SERVER), str(theirs.fileno()), self.base],
+                    [self.python, "-I", "-S", "-B", str(SERVER), str(theirs.fileno()), self.base, self.mode],
                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     env=SCRUBBED_ENV, close_fds=True,
                     start_new_session=True,  # a terminal's Ctrl-C is for the parent, not the server

@@ -87,3 +87,94 @@ def test_a_run_dies_with_the_process_that_started_it(tmp_path):
     while _alive([run_pid, server_pid]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _alive([run_pid, server_pid]) == []
+
+
+@pytest.fixture(scope="module")
+def pool():
+    pool = SandboxPool(max_parallel=1)
+    yield pool
+    pool.close()
+
+
+@pytest.mark.parametrize("code, exit_code, stdout", [
+    ("import sys\nsys.exit(2 ** 70)", 255, ""),  # beyond a C long: the interpreter's -1, never 0
+    ("import sys\nsys.exit(256 + 3)", 3, ""),
+    ("raise KeyboardInterrupt", -2, ""),  # Python dies by SIGINT
+    ("import io, sys\nprint('answer 42')\nsys.stdout = io.StringIO()", 0, "answer 42\n"),
+    ("class A:\n    def __del__(self):\n        print('bye')\na = A()", 0, "bye\n"),
+    ("import atexit\natexit.register(print, 'at exit')\nprint('hi', end=' ')", 0, "hi at exit\n"),
+])
+def test_a_forked_run_ends_as_python_main_py_would(pool, code, exit_code, stdout):
+    result = pool.run(code, LIMITS)
+    assert (result.exit_code, result.stdout) == (exit_code, stdout), result
+
+
+def test_an_error_in_the_parent_mid_run_leaves_the_slot_usable(pool, monkeypatch):
+    import environments.sandbox as sandbox
+
+    def interrupted(proc, timeout):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sandbox, "wait_exit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pool.run("import time\ntime.sleep(30)", LIMITS)
+    monkeypatch.undo()
+    start = time.monotonic()
+    assert pool.run("print('next')", LIMITS).stdout == "next\n"
+    assert time.monotonic() - start < 2
+
+
+def test_a_stopped_fork_server_is_killed_and_replaced():
+    import signal
+    import threading
+
+    pool = SandboxPool(max_parallel=1)
+    try:
+        pool.run("pass", LIMITS)
+        server = pool._servers[0]._proc.pid
+        out = {}
+        worker = threading.Thread(target=lambda: out.update(r=pool.run("import time\ntime.sleep(30)",
+                                                                        Limits(wall_s=1.0, cpu_s=5))))
+        worker.start()
+        while not psutil.Process(server).children():
+            time.sleep(0.01)
+        os.kill(server, signal.SIGSTOP)  # as a run of the same uid could, without root
+        worker.join(timeout=15)
+        assert not worker.is_alive() and out["r"].verdict == "timeout"
+        assert _alive([server]) == []
+        assert pool.run("print('served')", LIMITS).stdout == "served\n"
+    finally:
+        pool.close()
+
+
+def test_a_forked_copy_of_the_trainer_leaves_the_pool_alone():
+    script = textwrap.dedent("""
+        import os, sys
+        from environments.sandbox import Limits, SandboxPool
+        pool = SandboxPool(max_parallel=1)
+        assert pool.run("pass", Limits(wall_s=5)).verdict == "ok"
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)  # a normal exit runs the finalizers, the pool's among them
+        os.waitpid(pid, 0)
+        print(pool.run("print('still here')", Limits(wall_s=5)).stdout, end="")
+        pool.close()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=os.getcwd(), capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout == "still here\n", done.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the root path")
+def test_runs_without_a_slot_uid_get_no_capabilities_even_from_root(monkeypatch):
+    import environments.sandbox as sandbox
+
+    monkeypatch.setattr(sandbox, "_pick_python", lambda preferred: None)  # no interpreter a slot uid may run
+    pool = SandboxPool(max_parallel=1)
+    try:
+        assert not pool.isolated_uid
+        result = pool.run("print(open('/proc/self/status').read())", LIMITS)
+        caps = dict(line.split(":\t") for line in result.stdout.splitlines() if line.startswith("Cap"))
+        assert int(caps["CapEff"], 16) == 0 and int(caps["CapPrm"], 16) == 0, result.stdout
+    finally:
+        pool.close()

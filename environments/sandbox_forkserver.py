@@ -42,6 +42,7 @@ import sys
 
 _CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
 _MS_REC, _MS_PRIVATE, _MS_NOSUID, _MS_NODEV, _MS_BIND = 0x4000, 0x40000, 0x2, 0x4, 0x1000
+_PR_SET_NO_NEW_PRIVS = 38
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 # A run fills at most 16 MB and 4096 files per folder: emptying it costs the next run little.
 TMPFS_OPTIONS = b"size=16m,nr_inodes=4096,mode=1777"
@@ -72,6 +73,9 @@ def _isolate(base, slot_uids):
             os.close(keep)
     else:
         libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET)
+    # No run gains privileges through exec (setuid-root programs such as mount or passwd run
+    # with the run's own uid), however it got to exec one; the server's setuid() is unaffected.
+    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     return private
 
 

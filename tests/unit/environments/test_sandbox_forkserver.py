@@ -178,3 +178,8 @@ def test_runs_without_a_slot_uid_get_no_capabilities_even_from_root(monkeypatch)
         assert int(caps["CapEff"], 16) == 0 and int(caps["CapPrm"], 16) == 0, result.stdout
     finally:
         pool.close()
+
+
+def test_runs_cannot_gain_privileges_through_exec(pool):
+    result = pool.run("print([l for l in open('/proc/self/status') if l.startswith('NoNewPrivs')])", LIMITS)
+    assert result.stdout.strip() == "['NoNewPrivs:\\t1\\n']", result

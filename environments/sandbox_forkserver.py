@@ -257,7 +257,10 @@ def _watch(sock, pid):
                     if pidfd is not None:
                         poller.unregister(pidfd)
             if any(fd == sock.fileno() for fd, _ in events):
-                message = sock.recv(4096)  # {"reap": true}, or EOF: the parent is gone
+                try:
+                    message = sock.recv(4096)  # {"reap": true}, or EOF: the parent is gone
+                except OSError:  # ECONNRESET: it died with our last message unread
+                    message = b""
                 _kill(pid)
                 return bool(message)
     finally:
@@ -318,7 +321,10 @@ def serve(sock, base, private):
     `private`: the tmpfs folders to empty after each run."""
     while True:
         fds = array.array("i")
-        message, ancillary, _, _ = sock.recvmsg(1 << 16, socket.CMSG_SPACE(64 * fds.itemsize))
+        try:
+            message, ancillary, _, _ = sock.recvmsg(1 << 16, socket.CMSG_SPACE(64 * fds.itemsize))
+        except OSError:  # the parent died with a reply of ours unread
+            message = b""
         if not message:
             sys.exit(0)
         for level, kind, data in ancillary:

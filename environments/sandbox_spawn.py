@@ -55,7 +55,7 @@ class ForkedChild:
         """Let the server kill what is left of the run and reap it; the pid is not ours after this."""
         if not self._released:
             self._released = True
-            self.server.reap(self)
+            self.server.reap()
 
     def abandon(self) -> None:
         """A server that does not report within bounds (stopped, say) is killed; the run with it."""
@@ -95,7 +95,7 @@ class ForkServer:
                     sock.settimeout(SETUP_TIMEOUT_S)  # a fork and a few syscalls: never this long
                     reply = sock.recv(1 << 16)
                 except TimeoutError:
-                    self._kill()
+                    self.kill()
                     raise SandboxSetupError(f"the sandbox fork server did not answer in {SETUP_TIMEOUT_S} s") from None
                 except OSError:
                     reply = b""
@@ -131,7 +131,8 @@ class ForkServer:
             return {"killed": True}
         return json.loads(data)
 
-    def reap(self, child: ForkedChild) -> None:
+    def reap(self) -> None:
+        """Tell the server the run is over: it kills what is left of it and reaps it."""
         if self._sock is None:
             return
         try:
@@ -145,9 +146,6 @@ class ForkServer:
 
     def kill(self) -> None:
         """SIGKILL the server (its run dies with it or is orphaned), then forget it."""
-        self._kill()
-
-    def _kill(self) -> None:
         if self._proc is not None:
             self._proc.kill()
         self._stop()

@@ -210,6 +210,9 @@ class EnvironmentConfig:
     """Reward functions (by name) added to the environment's own correctness reward."""
     max_staleness: int | None = None
     """Override of `learner.max_staleness` for this environment."""
+    kl_coef: float | None = None
+    """Override of `learner.kl_coef` for this environment's samples (0: no pull toward the
+    reference for them; a reference model is kept when any environment's coefficient is > 0)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for `environments.make` (difficulty, dataset, ...)."""
 
@@ -217,6 +220,8 @@ class EnvironmentConfig:
         _positive("environments", "weight", self.weight, allow_zero=True)
         _positive("environments", "concurrency", self.concurrency)
         _positive("environments", "timeout_s", self.timeout_s)
+        if self.kl_coef is not None:
+            _positive("environments", "kl_coef", self.kl_coef, allow_zero=True)
 
 
 @dataclass

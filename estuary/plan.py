@@ -80,7 +80,8 @@ def _gib(x: float) -> str:
     return f"{x / GIB:.2f} GiB"
 
 
-def learner_role(arch: Architecture, cfg: LearnerConfig, dtype: str, max_seq: int, gpu_bytes: float) -> Role:
+def learner_role(arch: Architecture, cfg: LearnerConfig, dtype: str, max_seq: int, gpu_bytes: float,
+                 reference: bool | None = None) -> Role:
     """One learner rank's memory: DeepSpeed mixed precision on GPU (bf16 weights and gradients,
     fp32 master weights and Adam moments), the model's dtype on CPU."""
     on_gpu = cfg.gpus_per_learner > 0
@@ -94,8 +95,10 @@ def learner_role(arch: Architecture, cfg: LearnerConfig, dtype: str, max_seq: in
         Term("optimizer state", p * opt / shard[1],
              f"{p:.4g} x {opt} B" + (f" / {n} ranks (ZeRO-{z})" if z >= 1 else "")),
     ]
-    if cfg.kl_coef > 0:  # the frozen reference: sharded like the weights under ZeRO-3, else whole
-        terms.append(Term("reference", p * bw / shard[3], f"{p:.4g} params x {bw} B (learner.kl_coef > 0)"
+    if reference is None:  # `reference`: some environment's kl_coef keeps one though the learner's is 0
+        reference = cfg.kl_coef > 0
+    if reference:  # the frozen reference: sharded like the weights under ZeRO-3, else whole
+        terms.append(Term("reference", p * bw / shard[3], f"{p:.4g} params x {bw} B (a kl_coef > 0)"
                           + (f" / {n} ranks (ZeRO-3)" if z >= 3 else "")))
     if z == 3:
         biggest = max(arch.largest_layer, arch.vocab * arch.hidden)
@@ -229,7 +232,8 @@ def plan_run(cfg: Config, arch: Architecture | None = None) -> Plan:
     arch = arch or architecture_of(cfg.model)
     gpu = cfg.cluster.gpu_memory_gb * GIB
     engine = engine_role(arch, cfg.rollout, cfg.model.dtype, gpu)
-    learner = learner_role(arch, cfg.learner, cfg.model.dtype, _engine_settings(cfg.rollout)[2], gpu)
+    reference = max([cfg.learner.kl_coef] + [e.kl_coef or 0.0 for e in cfg.environments.values()]) > 0
+    learner = learner_role(arch, cfg.learner, cfg.model.dtype, _engine_settings(cfg.rollout)[2], gpu, reference)
     _check_learner(learner, cfg)
     _check_engine(engine, cfg)
     nodes, gpus = _nodes([learner, engine], cfg.cluster.gpus_per_node)

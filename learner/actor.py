@@ -10,7 +10,7 @@ back the entries it had not acknowledged. Reports carry per-environment rollout 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import ray
@@ -34,6 +34,8 @@ class LearnerSpec:
     env_staleness: dict[str, int]
     sampling: SamplingConfig
     """The rollout's sampler settings (`rollout.sampling`): the learner's log-probs use the same."""
+    env_kl_coef: dict[str, float] = field(default_factory=dict)
+    """Per-environment overrides of `learner.kl_coef` (`environments.<name>.kl_coef`), by env id."""
     cpus: int = 1
     """Torch threads of this learner (`learner.threads`, else its placement bundle's CPUs)."""
     rank: int = 0
@@ -73,7 +75,7 @@ def build_learner(spec: LearnerSpec):
     mtp = spec.model.mtp_loss_coef if getattr(policy.model, "mtp", None) is not None else 0.0
     return LearnerWorker(spec.learner, policy, stream, spec.run_dir, sync=sync,
                          env_staleness=spec.env_staleness, mtp_coef=mtp, temperature=spec.sampling.temperature,
-                         top_p=spec.sampling.top_p, top_k=spec.sampling.top_k)
+                         top_p=spec.sampling.top_p, top_k=spec.sampling.top_k, env_kl_coef=spec.env_kl_coef)
 
 
 @ray.remote

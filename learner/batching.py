@@ -32,6 +32,7 @@ class MicroBatch:
     routed: torch.Tensor | None = None  # (B, T, layers, k) experts the engine used, -1 where unknown
     prox_logp: torch.Tensor | None = None  # (B, T) proximal log-probs, when the trainer recomputed them
     prefix_len: int = 0  # leading tokens every row shares (no trained token among them); 0: none
+    kl_coef: torch.Tensor | None = None  # (B,) KL coefficient per row (per environment); None: the objective's
 
     def to(self, device: torch.device | str) -> MicroBatch:
         """This micro-batch on `device` (batches are packed in host memory; a GPU learner trains there)."""
@@ -40,10 +41,11 @@ class MicroBatch:
 
 
 def pack(samples: list[Trajectory], advantages: list[float], max_tokens: int, pad_id: int = 0,
-         routing: bool = False) -> list[MicroBatch]:
+         routing: bool = False, kl_coefs: list[float] | None = None) -> list[MicroBatch]:
     """samples with one advantage each -> micro-batches whose padded size fits `max_tokens`.
 
-    `routing`: carry the samples' recorded experts (for routing replay).
+    `routing`: carry the samples' recorded experts (for routing replay). `kl_coefs`: one KL
+    coefficient per sample (None: the objective's for all).
     """
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].token_ids))
     batches, current = [], []
@@ -55,7 +57,8 @@ def pack(samples: list[Trajectory], advantages: list[float], max_tokens: int, pa
         current.append(i)
     if current:
         batches.append(current)
-    return [_collate([samples[i] for i in rows], [advantages[i] for i in rows], pad_id, routing)
+    return [_collate([samples[i] for i in rows], [advantages[i] for i in rows], pad_id, routing,
+                     kl_coefs=None if kl_coefs is None else [kl_coefs[i] for i in rows])
             for rows in batches]
 
 
@@ -79,31 +82,34 @@ def shared_prefix(samples: list[Trajectory]) -> int:
 
 
 def pack_groups(groups: list[tuple[list[Trajectory], list[float]]], max_tokens: int, pad_id: int = 0,
-                share_prompt: bool = True) -> list[MicroBatch]:
+                share_prompt: bool = True, kl_coefs: list[float] | None = None) -> list[MicroBatch]:
     """Each group's (samples, advantages) -> micro-batches of that group's rows sharing its prompt.
+    `kl_coefs`: one KL coefficient per group (None: the objective's for all).
 
     The budget counts the prefix once: prefix + rows × (longest row - prefix). A group whose
     rows share fewer than `MIN_SHARED` tokens, or every group when `share_prompt` is off, is
     packed as plain rows.
     """
-    batches, plain, plain_adv = [], [], []
-    for samples, advantages in groups:
+    batches, plain, plain_adv, plain_kl = [], [], [], []
+    for g, (samples, advantages) in enumerate(groups):
+        kl = None if kl_coefs is None else [kl_coefs[g]] * len(samples)
         p = shared_prefix(samples) if share_prompt and len(samples) > 1 else 0
         if p < MIN_SHARED:
             plain += samples
             plain_adv += advantages
+            plain_kl += kl or []
             continue
         order = sorted(range(len(samples)), key=lambda i: len(samples[i].token_ids))
         current: list[int] = []
         for i in order:
             if current and p + (len(current) + 1) * (len(samples[i].token_ids) - p) > max_tokens:
                 batches.append(_collate([samples[j] for j in current], [advantages[j] for j in current],
-                                        pad_id, False, prefix_len=p))
+                                        pad_id, False, prefix_len=p, kl_coefs=kl and kl[: len(current)]))
                 current = []
             current.append(i)
         batches.append(_collate([samples[j] for j in current], [advantages[j] for j in current],
-                                pad_id, False, prefix_len=p))
-    return batches + (pack(plain, plain_adv, max_tokens, pad_id) if plain else [])
+                                pad_id, False, prefix_len=p, kl_coefs=kl and kl[: len(current)]))
+    return batches + (pack(plain, plain_adv, max_tokens, pad_id, kl_coefs=plain_kl or None) if plain else [])
 
 
 def _routed(samples: list[Trajectory], width: int) -> torch.Tensor | None:
@@ -121,7 +127,7 @@ def _routed(samples: list[Trajectory], width: int) -> torch.Tensor | None:
 
 
 def _collate(samples: list[Trajectory], advantages: list[float], pad_id: int, routing: bool,
-             prefix_len: int = 0) -> MicroBatch:
+             prefix_len: int = 0, kl_coefs: list[float] | None = None) -> MicroBatch:
     width = max(len(s.token_ids) for s in samples)
     b = len(samples)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
@@ -137,4 +143,5 @@ def _collate(samples: list[Trajectory], advantages: list[float], pad_id: int, ro
     lengths = torch.tensor([len(s.token_ids) for s in samples])
     return MicroBatch(ids, mask, behav, versions, torch.tensor(advantages, dtype=torch.float32),
                       int(mask.sum()), lengths, _routed(samples, width) if routing else None,
-                      prefix_len=prefix_len)
+                      prefix_len=prefix_len,
+                      kl_coef=None if kl_coefs is None else torch.tensor(kl_coefs, dtype=torch.float32))

@@ -8,6 +8,8 @@ sampled and that are trained on (prompt, environment/tool and budget-forced toke
     prox      log-prob under the proximal policy (the trainer's weights before this step),
               for AReaL's decoupled objective; without it the behaviour policy is the anchor
     adv       (B,) advantage of each sequence
+    kl_coef   (B,) optional KL coefficient of each sequence (per-environment `kl_coef`);
+              without it every sequence gets `LossConfig.kl_coef`
 
 Objective per token (PPO clip, with clip-higher): -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A),
 r = exp(logp - anchor). GSPO replaces r by the sequence's geometric-mean ratio. With `prox`,
@@ -54,7 +56,8 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 def policy_loss(logp: torch.Tensor, behav: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
                 cfg: LossConfig, prox: torch.Tensor | None = None,
-                ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                ref_logp: torch.Tensor | None = None, kl_coef: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
     """Returns (scalar loss, statistics)."""
     mask = mask.float()
     anchor = behav if prox is None else prox
@@ -79,8 +82,9 @@ def policy_loss(logp: torch.Tensor, behav: torch.Tensor, adv: torch.Tensor, mask
         else:
             weights = w
     per_token = per_token * weights
-    if cfg.kl_coef and ref_logp is not None:
-        per_token = per_token + cfg.kl_coef * k3_kl(logp, ref_logp)
+    if ref_logp is not None and (kl_coef is not None or cfg.kl_coef):
+        coef = cfg.kl_coef if kl_coef is None else kl_coef.to(per_token.dtype)[:, None]  # scalar or (B, 1)
+        per_token = per_token + coef * k3_kl(logp, ref_logp)
     loss = aggregate(per_token, mask, cfg.aggregation)
     with torch.no_grad():
         n = mask.sum().clamp(min=1)

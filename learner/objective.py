@@ -167,7 +167,7 @@ def microbatch_loss(module, model, batch: MicroBatch, objective: Objective, ref_
     if objective.truncates:
         trained, (logp, prox, ref) = _within_nucleus(mask, logp, prox, ref)
     loss, stats = policy_loss(logp, batch.behav_logp, batch.advantages, trained, objective.loss,
-                              prox=prox, ref_logp=ref)
+                              prox=prox, ref_logp=ref, kl_coef=batch.kl_coef)
     n = mask.sum().clamp(min=1)
     if objective.truncates:
         stats["outside_nucleus"] = float((mask - trained).sum() / n)

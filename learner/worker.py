@@ -117,16 +117,19 @@ def split_by_tokens(kept: list, ranks: int) -> list[list]:
 class LearnerWorker:
     def __init__(self, cfg: LearnerConfig, policy: Policy, stream: TrajectoryStream, run_dir: str | Path,
                  sync=None, env_staleness: dict[str, int] | None = None, mtp_coef: float = 0.0,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> None:
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 env_kl_coef: dict[str, float] | None = None) -> None:
         self.cfg, self.policy, self.stream, self.sync = cfg, policy, stream, sync
         self.run_dir = Path(run_dir)
         self.env_staleness = env_staleness or {}
+        self.env_kl_coef = env_kl_coef or {}  # per-environment overrides of cfg.kl_coef
         # The engines' sampler settings: the learner's log-probs must be of the same distribution.
         self.objective = objective_from(cfg, mtp_coef, temperature, top_p, top_k)
         self.trainer = Trainer(policy.model, TrainerOptions(
             backend=cfg.backend, zero_stage=cfg.zero_stage, lr=cfg.lr, weight_decay=cfg.weight_decay,
             warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm, freeze_router=cfg.freeze_router,
-            keep_reference=cfg.kl_coef > 0, activation_checkpointing=cfg.activation_checkpointing))
+            keep_reference=max([cfg.kl_coef, *self.env_kl_coef.values()]) > 0,
+            activation_checkpointing=cfg.activation_checkpointing))
         if self.trainer.rank != 0:
             # Rank 0 alone reads the stream and hands each rank its share: no rank can claim
             # another's uncommitted entries, and the stream's consumer is the same as one learner's.
@@ -234,8 +237,8 @@ class LearnerWorker:
         kept, self._kept = self._kept[: self.cfg.groups_per_step], self._kept[self.cfg.groups_per_step:]
         return kept
 
-    def _groups(self, kept) -> list[tuple[list[Trajectory], list[float]]]:
-        """Each kept group's (samples, advantages), advantages from the whole group. With the
+    def _groups(self, kept) -> list[tuple[list[Trajectory], list[float], str]]:
+        """Each kept group's (samples, advantages, env id), advantages from the whole group. With the
         overlong filter a cut sample is left out: every term of the loss (policy, KL, MTP) and its
         normalisation count only policy tokens, so a row with none changes nothing but the
         learner's time (a fifth of the quick start's policy tokens were in such rows)."""
@@ -251,11 +254,13 @@ class LearnerWorker:
                 samples.append(sample)
                 advantages.append(a)
             if samples:
-                groups.append((samples, advantages))
+                groups.append((samples, advantages, group.env_id))
         return groups
 
-    def _pack(self, groups: list[tuple[list[Trajectory], list[float]]]) -> list[MicroBatch]:
+    def _pack(self, groups: list[tuple[list[Trajectory], list[float], str]]) -> list[MicroBatch]:
         pad = self.policy.tokenizer.pad_token_id or 0
+        # per-group KL coefficients only where an environment overrides `kl_coef`
+        kl = [self.env_kl_coef.get(env, self.cfg.kl_coef) for *_, env in groups] if self.env_kl_coef else None
         # These read whole rows (replayed experts and balance statistics per row position), or
         # drop the cache a shared prompt hands to its rows (transformers' checkpointed layers).
         # Under ZeRO-3 every forward pass gathers parameters with the other ranks, so every rank
@@ -264,10 +269,12 @@ class LearnerWorker:
         whole_rows = (self.cfg.routing_replay or self.cfg.load_balance_coef or self.cfg.activation_checkpointing
                       or zero3_group)
         if whole_rows or not self.cfg.share_prompt:
-            samples = [s for group, _ in groups for s in group]
-            advantages = [a for _, adv in groups for a in adv]
-            return pack(samples, advantages, self.cfg.micro_batch_tokens, pad, routing=self.cfg.routing_replay)
-        return pack_groups(groups, self.cfg.micro_batch_tokens, pad)
+            samples = [s for group, _, _ in groups for s in group]
+            advantages = [a for _, adv, _ in groups for a in adv]
+            per_row = None if kl is None else [c for c, (group, _, _) in zip(kl, groups, strict=True) for _ in group]
+            return pack(samples, advantages, self.cfg.micro_batch_tokens, pad, routing=self.cfg.routing_replay,
+                        kl_coefs=per_row)
+        return pack_groups([(s, a) for s, a, _ in groups], self.cfg.micro_batch_tokens, pad, kl_coefs=kl)
 
     def _over_ranks(self, stats: dict[str, float]) -> dict[str, float]:
         """One rank's step statistics merged with every other's: tokens summed, time the slowest

@@ -38,6 +38,8 @@ def test_any_input_that_changes_the_policy_changes_the_key(tmp_path, monkeypatch
                    "environments.math.kwargs={difficulty: 1}", "rollout.budget.max_tokens=48"):
         assert warm_start_key(_cfg(change)) != base, change
     assert warm_start_key(_cfg("sft.cache=false")) == base  # whether to cache is not an input
+    # nor are the learner's settings for an environment's groups
+    assert warm_start_key(_cfg("environments.math.kl_coef=0", "environments.math.max_staleness=1")) == base
     said: list[str] = []
     warm_start(_cfg("sft.cache=false"), tmp_path / "c" / "policy", said.append)
     assert not any("cache" in s for s in said) and not (tmp_path / "cache").exists()

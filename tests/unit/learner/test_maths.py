@@ -116,6 +116,26 @@ def test_k3_kl():
     assert stats["kl"] == pytest.approx(math.exp(-1))
 
 
+def test_a_per_sequence_kl_coefficient_weighs_each_row_alone():
+    """Per-environment `kl_coef`: a row with 0 gets no pull toward the reference, even when the
+    config's coefficient is not 0; a row with c is pulled as a config coefficient of c would."""
+    logp, ref, zeros = torch.tensor([[0.0], [0.0]]), torch.tensor([[-1.0], [-1.0]]), torch.zeros(2, 1)
+    grads = {}
+    for name, cfg_coef, rows in (("per_row", 0.1, torch.tensor([0.3, 0.0])), ("scalar", 0.3, None)):
+        lp = logp.clone().requires_grad_(True)
+        loss, _ = policy_loss(lp, zeros, torch.zeros(2), torch.ones(2, 1), LossConfig(is_correction="none",
+                              kl_coef=cfg_coef), ref_logp=ref, kl_coef=rows)
+        loss.backward()
+        grads[name] = lp.grad[:, 0].tolist()
+    assert grads["per_row"][1] == 0.0 and grads["per_row"][0] != 0.0
+    assert grads["per_row"][0] == pytest.approx(grads["scalar"][0])
+    # with a learner coefficient of 0 the per-row one still applies
+    lp = logp.clone().requires_grad_(True)
+    loss, _ = policy_loss(lp, zeros, torch.zeros(2), torch.ones(2, 1), LossConfig(is_correction="none"),
+                          ref_logp=ref, kl_coef=torch.tensor([0.3, 0.0]))
+    assert loss.item() == pytest.approx(0.3 * math.exp(-1) / 2)
+
+
 def test_masked_tokens_do_not_count():
     cfg = LossConfig(is_correction="none")
     logp = torch.zeros(1, 3, requires_grad=True)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from configs.errors import ConfigError
 from configs.schema import LearnerConfig
 from learner.checkpoint import commit_records
 from learner.worker import LearnerWorker
@@ -112,7 +113,7 @@ def test_downweighted_stale_groups_and_overlong_filter(tmp_path):
         assert worker.counters["overlong_masked"] == 4
         mixed = make_group(2, rewards=(1.0, 0.0, 0.0, 0.0))
         mixed.samples[1].finish_reason = "length"  # a cut sample: its advantage came from the whole group
-        (samples, advantages), = worker._groups([(Entry("2-0", mixed), 1.0, 0)])
+        (samples, advantages, _env), = worker._groups([(Entry("2-0", mixed), 1.0, 0)])
         full = worker._groups([(Entry("2-0", make_group(2, rewards=(1.0, 0.0, 0.0, 0.0))), 1.0, 0)])[0][1]
         assert samples == [mixed.samples[i] for i in (0, 2, 3)] and advantages == [full[i] for i in (0, 2, 3)]
 
@@ -157,10 +158,29 @@ def test_advantages_follow_the_task_reward_and_shaping_keeps_its_own_scale(tmp_p
     right_wrong = _with_parts(1, [{"correct": 1.0, "format": 0.1}, formatted, {"correct": 1.0}, wrong])
     assert worker._admit(shaping_only)[0]  # kept by dynamic sampling: it carries signal at its scale
     groups = worker._groups([(Entry("1-0", shaping_only), 1.0, 0), (Entry("2-0", right_wrong), 1.0, 0)])
-    adv = [a for _, advantages in groups for a in advantages]
+    adv = [a for _, advantages, _ in groups for a in advantages]
     assert adv[:4] == pytest.approx([0.075, -0.025, 0.075, -0.125], abs=1e-5)
     unit = 0.5 / (1 / 3) ** 0.5  # grpo's advantage of correct 1, 0, 1, 0
     assert adv[4:] == pytest.approx([unit + 0.05, -unit + 0.05, unit - 0.05, -unit - 0.05], abs=1e-4)
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_each_environment_gets_its_own_kl_coefficient(tmp_path, share_prompt):
+    """`environments.<name>.kl_coef` reaches every row of that environment's groups, in either
+    packing; the reference is kept when only an environment asks for a KL."""
+    cfg = _cfg(kl_coef=0.0, share_prompt=share_prompt, micro_batch_tokens=4096)
+    worker = LearnerWorker(cfg, init_policy("tiny-attention", seed=0), None, tmp_path,
+                           env_kl_coef={"estuary/long_context": 0.0, "estuary/math": 0.2})
+    assert worker.trainer.reference is not None
+    groups = [make_group(0, env="estuary/math"), make_group(1, env="estuary/long_context"),
+              make_group(2, env="estuary/code")]
+    batches = worker._pack(worker._groups([(Entry(f"{i}-0", g), 1.0, 0) for i, g in enumerate(groups)]))
+    by_prompt = {tuple(g.samples[0].token_ids[:4].tolist()): c for g, c in zip(groups, (0.2, 0.0, 0.0), strict=True)}
+    rows = [(tuple(b.input_ids[r, :4].tolist()), float(b.kl_coef[r])) for b in batches for r in range(len(b.kl_coef))]
+    assert len(rows) == 12 and all(c == pytest.approx(by_prompt[p]) for p, c in rows)
+    plain = LearnerWorker(_cfg(kl_coef=0.0), init_policy("tiny-attention", seed=0), None, tmp_path / "plain")
+    assert plain.trainer.reference is None  # no override, no KL: no reference, no per-row coefficients
+    assert all(b.kl_coef is None for b in plain._pack(plain._groups([(Entry("0-0", groups[0]), 1.0, 0)])))
 
 
 def test_the_learner_takes_the_samplers_temperature_and_top_p_from_the_config(tmp_path):
@@ -171,13 +191,17 @@ def test_the_learner_takes_the_samplers_temperature_and_top_p_from_the_config(tm
     from models.policy import write_preset
 
     cfg = load_config("tiny_cpu", ["rollout.sampling.temperature=0.7", "rollout.sampling.top_p=0.9",
-                                   "learner.backend=torch", "model.mtp_loss_coef=0"])
+                                   "learner.backend=torch", "model.mtp_loss_coef=0",
+                                   "environments.long_context.kl_coef=0"])
     write_preset("tiny-attention", tmp_path / "policy")
     with EmbeddedRedis() as server:
         channel = sync_channel(cfg, tmp_path / "run")
         worker = build_learner(learner_spec(cfg, tmp_path / "run", tmp_path / "policy", server.url, channel))
         worker.sync.close()
     assert (worker.objective.temperature, worker.objective.top_p, worker.objective.top_k) == (0.7, 0.9, 0)
+    assert worker.env_kl_coef == {"estuary/long_context": 0.0}  # `environments.<name>.kl_coef`, by env id
+    with pytest.raises(ConfigError, match="kl_coef"):
+        load_config("tiny_cpu", ["environments.math.kl_coef=-0.1"])
 
 
 def test_a_resumed_learner_completes_the_commit_record_and_does_not_rewrite_its_checkpoint(tmp_path):

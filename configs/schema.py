@@ -268,7 +268,11 @@ class LearnerConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_steps: int = 0
-    """Linear warm-up steps, then constant."""
+    """Linear warm-up steps, then constant (or decaying: `lr_decay_to`)."""
+    lr_decay_to: float = 1.0
+    """The learning rate's multiplier at the end of RL, reached linearly from the start as the run
+    nears `run.max_steps` or `run.time_budget_s` (whichever is nearer; the driver tells the
+    learner each step); 1: constant."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0: off)."""
     groups_per_step: int = 8
@@ -329,6 +333,8 @@ class LearnerConfig:
 
     def __post_init__(self) -> None:
         _one_of("learner", "backend", self.backend, ("deepspeed", "torch"))
+        if not 0 <= self.lr_decay_to <= 1:
+            raise ConfigError(f"learner.lr_decay_to={self.lr_decay_to!r} must be in [0, 1] (1: no decay)")
         _one_of("learner", "zero_stage", self.zero_stage, (0, 1, 2, 3))
         _one_of("learner", "advantage", self.advantage, ("grpo", "loo", "drgrpo"))
         _one_of("learner", "loss_aggregation", self.loss_aggregation, ("token", "sequence"))

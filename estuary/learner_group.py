@@ -141,11 +141,11 @@ class LearnerGroup:
             raise RuntimeError(f"learner ranks disagree on the policy version: {versions}")
         return versions[0]
 
-    def step(self, timeout_s: float):
+    def step(self, timeout_s: float, progress: float | None = None):
         """Every rank steps together; rank 0's `StepReport` (or None: not enough groups yet, or
-        the group was just restarted)."""
+        the group was just restarted). `progress`: RL's way to its end, 0..1 (the lr decay)."""
         try:
-            return self._on_all("step", timeout_s=timeout_s)[0]
+            return self._on_all("step", timeout_s=timeout_s, progress=progress)[0]
         except _GroupFailed:
             return None
 

@@ -85,7 +85,8 @@ def train(cfg: Config, on_step=None) -> TrainResult:
                 produce_s += time.monotonic() - produce_started
             # sync: the groups are in the stream once produce() returns, so the learner never
             # waits; too few usable ones and the loop produces more at once (it waited 1 s).
-            report = learner.step(timeout_s=5.0 if cfg.run.mode == "async" else 0.0)
+            report = learner.step(timeout_s=5.0 if cfg.run.mode == "async" else 0.0,
+                                  progress=_progress(cfg, version, rl_started))
             if report is None:
                 continue
             version = report.version
@@ -113,6 +114,12 @@ def train(cfg: Config, on_step=None) -> TrainResult:
 def _rewards(results: dict[str, dict[str, float]]) -> dict[str, float]:
     """Each environment's unbudgeted eval reward."""
     return {name: r["reward"] for name, r in results.items() if ":budget" not in name}
+
+
+def _progress(cfg: Config, version: int, started: float) -> float:
+    """How far RL is towards its end: steps of `max_steps` or time of `time_budget_s`, the nearer."""
+    by_time = (time.monotonic() - started) / cfg.run.time_budget_s if cfg.run.time_budget_s else 0.0
+    return min(1.0, max(version / cfg.run.max_steps, by_time))
 
 
 def _out_of_time(cfg: Config, started: float) -> bool:

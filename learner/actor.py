@@ -95,14 +95,14 @@ class LearnerActor:
         """The Ray node this actor runs on (where the placement put it)."""
         return ray.get_runtime_context().get_node_id()
 
-    def step(self, timeout_s: float) -> StepReport | None:
+    def step(self, timeout_s: float, progress: float | None = None) -> StepReport | None:
         """One step, summarised for the driver: metrics and a few samples instead of the groups
         (every rank must be called; rank 0's report covers the whole step, the others' None)."""
         from dataclasses import replace
 
         from learner.metrics import group_metrics
 
-        report = self.worker.step(timeout_s=timeout_s)
+        report = self.worker.step(timeout_s=timeout_s, progress=progress)
         if report is None or self.worker.stream is None:
             return None
         return replace(report, groups=[], group_metrics=group_metrics(report.groups),

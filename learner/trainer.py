@@ -35,6 +35,7 @@ class TrainerOptions:
     lr: float = 1e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_decay_to: float = 1.0  # the lr's multiplier once `progress` reaches 1 (linear in progress)
     max_grad_norm: float = 1.0
     freeze_router: bool = True
     keep_reference: bool = False  # keep a frozen copy of the initial policy (for the KL term)
@@ -108,8 +109,8 @@ class Trainer:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
-        warm = max(1, options.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
+        self.progress = 0.0  # how far RL is towards its end, 0..1 (`set_progress`)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.engine = None
         if options.backend == "deepspeed":
             extensions_dir()  # before DeepSpeed is imported: it builds its ops where this points
@@ -144,6 +145,17 @@ class Trainer:
         self.device = self.engine.device if self.engine is not None else next(model.parameters()).device
         if self.reference is not None and not hasattr(self.reference, "module"):  # an engine places itself
             self.reference.to(self.device)
+
+    def _lr_factor(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, self.options.warmup_steps))
+        return warm * (1.0 - (1.0 - self.options.lr_decay_to) * self.progress)
+
+    def set_progress(self, progress: float) -> None:
+        """RL is `progress` (0..1) of the way to its end: the next step's learning rate follows."""
+        self.progress = min(1.0, max(0.0, progress))
+        factor = self._lr_factor(self.scheduler.last_epoch)
+        for group, base in zip(self.scheduler.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * factor
 
     def train(self, batches: list[MicroBatch], objective: Objective, minibatches: int = 1,
               epochs: int = 1) -> list[dict[str, float]]:

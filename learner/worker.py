@@ -127,7 +127,7 @@ class LearnerWorker:
         self.objective = objective_from(cfg, mtp_coef, temperature, top_p, top_k)
         self.trainer = Trainer(policy.model, TrainerOptions(
             backend=cfg.backend, zero_stage=cfg.zero_stage, lr=cfg.lr, weight_decay=cfg.weight_decay,
-            warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm, freeze_router=cfg.freeze_router,
+            warmup_steps=cfg.warmup_steps, lr_decay_to=cfg.lr_decay_to, max_grad_norm=cfg.max_grad_norm, freeze_router=cfg.freeze_router,
             keep_reference=max([cfg.kl_coef, *self.env_kl_coef.values()]) > 0,
             activation_checkpointing=cfg.activation_checkpointing))
         if self.trainer.rank != 0:
@@ -297,7 +297,11 @@ class LearnerWorker:
         shares = None if kept is None else split_by_tokens(kept, self.trainer.world_size)
         return scatter_from_rank0(shares)
 
-    def step(self, timeout_s: float | None = None) -> StepReport | None:
+    def step(self, timeout_s: float | None = None, progress: float | None = None) -> StepReport | None:
+        """One step (None: not enough groups in `timeout_s`). `progress`: how far RL is towards its
+        end (0..1), for the learning rate's decay (`lr_decay_to`)."""
+        if progress is not None:
+            self.trainer.set_progress(progress)
         waiting = time.perf_counter()
         kept = self.collect(timeout_s) if self.stream is not None else None
         mine = self._share(kept)  # data-parallel ranks step together or not at all

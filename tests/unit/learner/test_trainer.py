@@ -91,6 +91,40 @@ def test_deepspeed_zero2_step_matches_plain_torch():
         assert torch.allclose(ds_state[name], torch_state[name], atol=1e-6), name
 
 
+@pytest.mark.parametrize("backend", ["torch", "deepspeed"])
+def test_the_learning_rate_decays_with_the_runs_progress(backend):
+    """`lr_decay_to`: at progress p the step's learning rate is lr * (1 - (1 - decay_to) * p), so
+    a first Adam step (a move proportional to the lr) at the end of the run is decay_to times as big."""
+    moves = {}
+    for name, decay_to, progress in (("constant", 1.0, 1.0), ("end", 0.1, 1.0), ("half", 0.1, 0.5)):
+        policy = init_policy("tiny-hybrid-moe", seed=0)
+        before = torch.cat([p.detach().reshape(-1).clone() for p in policy.model.parameters()])
+        trainer = Trainer(policy.model, TrainerOptions(backend=backend, lr=1e-3, lr_decay_to=decay_to))
+        trainer.set_progress(progress)
+        sample = _sample(policy, [5, 6, 7], [40, 41, 42])
+        stats = trainer.step(pack([sample, _sample(policy, [5, 6, 7], [50, 51])], [1.0, -1.0], max_tokens=16),
+                             LossConfig(is_correction="none"))
+        moves[name] = torch.cat([p.detach().reshape(-1) for p in policy.model.parameters()]) - before
+        assert stats["lr"] == pytest.approx(1e-3 * (1 - (1 - decay_to) * progress))
+    assert moves["constant"].abs().max() > 1e-4
+    assert torch.allclose(moves["end"], 0.1 * moves["constant"], atol=3e-7)  # float32 weights near 1
+    assert torch.allclose(moves["half"], 0.55 * moves["constant"], atol=3e-7)
+
+
+def test_the_driver_reports_progress_by_steps_or_time_whichever_is_nearer():
+    import time
+
+    from configs import load_config
+    from estuary.train import _progress
+
+    cfg = load_config("tiny_cpu", ["run.max_steps=100", "run.time_budget_s=100"])
+    now = time.monotonic()
+    assert _progress(cfg, 50, now - 10) == pytest.approx(0.5)
+    assert _progress(cfg, 10, now - 80) == pytest.approx(0.8, abs=0.01)
+    assert _progress(cfg, 10, now - 500) == 1.0
+    assert _progress(load_config("tiny_cpu", ["run.max_steps=100", "run.time_budget_s=0"]), 30, now - 500) == 0.3
+
+
 def test_router_is_frozen():
     policy = init_policy("tiny-hybrid-moe", seed=0)
     Trainer(policy.model, TrainerOptions(backend="torch"))

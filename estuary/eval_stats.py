@@ -58,3 +58,27 @@ def summarise(rewards: np.ndarray, correct: np.ndarray, k: int) -> dict[str, flo
 def plus_minus(mean: float, se: float) -> str:
     """`0.42±0.03` (the error left out when it is unknown)."""
     return f"{mean:.2f}" if math.isnan(se) else f"{mean:.2f}±{se:.2f}"
+
+
+def _change(a: dict[str, float], b: dict[str, float], key: str) -> str:
+    """`0.49±0.03 -> 0.61±0.03 (+2.7 SE)`: the change in standard errors of the difference."""
+    se = math.hypot(a[key + "_se"], b[key + "_se"])
+    moved = "" if math.isnan(se) or se == 0 else f" ({(b[key] - a[key]) / se:+.1f} SE)"
+    return f"{plus_minus(a[key], a[key + '_se'])} -> {plus_minus(b[key], b[key + '_se'])}{moved}"
+
+
+def comparison(start: dict[str, dict[str, float]], end: dict[str, dict[str, float]]) -> list[str]:
+    """Per environment (budgeted variants included), pass@1 and reward from `start` to `end` with
+    the change in standard errors of the difference, then the mean reward over the environments
+    without a budget (points are hundredths of reward). Lines of text, for the end of a run."""
+    names = [n for n in start if n in end]
+    width = max([len(n) for n in names] + [11])
+    lines = [f"{'environment':<{width}}  {'pass@1 start -> end':<32}  reward start -> end"]
+    for n in names:
+        lines.append(f"{n:<{width}}  {_change(start[n], end[n], 'pass_at_1'):<32}  "
+                     f"{_change(start[n], end[n], 'reward')}")
+    plain = [n for n in names if ":budget" not in n]
+    if plain:
+        a, b = (float(np.mean([r[n]["reward"] for n in plain])) for r in (start, end))
+        lines.append(f"mean reward ({len(plain)} environments) {a:.3f} -> {b:.3f} ({100 * (b - a):+.1f} points)")
+    return lines

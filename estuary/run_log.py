@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from estuary.eval_stats import plus_minus
+from estuary.eval_stats import comparison, plus_minus
 
 
 def eval_summary(r: dict[str, float]) -> str:
@@ -120,6 +120,13 @@ class RunLog:
             import pandas as pd
 
             self.mlflow.log_table(pd.DataFrame(rows), "samples.json")
+
+    def comparison(self, start: dict, end: dict, steps: int, seeds: str) -> None:
+        """The held-out scores before and after RL, side by side (also in MLflow as `eval/summary.txt`)."""
+        lines = [f"held out ({seeds}), step 0 -> step {steps}:", *comparison(start, end)]
+        self.mlflow.log_text("\n".join(lines) + "\n", "eval/summary.txt")
+        for line in lines:
+            self.say(line)
 
     def summary(self, uri: str, steps: int, checkpoint: str) -> None:
         from estuary.tracking import ui_command

@@ -105,6 +105,10 @@ def train(cfg: Config, on_step=None) -> TrainResult:
         _pull_newest(cfg, run_dir, evaluator, learner)
         learner.close()
         evals["end"] = held_out(version, "end")
+        first, n = cfg.eval.seed_offset, cfg.eval.instances
+        log.comparison(evals["start"], evals["end"], version,
+                       f"seeds {first:,}-{first + n - 1:,}: {n} instances per environment x "
+                       f"{cfg.eval.samples_per_instance} at T={cfg.rollout.sampling.temperature:g}")
         log.samples(samples)
         mlflow.log_param("final_checkpoint", checkpoint)
         log.summary(svc.mlflow_uri, version, checkpoint)

@@ -46,6 +46,9 @@ def test_a_short_run_trains_logs_to_mlflow_and_checkpoints(tmp_path):
     assert any(k.endswith("/generated_reward_mean") for k in run.data.metrics)  # before the learner's filters
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "eval", "samples.json"} <= artifacts
+    summary = client.download_artifacts(result.run_id, "eval/summary.txt", str(tmp_path / "dl"))
+    lines = Path(summary).read_text().splitlines()  # before and after RL, side by side
+    assert lines[0].startswith("held out (seeds 1,000,000-") and lines[-1].startswith("mean reward (")
 
 
 def _get(url: str) -> dict:

@@ -51,3 +51,19 @@ def test_summarise_takes_errors_across_instances_and_counts_exact_correctness():
     assert out["pass_at_2"] == pytest.approx(2 / 3)  # per instance 1, 1, 0
     assert out["pass_at_2_se"] == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3))
     assert "pass_at_1" in summarise(rewards, correct, k=1) and "pass_at_2" not in summarise(rewards, correct, k=1)
+
+
+def test_the_end_of_run_comparison_shows_each_change_in_standard_errors():
+    from estuary.eval_stats import comparison
+
+    def r(p, se, reward=None):
+        return {"pass_at_1": p, "pass_at_1_se": se, "reward": p if reward is None else reward, "reward_se": se}
+
+    start = {"code": r(0.49, 0.03), "code:budget8": r(0.50, 0.03), "math": r(0.04, 0.01, 0.13)}
+    end = {"code": r(0.61, 0.03), "code:budget8": r(0.64, 0.03), "math": r(0.04, 0.01, 0.12)}
+    lines = comparison(start, end)
+    code = next(line for line in lines if line.startswith("code "))
+    assert "0.49±0.03 -> 0.61±0.03 (+2.8 SE)" in code  # 0.12 / hypot(0.03, 0.03)
+    assert any(line.startswith("code:budget8") for line in lines)
+    # the mean over environments without a budget: (0.49 + 0.13) / 2 -> (0.61 + 0.12) / 2
+    assert lines[-1] == "mean reward (2 environments) 0.310 -> 0.365 (+5.5 points)"

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from environments.sandbox import ExecResult
 
 EXIT_GRACE_S = 0.5  # how long a program that closed its channel may take to exit by itself
+# The least of that wait, even at the deadline: a run that a limit killed (RLIMIT_CPU as its
+# wall time runs out) has exited, but its fork server reports the exit a moment later. Without
+# the floor such a run was read as one that closed its channel and kept running ("exited").
+EXIT_REPORT_S = 0.25
 
 
 class ChannelError(Exception):
@@ -100,5 +104,5 @@ class Channel:
             except OSError:
                 pass
         if not self.timed_out:
-            wait_exit(self.proc, min(EXIT_GRACE_S, self.deadline - time.monotonic()))
+            wait_exit(self.proc, max(EXIT_REPORT_S, min(EXIT_GRACE_S, self.deadline - time.monotonic())))
         self.exited_itself = self.proc.poll() is not None

@@ -273,6 +273,10 @@ class LearnerConfig:
     """The learning rate's multiplier at the end of RL, reached linearly from the start as the run
     nears `run.max_steps` or `run.time_budget_s` (whichever is nearer; the driver tells the
     learner each step); 1: constant."""
+    ema_decay: float = 0.0
+    """> 0: the run's final policy (its end-of-run evaluation and `final_policy/`) is an exponential
+    moving average of the weights over the steps, with this decay (`learner/weight_average.py`); the
+    rollouts keep sampling the live weights. 0: the last step's weights. Not under ZeRO-3."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0: off)."""
     groups_per_step: int = 8
@@ -335,6 +339,11 @@ class LearnerConfig:
         _one_of("learner", "backend", self.backend, ("deepspeed", "torch"))
         if not 0 <= self.lr_decay_to <= 1:
             raise ConfigError(f"learner.lr_decay_to={self.lr_decay_to!r} must be in [0, 1] (1: no decay)")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"learner.ema_decay={self.ema_decay!r} must be in [0, 1) (0: no weight average)")
+        if self.ema_decay and self.zero_stage == 3:
+            raise ConfigError("learner.ema_decay needs whole weights on rank 0: use learner.zero_stage <= 2, "
+                              "or learner.ema_decay=0 under ZeRO-3")
         _one_of("learner", "zero_stage", self.zero_stage, (0, 1, 2, 3))
         _one_of("learner", "advantage", self.advantage, ("grpo", "loo", "drgrpo"))
         _one_of("learner", "loss_aggregation", self.loss_aggregation, ("token", "sequence"))

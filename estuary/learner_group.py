@@ -149,9 +149,10 @@ class LearnerGroup:
         except _GroupFailed:
             return None
 
-    def weights(self) -> dict:
-        """The whole model's weights from rank 0 (collective under ZeRO-3: every rank takes part)."""
-        return self._retrying("weights")[0]
+    def weights(self, averaged: bool = False) -> dict:
+        """The whole model's weights from rank 0 (collective under ZeRO-3: every rank takes part);
+        `averaged`: the weight average of `learner.ema_decay`."""
+        return self._retrying("weights", averaged=averaged)[0]
 
     def finish(self) -> str:
         """The final checkpoint (collective: every rank writes its shard)."""

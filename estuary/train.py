@@ -102,7 +102,14 @@ def train(cfg: Config, on_step=None) -> TrainResult:
         ray.get([w.stop.remote() for w in workers])
         ray.get(running)
         checkpoint = learner.finish()
-        _pull_newest(cfg, run_dir, evaluator, learner)
+        if cfg.learner.ema_decay:  # the final policy is the weight average, not the last step's weights
+            averaged = learner.weights(averaged=True)
+            load_published(evaluator.model, averaged)
+            final = evaluator.save(run_dir / "final_policy", averaged)
+            mlflow.log_param("final_policy", str(final))
+            log.say(f"final policy: the weight average (learner.ema_decay={cfg.learner.ema_decay:g}) at {final}")
+        else:
+            _pull_newest(cfg, run_dir, evaluator, learner)
         learner.close()
         evals["end"] = held_out(version, "end")
         first, n = cfg.eval.seed_offset, cfg.eval.instances

@@ -118,10 +118,12 @@ class LearnerActor:
                          "reward": s.reward, "text": self.worker.policy.tokenizer.decode(s.token_ids.tolist())})
         return rows
 
-    def weights(self) -> dict | None:
+    def weights(self, averaged: bool = False) -> dict | None:
         """The whole model's weights on rank 0 (None on the others; every rank must be called under
-        ZeRO-3): the driver's evaluation copy when the engines get theirs by broadcast."""
-        state = self.worker.trainer.full_state_dict()
+        ZeRO-3): the driver's evaluation copy when the engines get theirs by broadcast, or with
+        `averaged` the weight average that is the run's final policy (`learner.ema_decay`)."""
+        trainer = self.worker.trainer
+        state = trainer.averaged_state_dict() if averaged else trainer.full_state_dict()
         return None if state is None else {k: v.detach().cpu() for k, v in state.items()}
 
     def finish(self) -> str:

@@ -64,8 +64,10 @@ def save_checkpoint(run_dir: str | Path, policy: Policy, trainer, step: int, ver
         trainer.engine.save_checkpoint(str(trainer_dir), tag="state")  # every rank writes its shard
     elif rank == 0:
         torch.save({"optimizer": trainer.optimizer.state_dict()}, trainer_dir / "optimizer.pt")
+    average = getattr(trainer, "average", None)
     torch.save({"scheduler": trainer.scheduler.state_dict(), "rng": _rng_state(), "steps": trainer.steps,
-                "extra": rank_extra or {}}, trainer_dir / f"state-rank{rank}.pt")
+                "extra": rank_extra or {}, "average": average.state_dict() if average is not None else None},
+               trainer_dir / f"state-rank{rank}.pt")
     trainer.barrier()
     if rank == 0:
         (tmp / "meta.json").write_text(json.dumps({"step": step, "version": version, **(extra or {})}))
@@ -128,5 +130,8 @@ def restore_checkpoint(path: str | Path, policy: Policy, trainer) -> dict[str, A
     state = torch.load(trainer_dir / f"state-rank{getattr(trainer, 'rank', 0)}.pt", weights_only=False)
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.steps = state["steps"]
+    average = getattr(trainer, "average", None)
+    if average is not None and state.get("average") is not None:  # else it starts at the restored weights
+        average.load_state_dict(state["average"])
     _set_rng_state(state["rng"])
     return {**json.loads((path / "meta.json").read_text()), "rank": state.get("extra", {})}

@@ -40,6 +40,7 @@ class TrainerOptions:
     freeze_router: bool = True
     keep_reference: bool = False  # keep a frozen copy of the initial policy (for the KL term)
     activation_checkpointing: bool = False  # recompute layer activations in backward (long sequences)
+    ema_decay: float = 0.0  # > 0: rank 0 keeps an average of the weights (`learner/weight_average.py`)
 
 
 def _init_process_group() -> None:
@@ -141,6 +142,11 @@ class Trainer:
             control_group()  # every rank creates it here, at the same point (a collective call)
         self.optimizer = optimizer
         self.steps = 0
+        self.average = None  # the final policy's weight average, on rank 0 only (ZeRO-3 refused in config)
+        if options.ema_decay and self.rank == 0:
+            from learner.weight_average import WeightAverage
+
+            self.average = WeightAverage(model, options.ema_decay)
         # Where the forward pass runs (DeepSpeed places the module itself): micro-batches go there.
         self.device = self.engine.device if self.engine is not None else next(model.parameters()).device
         if self.reference is not None and not hasattr(self.reference, "module"):  # an engine places itself
@@ -199,6 +205,18 @@ class Trainer:
                 return {}
             return {name: t.detach().to("cpu", copy=True) for name, t in bucket}
 
+    def _counted(self) -> None:
+        """A step is done: count it and average the weights it left (a step that trained nothing counts too)."""
+        self.steps += 1
+        if self.average is not None:
+            self.average.update(self.model)
+
+    def averaged_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model with its trained weights averaged (rank 0; None elsewhere); the plain
+        weights when no average is kept."""
+        state = self.full_state_dict()
+        return self.average.applied(state) if state is not None and self.average is not None else state
+
     def barrier(self) -> None:
         if self.world_size > 1:
             import torch.distributed as dist
@@ -217,7 +235,7 @@ class Trainer:
         if total == 0:  # nothing to train anywhere (every sample cut and filtered, say): the
             # weights stay as they are, but the step counts, so the version moves on with it
             self.scheduler.step()
-            self.steps += 1
+            self._counted()
             return {"loss": 0.0, "trained_tokens": 0, "lr": self.scheduler.get_last_lr()[0]}
         module = self.engine if self.engine is not None else self.model
         module.train()
@@ -247,7 +265,7 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         module.eval()
-        self.steps += 1
+        self._counted()
         sums["trained_tokens"] = local
         sums["lr"] = self.scheduler.get_last_lr()[0]
         return sums

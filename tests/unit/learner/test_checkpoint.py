@@ -28,7 +28,7 @@ LEARNER = textwrap.dedent("""
 
     run_dir, total, pause_after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     policy = init_policy("tiny-hybrid-moe", seed=0)
-    trainer = Trainer(policy.model, TrainerOptions(backend="torch", lr=1e-3, warmup_steps=3))
+    trainer = Trainer(policy.model, TrainerOptions(backend="torch", lr=1e-3, warmup_steps=3, ema_decay=0.5))
     start = 0
     path = latest_checkpoint(run_dir)
     if path is not None:
@@ -42,6 +42,7 @@ LEARNER = textwrap.dedent("""
         if step == pause_after:
             time.sleep(60)  # the test kills the process here
     policy.save(run_dir + "/final")
+    policy.save(run_dir + "/averaged", trainer.averaged_state_dict())
     print("done", flush=True)
 """)
 
@@ -66,11 +67,14 @@ def test_killed_learner_resumes_exactly(tmp_path):
     out = resumed.communicate(timeout=300)[0].split("\n")
     assert out[0] == "step 4"  # it picked up after the last checkpoint, nothing trained twice
 
-    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
-    b = load_file(tmp_path / "killed" / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    for final in ("final", "averaged"):  # the weights and their average (`ema_decay`) both resume
+        a = load_file(tmp_path / "straight" / final / "model.safetensors")
+        b = load_file(tmp_path / "killed" / final / "model.safetensors")
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), (final, name)
+    live = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    assert any(not torch.equal(live[k], a[k]) for k in a)  # the average is not the last weights
     meta = (tmp_path / "killed" / "checkpoints" / "LATEST").read_text()
     assert meta == "step-000005"
     assert len(list((tmp_path / "killed" / "checkpoints").glob("step-*"))) == 2  # older ones pruned

@@ -1,0 +1,76 @@
+"""Where a policy's math goes wrong: the operands its thought copies, the facts it states, the answer.
+
+    .venv/bin/python scripts/probe_math.py POLICY_DIR [--instances 128] [--samples 4]
+
+Samples the quick start's held-out math prompts (`configs/tiny_cpu.yaml`, T=1, no budget) and
+parses every thought of the form `a op b = c` on a `Compute a op b.` problem: how often each
+operand and the operator match the prompt's, how often `c` is the true value of the thought's own
+operands (a fact the policy knows), and how often the boxed answer repeats `c`. Pass rates alone
+cannot say whether a policy fails at copying, at arithmetic or at answering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+_PROBLEM = re.compile(r"Compute (\d+) ([+-]) (\d+)\.")
+_THOUGHT = re.compile(r"<think>\s*(-?\d+) ([+-]) (-?\d+) = (-?\d+)")
+_BOXED = re.compile(r"\\boxed\{(-?\d+)\}")
+
+
+def tally(prompt_and_response: str, counts: Counter) -> None:
+    """Count what one sample's thought got right (the text holds the prompt, then the response)."""
+    counts["samples"] += 1
+    problem = _PROBLEM.search(prompt_and_response)
+    thought = _THOUGHT.search(prompt_and_response)
+    if problem is None:
+        return
+    counts["arithmetic problems"] += 1
+    if thought is None:
+        return
+    counts["thoughts a op b = c"] += 1
+    a, op, b, c = thought.groups()
+    counts["first operand copied"] += a == problem.group(1)
+    counts["operator copied"] += op == problem.group(2)
+    counts["second operand copied"] += b == problem.group(3)
+    counts["c is a op b (a true fact)"] += int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    boxed = _BOXED.findall(prompt_and_response[thought.end():])
+    counts["boxed answer repeats c"] += bool(boxed) and boxed[-1] == c
+
+
+def main() -> None:
+    from configs import load_config
+    from environments import env_factory
+    from models.policy import load_policy
+    from rollout.episodes import Prompt, run_groups
+    from rollout.torch_engine import TorchEngine
+    from rollout.worker import sampling_params
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("policy")
+    parser.add_argument("--instances", type=int, default=128)
+    parser.add_argument("--samples", type=int, default=4)
+    args = parser.parse_args()
+    cfg = load_config("tiny_cpu", [])
+    policy, env = load_policy(args.policy), cfg.environments["math"]
+    make = env_factory(env)
+    engine = TorchEngine(policy, max_batch=max(32, args.samples), max_len=cfg.rollout.max_len, seed=0)
+    prompts = [Prompt("math", env.id, make, cfg.eval.seed_offset + i, env.timeout_s) for i in range(args.instances)]
+    with ThreadPoolExecutor(4) as pool:
+        groups = run_groups(engine, policy.tokenizer, prompts, args.samples, sampling_params(cfg.rollout), pool,
+                            cfg.rollout.max_len)
+    counts: Counter = Counter()
+    for group in groups:
+        for sample in group.samples:
+            counts["correct"] += sample.reward_parts.get("correct", 0.0) >= 1.0
+            tally(policy.tokenizer.decode(sample.token_ids), counts)
+    for key in ("samples", "correct", "arithmetic problems", "thoughts a op b = c", "first operand copied",
+                "operator copied", "second operand copied", "c is a op b (a true fact)", "boxed answer repeats c"):
+        print(f"{key:28s} {counts[key]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -40,7 +40,12 @@ import signal
 import socket
 import sys
 
-_CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
+_CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWNET, _CLONE_NEWIPC = 0x00020000, 0x10000000, 0x40000000, 0x08000000
+# System V IPC objects outlive their creator: in the slot's own IPC namespace these limits are 0, so a
+# run can make no shared memory, message queue or semaphore set for a later run to find (POSIX shm
+# and semaphores live in the private /dev/shm, emptied after each run).
+_NO_SYSV_IPC = (("/proc/sys/kernel/shmmni", "0"), ("/proc/sys/kernel/msgmni", "0"),
+                ("/proc/sys/kernel/sem", "0 0 0 0"), ("/proc/sys/fs/mqueue/queues_max", "0"))
 _MS_REC, _MS_PRIVATE, _MS_NOSUID, _MS_NODEV, _MS_BIND = 0x4000, 0x40000, 0x2, 0x4, 0x1000
 _PR_SET_NO_NEW_PRIVS = 38
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
@@ -73,6 +78,13 @@ def _isolate(base, slot_uids):
             os.close(keep)
     else:
         libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET)
+    if libc.unshare(_CLONE_NEWIPC) == 0:  # only ever the new namespace's limits: never the host's
+        for path, value in _NO_SYSV_IPC:
+            try:
+                with open(path, "w") as limit:
+                    limit.write(value)
+            except OSError:
+                pass  # a kernel that refuses: the namespace alone still hides the host's objects
     # No run gains privileges through exec (setuid-root programs such as mount or passwd run
     # with the run's own uid), however it got to exec one; the server's setuid() is unaffected.
     libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)

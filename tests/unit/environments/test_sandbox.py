@@ -117,6 +117,27 @@ def test_a_run_sees_its_own_folder_only(pool):
     assert result.verdict == "sandbox_violation" and "forbidden file access" in result.reason
 
 
+def test_a_run_gets_no_system_v_ipc_and_sees_none_of_the_hosts(pool):
+    """System V objects outlive their creator: one run could leave answers in one for the next."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    host_segment = libc.shmget(0, 4096, 0o600)  # IPC_PRIVATE: a segment of the host's namespace
+    try:
+        code = ("print(open('/proc/sys/kernel/shmmni').read().split(), open('/proc/sys/kernel/msgmni').read().split(),"
+                " open('/proc/sys/fs/mqueue/queues_max').read().split())\n"
+                "print(len(open('/proc/sysvipc/shm').read().splitlines()))")
+        result = pool.run(code, LIMITS)
+        assert result.verdict == "ok", result
+        limits, rows = result.stdout.splitlines()
+        assert limits == "['0'] ['0'] ['0']"  # the slot's own namespace, where nothing can be made
+        assert rows == "1"  # the header: the host's segments are not there
+    finally:
+        if host_segment >= 0:
+            libc.shmctl(host_segment, 0, None)  # IPC_RMID
+    assert open("/proc/sys/kernel/shmmni").read().strip() != "0"  # the host's limits are untouched
+
+
 def test_a_run_inherits_no_ctypes_from_the_fork_server(pool):
     from environments.sandbox import guarded
 

@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from environments.sandbox_channel import Channel, wait_exit
+from environments.sandbox_folders import held_pool_folder, sweep_dead_pool_folders
 from environments.sandbox_spawn import ForkedChild, ForkServer
 
 IS_ROOT = os.geteuid() == 0
@@ -230,12 +231,14 @@ class SandboxPool:
         self.isolated_uid = shared is not None
         self.python = shared or python or sys.executable
         self.uids, self._uid_locks = _claim_uids(max_parallel) if self.isolated_uid else ([], [])
-        # The runs' folders, in one folder that the fork servers' private /tmp shows.
-        self.base = tempfile.mkdtemp(prefix="estuary-sbx-pool-")
+        # The runs' folders, in one folder that the fork servers' private /tmp shows; held by a
+        # lock, so a pool killed with SIGKILL leaves a folder the next pool can tell is dead.
+        sweep_dead_pool_folders()
+        self.base, self._folder_lock = held_pool_folder()
         os.chmod(self.base, 0o711)  # slot uids reach their own folder, list nothing
         # One fork server per slot: a run forks a warm interpreter instead of starting one.
         self._servers = [ForkServer(self.python, self.base, self.isolated_uid) for _ in range(max_parallel)]
-        self._finalizer = weakref.finalize(self, _close, self._servers, self.base, os.getpid())
+        self._finalizer = weakref.finalize(self, _close, self._servers, self.base, os.getpid(), self._folder_lock)
 
     def close(self) -> None:
         """Stop the slots' fork servers and remove the pool's folder."""
@@ -313,12 +316,13 @@ class SandboxPool:
         return self._servers[slot].spawn(request, [out.fileno(), err.fileno(), *fds])
 
 
-def _close(servers: list[ForkServer], base: str, owner: int) -> None:
+def _close(servers: list[ForkServer], base: str, owner: int, lock: int) -> None:
     if os.getpid() != owner:  # a forked copy of the process that made the pool: not its to close
         return
     for server in servers:
         server.close()
     shutil.rmtree(base, ignore_errors=True)
+    os.close(lock)
 
 
 def _finish(proc: ForkedChild, uid: int | None, out, err, limits: Limits, start: float,

@@ -17,7 +17,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 _PROBLEM = re.compile(r"Compute (\d+) ([+-]) (\d+)\.")
-_THOUGHT = re.compile(r"<think>\s*(-?\d+) ([+-]) (-?\d+) = (-?\d+)")
+_THOUGHT = re.compile(r"<think>\s*(?:Compute )?(-?\d+) ([+-]) (-?\d+) = (-?\d+)")
 _BOXED = re.compile(r"\\boxed\{(-?\d+)\}")
 
 

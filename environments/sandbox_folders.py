@@ -19,6 +19,7 @@ import fcntl
 import glob
 import os
 import shutil
+import stat
 import tempfile
 import time
 
@@ -39,20 +40,57 @@ def sweep_dead_pool_folders(root: str | None = None, min_age_s: float = MIN_AGE_
     """Remove the pool folders under `root` whose owner is gone; returns them."""
     removed = []
     for base in glob.glob(os.path.join(root or tempfile.gettempdir(), PREFIX + "*")):
-        try:
-            if time.time() - os.stat(base).st_mtime < min_age_s:
-                continue
-            fd = os.open(os.path.join(base, LOCK), os.O_RDWR)
-        except OSError:  # not ours to read, gone meanwhile, or an older Estuary's (no lock file)
+        fd = _dead_pool_lock(base, min_age_s)
+        if fd is None:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: its pool is alive
-            os.close(fd)
-            continue
-        try:
-            shutil.rmtree(base, ignore_errors=True)
-            removed.append(base)
+            if _remove(base):
+                removed.append(base)
         finally:
             os.close(fd)
     return removed
+
+
+def _dead_pool_lock(base: str, min_age_s: float) -> int | None:
+    """A descriptor holding `base`'s lock when its pool is dead; None when it is alive, too young
+    or not ours. Only a real folder of our uid counts, and only a lock that is a regular file of
+    ours: the temp dir is shared, and a planted `.owner-lock` symlink must not make us open (and
+    hold, or block on) whatever it points at."""
+    try:
+        info = os.lstat(base)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or time.time() - info.st_mtime < min_age_s:
+            return None
+        fd = os.open(os.path.join(base, LOCK), os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:  # gone meanwhile, a link, or an older Estuary's (no lock file)
+        return None
+    try:
+        lock = os.fstat(fd)
+        if stat.S_ISREG(lock.st_mode) and lock.st_uid == os.geteuid():
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while its pool holds it
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _remove(base: str) -> bool:
+    """Everything in `base` but the lock file, then the lock file and `base` itself. A folder that
+    cannot be emptied (a run left a subfolder without write permission) keeps its lock file, so a
+    later sweep tries again rather than taking it for an older Estuary's."""
+    for entry in os.scandir(base):
+        if entry.name == LOCK:
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)  # never follows links (fd-based walk)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            return False
+    try:
+        os.unlink(os.path.join(base, LOCK))
+        os.rmdir(base)
+    except OSError:
+        return False
+    return True

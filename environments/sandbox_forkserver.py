@@ -42,8 +42,8 @@ import sys
 
 _CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWNET, _CLONE_NEWIPC = 0x00020000, 0x10000000, 0x40000000, 0x08000000
 # System V IPC objects outlive their creator: in the slot's own IPC namespace these limits are 0, so a
-# run can make no shared memory, message queue or semaphore set for a later run to find (POSIX shm
-# and semaphores live in the private /dev/shm, emptied after each run).
+# run can make no shared memory, message queue or semaphore set for a later run to find. (POSIX shm
+# and semaphores go through /dev/shm: private and emptied after each run on the root path only.)
 _NO_SYSV_IPC = (("/proc/sys/kernel/shmmni", "0"), ("/proc/sys/kernel/msgmni", "0"),
                 ("/proc/sys/kernel/sem", "0 0 0 0"), ("/proc/sys/fs/mqueue/queues_max", "0"))
 _MS_REC, _MS_PRIVATE, _MS_NOSUID, _MS_NODEV, _MS_BIND = 0x4000, 0x40000, 0x2, 0x4, 0x1000
@@ -58,7 +58,8 @@ def _isolate(base, slot_uids):
     """Once, in the server: the namespaces every child shares. Returns the private tmpfs folders
     with their device numbers (only those are emptied after each run: a failed mount leaves the
     host's). The root path is for runs that get a slot uid; otherwise, root or not, a user and
-    network namespace (the exec that follows drops every capability, as it did per run). Each
+    network namespace (the exec that follows drops every capability, as it did per run). Both
+    get an IPC namespace without System V IPC (`_private_ipc`). Each
     step is optional, as before: a container without CAP_SYS_ADMIN cannot make namespaces."""
     import ctypes
 
@@ -76,19 +77,41 @@ def _isolate(base, slot_uids):
                 if libc.mount(f"/proc/self/fd/{keep}".encode(), base.encode(), None, _MS_BIND, None) != 0:
                     sys.exit("sandbox fork server: could not bind the work folders into its namespace")
             os.close(keep)
+            _private_ipc(libc)
     else:
-        libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET)
-    if libc.unshare(_CLONE_NEWIPC) == 0:  # only ever the new namespace's limits: never the host's
-        for path, value in _NO_SYSV_IPC:
-            try:
-                with open(path, "w") as limit:
-                    limit.write(value)
-            except OSError:
-                pass  # a kernel that refuses: the namespace alone still hides the host's objects
+        uid, gid = os.geteuid(), os.getegid()
+        if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0 and _map_root(uid, gid):
+            # Root of this user namespace for a moment: only its owner may set the IPC limits.
+            _private_ipc(libc)
+            libc.unshare(_CLONE_NEWUSER)  # nested and unmapped: the exec that follows drops every capability
     # No run gains privileges through exec (setuid-root programs such as mount or passwd run
     # with the run's own uid), however it got to exec one; the server's setuid() is unaffected.
     libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     return private
+
+
+def _map_root(uid, gid):
+    """In a new user namespace: map its root to our own ids (as `unshare -r` does)."""
+    try:
+        for path, line in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"0 {uid} 1"),
+                           ("/proc/self/gid_map", f"0 {gid} 1")):
+            with open(path, "w") as f:
+                f.write(line)
+        return True
+    except OSError:
+        return False
+
+
+def _private_ipc(libc):
+    """A new IPC namespace with System V limits of 0; the writes only ever reach the new one."""
+    if libc.unshare(_CLONE_NEWIPC) != 0:
+        return
+    for path, value in _NO_SYSV_IPC:
+        try:
+            with open(path, "w") as limit:
+                limit.write(value)
+        except OSError:
+            pass  # a kernel that refuses: the namespace alone still hides the host's objects
 
 
 def _empty_private_dirs(private, base):

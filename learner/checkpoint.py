@@ -131,7 +131,10 @@ def restore_checkpoint(path: str | Path, policy: Policy, trainer) -> dict[str, A
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.steps = state["steps"]
     average = getattr(trainer, "average", None)
-    if average is not None and state.get("average") is not None:  # else it starts at the restored weights
-        average.load_state_dict(state["average"])
+    if average is not None:  # without a saved one (turned on at resume) it starts at the restored weights
+        if state.get("average") is not None:
+            average.load_state_dict(state["average"])
+        else:
+            average.restart(policy.model)
     _set_rng_state(state["rng"])
     return {**json.loads((path / "meta.json").read_text()), "rank": state.get("extra", {})}

@@ -22,7 +22,17 @@ class WeightAverage:
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"weight average decay {decay!r} must be in (0, 1)")
-        self.decay, self.updates = decay, 0
+        self.decay = decay
+        # A tied weight (an embedding that is also the output head) is one parameter under several
+        # state-dict names: each alias maps to the name the average keeps it under.
+        first: dict[int, str] = {}
+        self.aliases = {name: first.setdefault(id(p), name)
+                        for name, p in model.named_parameters(remove_duplicate=False)}
+        self.restart(model)
+
+    def restart(self, model: torch.nn.Module) -> None:
+        """Start over from the model's current weights (a resumed run whose checkpoint has none)."""
+        self.updates = 0
         # Trainable weights only: frozen ones (the routers under `freeze_router`) never move.
         self.shadow = {name: p.detach().float().cpu().clone()
                        for name, p in model.named_parameters() if p.requires_grad}
@@ -42,7 +52,11 @@ class WeightAverage:
 
     def applied(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`state` with its averaged weights replaced by the average (in each tensor's dtype)."""
-        return {k: self.shadow[k].to(v.dtype) if k in self.shadow else v for k, v in state.items()}
+        out = {}
+        for key, value in state.items():
+            name = self.aliases.get(key, key)
+            out[key] = self.shadow[name].to(value.dtype) if name in self.shadow else value
+        return out
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}

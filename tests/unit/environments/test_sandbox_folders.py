@@ -45,3 +45,39 @@ def test_only_the_folders_of_dead_pools_are_swept(tmp_path):
     finally:
         os.close(lock)
     assert sweep_dead_pool_folders(str(tmp_path), min_age_s=0) == [alive]  # its lock let go
+
+
+def test_a_planted_folder_or_lock_link_is_never_opened_or_removed(tmp_path):
+    target = tmp_path / "precious"
+    target.write_text("keep")
+    planted = tmp_path / "estuary-sbx-pool-planted"
+    planted.mkdir()
+    os.symlink(target, planted / ".owner-lock")  # the lock is a link: not a pool of ours
+    linked = tmp_path / "estuary-sbx-pool-linked"
+    os.symlink(planted, linked)  # the folder is a link
+    fifo = tmp_path / "estuary-sbx-pool-fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / ".owner-lock")  # opening it for writing would block without O_NONBLOCK
+    for path in (planted, fifo):
+        _aged(str(path))
+    assert sweep_dead_pool_folders(str(tmp_path), min_age_s=0) == []
+    assert target.read_text() == "keep" and planted.is_dir() and linked.is_symlink() and fifo.is_dir()
+
+
+def test_a_folder_that_cannot_be_emptied_keeps_its_lock_for_a_later_sweep(tmp_path):
+    if os.geteuid() == 0:
+        import pytest
+
+        pytest.skip("root removes files from folders without write permission")
+    base, lock = held_pool_folder(str(tmp_path))
+    stuck = Path(base, "estuary-sbx-run")
+    stuck.mkdir()
+    (stuck / "f").write_text("x")
+    stuck.chmod(0o500)
+    os.close(lock)
+    try:
+        assert sweep_dead_pool_folders(str(tmp_path), min_age_s=0) == []
+        assert Path(base, ".owner-lock").is_file()
+    finally:
+        stuck.chmod(0o700)
+    assert sweep_dead_pool_folders(str(tmp_path), min_age_s=0) == [base]

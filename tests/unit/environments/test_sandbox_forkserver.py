@@ -176,6 +176,8 @@ def test_runs_without_a_slot_uid_get_no_capabilities_even_from_root(monkeypatch)
         result = pool.run("print(open('/proc/self/status').read())", LIMITS)
         caps = dict(line.split(":\t") for line in result.stdout.splitlines() if line.startswith("Cap"))
         assert int(caps["CapEff"], 16) == 0 and int(caps["CapPrm"], 16) == 0, result.stdout
+        limit = pool.run("print(open('/proc/sys/kernel/shmmni').read().strip())", LIMITS)
+        assert limit.stdout.strip() == "0", limit  # the user-namespace path gets its IPC namespace too
     finally:
         pool.close()
 

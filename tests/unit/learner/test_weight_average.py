@@ -79,3 +79,39 @@ def test_the_weight_average_is_checked_in_config():
             load_config("tiny_cpu", [bad])
     with pytest.raises(ConfigError, match="zero_stage <= 2"):
         load_config("tiny_cpu", ["learner.ema_decay=0.9", "learner.zero_stage=3"])
+
+
+def test_a_tied_weight_is_averaged_under_every_name():
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(4, 2)
+            self.head = torch.nn.Linear(2, 4, bias=False)
+            self.head.weight = self.embed.weight  # one parameter, two state-dict names
+
+    model = Tied()
+    average = WeightAverage(model, decay=0.5)
+    with torch.no_grad():
+        model.embed.weight.add_(1.0)
+    average.update(model)
+    applied = average.applied(model.state_dict())
+    assert set(applied) == {"embed.weight", "head.weight"}
+    assert torch.equal(applied["embed.weight"], applied["head.weight"])
+    assert not torch.equal(applied["head.weight"], model.head.weight)  # the average, not the live weight
+
+
+def test_an_average_turned_on_at_resume_starts_at_the_restored_weights(tmp_path):
+    from learner.checkpoint import restore_checkpoint, save_checkpoint
+
+    policy = init_policy("tiny-hybrid-moe", seed=0)
+    trainer = Trainer(policy.model, TrainerOptions(backend="torch", lr=1e-2))
+    samples = [_sample(policy, [5, 6, 7], [40, 41, 42]), _sample(policy, [5, 6, 7], [50, 51])]
+    trainer.step(pack(samples, [1.0, -1.0], max_tokens=16), LossConfig(is_correction="none"))
+    path = save_checkpoint(tmp_path, policy, trainer, step=1, version=1)  # no average saved
+    trained = {k: v.clone() for k, v in policy.model.state_dict().items()}
+
+    fresh = init_policy("tiny-hybrid-moe", seed=0)
+    resumed = Trainer(fresh.model, TrainerOptions(backend="torch", lr=1e-2, ema_decay=0.9))
+    restore_checkpoint(path, fresh, resumed)
+    averaged = resumed.averaged_state_dict()
+    assert all(torch.equal(averaged[k], trained[k]) for k in trained)  # not the weights before restore

@@ -9,6 +9,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import torch
+
 from configs import load_config
 from estuary.train import train
 from streams.redis_server import free_port
@@ -27,10 +29,16 @@ def _cfg(tmp_path, *overrides):
 def test_a_short_run_trains_logs_to_mlflow_and_checkpoints(tmp_path):
     """Asynchronous, with MTP drafting, everything embedded (MLflow on sqlite in the run folder)."""
     mode = "async"
-    cfg = _cfg(tmp_path, f"run.mode={mode}", f"run.name={mode}", "model.mtp_steps=1")
+    cfg = _cfg(tmp_path, f"run.mode={mode}", f"run.name={mode}", "model.mtp_steps=1", "learner.ema_decay=0.5")
     result = train(cfg)
     assert result.steps == 3
     assert result.checkpoint.endswith("step-000003")
+    # the final policy is the weight average: written beside the checkpoints, and not the last weights
+    from safetensors.torch import load_file
+
+    averaged = load_file(tmp_path / mode / "final_policy" / "model.safetensors")
+    last = load_file(Path(result.checkpoint) / "model.safetensors")
+    assert averaged.keys() == last.keys() and any(not torch.equal(averaged[k], last[k]) for k in last)
     assert set(result.evals) == {"start", "end"} and "math:budget8" in result.evals["end"]
 
     from mlflow.tracking import MlflowClient
@@ -38,6 +46,7 @@ def test_a_short_run_trains_logs_to_mlflow_and_checkpoints(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / mode / 'mlflow.db'}")
     run = client.get_run(result.run_id)
     assert run.data.params["learner.lr"] == str(cfg.learner.lr)
+    assert run.data.params["final_policy"] == str(tmp_path / mode / "final_policy")
     history = client.get_metric_history(result.run_id, "learner/loss")
     assert [m.step for m in history] == [1, 2, 3]
     assert client.get_metric_history(result.run_id, "learner/trained_tokens")[-1].value > 0

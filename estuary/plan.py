@@ -121,6 +121,13 @@ def learner_role(arch: Architecture, cfg: LearnerConfig, dtype: str, max_seq: in
                 f"{cfg.backend}" + (f" ZeRO-{z}" if cfg.backend == "deepspeed" else "") + f" across {n} rank(s), "
                 f"{cfg.groups_per_step} groups per step (~{-(-cfg.groups_per_step // n)} per rank)", terms,
                 gpu_bytes * min(1.0, cfg.gpus_per_learner) if on_gpu else None)
+    if cfg.ema_decay:  # `learner/weight_average.py`: an fp32 copy on rank 0, in host memory
+        average = Term("weight average", p * 4, f"{p:.4g} params x 4 B (learner.ema_decay; rank 0, host memory)")
+        if on_gpu:
+            role.notes.append(f"learner.ema_decay: rank 0 also holds {_gib(average.bytes)} of host memory "
+                              "(an fp32 copy of the weights)")
+        else:
+            role.terms.append(average)
     if cfg.groups_per_step < n:
         role.notes.append(f"learner.groups_per_step={cfg.groups_per_step} < {n} ranks: some ranks train on "
                           "nothing each step")

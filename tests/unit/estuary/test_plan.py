@@ -105,3 +105,12 @@ def test_a_kl_reference_is_planned_sharded_under_zero3_and_whole_otherwise():
     whole = _terms(learner_role(ARCH, LearnerConfig(kl_coef=0.05, zero_stage=2, num_learners=4), "float32",
                                 max_seq=50, gpu_bytes=80 * GIB))
     assert whole["reference"] == whole["weights"] == ARCH.params * 4  # fp32 on CPU, not sharded
+
+
+def test_a_weight_average_is_planned_in_host_memory():
+    cpu = learner_role(ARCH, LearnerConfig(ema_decay=0.9), "float32", max_seq=50, gpu_bytes=80 * GIB)
+    assert _terms(cpu)["weight average"] == ARCH.params * 4  # fp32, whole, on rank 0
+    gpu = learner_role(ARCH, LearnerConfig(ema_decay=0.9, gpus_per_learner=1), "bfloat16", max_seq=50,
+                       gpu_bytes=80 * GIB)
+    assert "weight average" not in _terms(gpu)  # not the GPU's memory: a note says what it costs the host
+    assert any("ema_decay" in note and "3.73 GiB" in note for note in gpu.notes)

@@ -109,14 +109,15 @@ def test_environment_is_scrubbed_and_stdin_closed(pool, monkeypatch):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="without root, runs use the host's /tmp")
 def test_private_tmp_and_fresh_folder(pool):
-    write = ("import os\nfor d in ('/tmp', '/dev/shm'):\n    open(d + '/estuary-probe', 'w').write('x')\n"
-             "os.mkdir('/tmp/estuary-probe-dir')\nprint(os.listdir('.'))")
+    probe = f"estuary-probe-{os.getpid()}-{time.monotonic_ns()}"  # no other run's leftover can match
+    write = (f"import os\nfor d in ('/tmp', '/dev/shm'):\n    open(d + '/{probe}', 'w').write('x')\n"
+             f"os.mkdir('/tmp/{probe}-dir')\nprint(os.listdir('.'))")
     look = "import os\nprint(sorted(os.listdir('/tmp')), sorted(os.listdir('/dev/shm')), os.listdir('.'))"
     for _ in range(3):  # both slots: each run starts with empty folders, whichever slot ran before
         assert pool.run(write, LIMITS).verdict == "ok"
         seen = pool.run(look, LIMITS)
-        assert seen.verdict == "ok" and "estuary-probe" not in seen.stdout, seen
-    assert not os.path.exists("/tmp/estuary-probe")  # written to a private tmpfs, now gone
+        assert seen.verdict == "ok" and probe not in seen.stdout, seen
+    assert not os.path.exists(f"/tmp/{probe}")  # written to a private tmpfs, now gone
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the mount namespace needs root")

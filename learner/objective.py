@@ -155,6 +155,21 @@ def _within_nucleus(mask: torch.Tensor, *logps: torch.Tensor | None):
     return mask * ok, [None if lp is None else lp.masked_fill(~ok, 0.0) for lp in logps]
 
 
+def _needs_reference(ref_model, batch: MicroBatch, objective: Objective) -> bool:
+    """Whether a micro-batch needs the reference's forward pass: some row has a KL term. A batch of
+    environments without one (long_context in the demo, its groups the longest) skips it; the
+    loss is the same, and `kl` is then reported over the rows the term applies to. A ZeRO-3
+    sharded reference (a DeepSpeed engine) always runs: its forward pass is a collective that
+    every rank must make as often as the others."""
+    if ref_model is None:
+        return False
+    if hasattr(ref_model, "module"):
+        return True
+    if batch.kl_coef is None:
+        return objective.loss.kl_coef > 0
+    return bool((batch.kl_coef > 0).any())
+
+
 def microbatch_loss(module, model, batch: MicroBatch, objective: Objective, ref_model=None
                     ) -> tuple[torch.Tensor, dict[str, float]]:
     want_mtp = objective.mtp_coef > 0 and getattr(model, "mtp", None) is not None
@@ -162,7 +177,7 @@ def microbatch_loss(module, model, batch: MicroBatch, objective: Objective, ref_
     prox = None
     if objective.decoupled:
         prox = batch.prox_logp if batch.prox_logp is not None else logp.detach()
-    ref = reference_logprobs(ref_model, batch, objective) if ref_model is not None else None
+    ref = reference_logprobs(ref_model, batch, objective) if _needs_reference(ref_model, batch, objective) else None
     mask, trained = batch.loss_mask, batch.loss_mask
     if objective.truncates:
         trained, (logp, prox, ref) = _within_nucleus(mask, logp, prox, ref)

@@ -41,6 +41,18 @@ class TrainerOptions:
     keep_reference: bool = False  # keep a frozen copy of the initial policy (for the KL term)
     activation_checkpointing: bool = False  # recompute layer activations in backward (long sequences)
     ema_decay: float = 0.0  # > 0: rank 0 keeps an average of the weights (`learner/weight_average.py`)
+    scan_chunk: int = 16  # the Mamba-2 scan's chunk on CPU (`learner.scan_chunk`); 0: the model's own
+
+
+def set_scan_chunk(model: torch.nn.Module | None, chunk: int) -> int:
+    """Give every Mamba-2 mixer of `model` this scan chunk; returns how many it changed. The chunked
+    scan computes the same sums for any chunk (intra-chunk as a masked (chunk x chunk) product,
+    across chunks as a recurrence), so only the rounding moves."""
+    changed = 0
+    for module in model.modules() if model is not None else ():
+        if type(module).__name__.endswith("Mamba2Mixer") and isinstance(getattr(module, "chunk_size", None), int):
+            module.chunk_size, changed = chunk, changed + 1
+    return changed
 
 
 def _init_process_group() -> None:
@@ -151,6 +163,9 @@ class Trainer:
         self.device = self.engine.device if self.engine is not None else next(model.parameters()).device
         if self.reference is not None and not hasattr(self.reference, "module"):  # an engine places itself
             self.reference.to(self.device)
+        if options.scan_chunk and self.device.type == "cpu":
+            for module in (model, self.reference):
+                set_scan_chunk(module, options.scan_chunk)
 
     def _lr_factor(self, step: int) -> float:
         warm = min(1.0, (step + 1) / max(1, self.options.warmup_steps))
@@ -242,6 +257,7 @@ class Trainer:
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
+        weights: dict[str, int] = {}
         for i in range(n_micro):
             batch = batches[i] if i < len(batches) else _empty_like(batches[0] if batches else None)
             loss, stats = microbatch_loss(module, self.model, batch.to(self.device), objective, self.reference)
@@ -253,9 +269,11 @@ class Trainer:
                 self.engine.backward(loss * share)
             else:
                 (loss * share).backward()
-            weight = batch.n_tokens / max(local, 1)
             for key, value in {"loss": loss.item(), **stats}.items():
-                sums[key] = sums.get(key, 0.0) + value * weight
+                sums[key] = sums.get(key, 0.0) + value * batch.n_tokens
+                weights[key] = weights.get(key, 0) + batch.n_tokens
+        # token-weighted over the micro-batches that report a statistic (`kl` only where a row has the term)
+        sums = {key: value / max(weights[key], 1) for key, value in sums.items()}
         if self.engine is not None:
             self.engine.step()
             sums["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)

@@ -129,7 +129,8 @@ class LearnerWorker:
             backend=cfg.backend, zero_stage=cfg.zero_stage, lr=cfg.lr, weight_decay=cfg.weight_decay,
             warmup_steps=cfg.warmup_steps, lr_decay_to=cfg.lr_decay_to, max_grad_norm=cfg.max_grad_norm, freeze_router=cfg.freeze_router,
             keep_reference=max([cfg.kl_coef, *self.env_kl_coef.values()]) > 0,
-            activation_checkpointing=cfg.activation_checkpointing, ema_decay=cfg.ema_decay))
+            activation_checkpointing=cfg.activation_checkpointing, ema_decay=cfg.ema_decay,
+            scan_chunk=cfg.scan_chunk))
         if self.trainer.rank != 0:
             # Rank 0 alone reads the stream and hands each rank its share: no rank can claim
             # another's uncommitted entries, and the stream's consumer is the same as one learner's.

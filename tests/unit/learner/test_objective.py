@@ -180,3 +180,25 @@ def test_replay_with_the_wrong_layer_count_is_a_clear_error():
         RouterTap(policy.model, replay=[torch.zeros(1, 2)])
     loss, stats = microbatch_loss(policy.model, policy.model, _batch(policy), Objective(load_balance_coef=0.01))
     assert stats["load_balance"] >= 1.0 - 1e-6 and torch.isfinite(loss)
+
+
+def test_a_micro_batch_with_no_kl_term_skips_the_reference_and_trains_the_same():
+    """Groups of an environment with `kl_coef: 0` need no reference pass; the update is unchanged."""
+    updates, calls = [], []
+    for skip in (True, False):
+        policy = init_policy("tiny-hybrid-moe", seed=0)
+        trainer = Trainer(policy.model, TrainerOptions(backend="torch", lr=1e-3, keep_reference=True))
+        counted: list[int] = []
+        trainer.reference.register_forward_pre_hook(lambda module, args, seen=counted: seen.append(1))
+        for _ in range(2):  # the second step's KL is not zero: the weights have moved off the reference
+            batches = [pack(make_group(g).samples, [1.0, -1.0, 0.5, -0.5], max_tokens=1000, kl_coefs=[kl] * 4)[0]
+                       for g, kl in ((0, 0.0), (1, 0.2))]
+            if not skip:  # a tiny coefficient instead of 0: the pass runs, its term adds ~nothing
+                batches[0].kl_coef = torch.full_like(batches[0].kl_coef, 1e-12)
+            stats = trainer.step(batches, Objective(loss=LossConfig(is_correction="none")))
+        calls.append(len(counted))
+        updates.append((policy.model.state_dict(), stats["kl"]))
+    assert calls[0] < calls[1]  # the kl-free group made no reference pass
+    for name, value in updates[0][0].items():
+        assert torch.allclose(value, updates[1][0][name], atol=1e-6), name
+    assert updates[0][1] > 0  # `kl` is over the rows the term applies to, not diluted by the others

@@ -121,20 +121,22 @@ def _seconds(engine: TorchEngine, reqs: list[Request], batch: int) -> tuple[floa
     return time.perf_counter() - start, tokens
 
 
-def compare(policy, prompts: list[list[int]], batch: int, mtp_steps: int, repeats: int = 3):
-    """Drafts off and on, timed in turn (off, on, off, on, ...) so that this machine's drift
-    falls on both; the fastest of `repeats` each. Returns {mode: (decode tok/s, tok/s with
-    prefill)} and the drafting engine (its counters).
+def compare(policy, prompts: list[list[int]], batch: int, mtp_steps: int, dtypes: list[str], repeats: int = 3):
+    """Drafts off and on (through each of `dtypes`' weights), timed in turn (off, on, off, on,
+    ...) so that this machine's drift falls on every mode; the fastest of `repeats` each. Returns
+    {mode: (decode tok/s, tok/s with prefill)} and {dtype: its drafting engine} (their counters).
 
     The prefill is timed as the same prompts with one new token each; drafting cannot change it.
     """
     params = SamplingParams(n=1, max_new_tokens=NEW_TOKENS, temperature=1.0)
-    engines = {mode: TorchEngine(policy, max_batch=batch, max_len=1024, seed=0, mtp_steps=steps, draft_max_batch=0)
-               for mode, steps in (("off", 0), ("on", mtp_steps))}
+    engines = {"off": TorchEngine(policy, max_batch=batch, max_len=1024, seed=0, mtp_steps=0)}
+    for dtype in dtypes:
+        engines[dtype] = TorchEngine(policy, max_batch=batch, max_len=1024, seed=0, mtp_steps=mtp_steps,
+                                     draft_max_batch=0, draft_dtype=dtype)
     best = {mode: [float("inf"), float("inf"), 0] for mode in engines}  # prefill s, total s, tokens
     for engine in engines.values():
         engine.generate([Request(p, params) for p in prompts[:batch]])  # warm-up
-    engines["on"].stats = {"drafted": 0, "accepted": 0, "steps": 0}
+        engine.stats = {"drafted": 0, "accepted": 0, "steps": 0}
     for _ in range(repeats):
         for mode, engine in engines.items():
             prefill, _ = _seconds(engine, [Request(p, SamplingParams(n=1, max_new_tokens=1)) for p in prompts], batch)
@@ -145,7 +147,7 @@ def compare(policy, prompts: list[list[int]], batch: int, mtp_steps: int, repeat
                 b[1], b[2] = total, tokens
     rates = {mode: ((tokens - len(prompts)) / max(total - prefill, 1e-9), tokens / total)
              for mode, (prefill, total, tokens) in best.items()}
-    return rates, engines["on"]
+    return rates, {dtype: engines[dtype] for dtype in dtypes}
 
 
 def main() -> None:
@@ -155,10 +157,15 @@ def main() -> None:
     parser.add_argument("--draft-steps", type=int, default=2)
     parser.add_argument("--batch", default="1,4", help="comma-separated batch sizes (at most 8 each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a rollout worker has 1 CPU)")
+    parser.add_argument("--draft-dtype", default="float32,int8",
+                        help="comma-separated weights to draft through (model.draft_dtype), each a mode of its own")
     args = parser.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     if any(b < 1 for b in batches):
         parser.error(f"--batch {args.batch}: batch sizes are positive integers")
+    dtypes = args.draft_dtype.split(",")
+    if not set(dtypes) <= {"float32", "int8"}:
+        parser.error(f"--draft-dtype {args.draft_dtype}: choose from float32, int8")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     policy = load_policy(args.policy or warm_policy(args.preset))
@@ -166,22 +173,25 @@ def main() -> None:
     params = sum(p.numel() for name, p in policy.model.named_parameters() if not name.startswith("mtp."))
     print(f"policy ready in {time.perf_counter() - start:.0f}s: {params / 1e6:.1f}M parameters; "
           f"{PROMPTS} prompts, up to {NEW_TOKENS} tokens, T=1, K={args.draft_steps} drafts, {args.threads} thread(s)")
-    print(f"{'batch':<6} {'decode tok/s on':>16} {'off':>7} {'ratio':>6} {'with prefill on':>16} {'off':>7} "
-          f"{'ratio':>6} {'acceptance':>11} {'tokens/verify':>14}")
+    print(f"{'batch':<6} {'drafts':<8} {'decode tok/s on':>16} {'off':>7} {'ratio':>6} {'with prefill on':>16} "
+          f"{'off':>7} {'ratio':>6} {'acceptance':>11} {'tokens/verify':>14}")
     results = []
     for batch in batches:
-        rates, engine = compare(policy, prompts, batch, args.draft_steps)
-        (on, on_all), (off, off_all) = rates["on"], rates["off"]
-        s = engine.stats
-        acceptance = s["accepted"] / max(1, s["drafted"])
-        mean_len = s["accepted"] / max(1, s["steps"]) + 1
-        print(f"{batch:<6} {on:>16.1f} {off:>7.1f} {on / off:>6.2f} {on_all:>16.1f} {off_all:>7.1f} "
-              f"{on_all / off_all:>6.2f} {acceptance:>11.3f} {mean_len:>14.2f}")
-        results += [(f"mtp_drafts_tok_per_s_b{batch}", f"{on:.1f}", f"{off:.1f}", f"{on / off:.2f}"),
-                    (f"mtp_drafts_with_prefill_tok_per_s_b{batch}", f"{on_all:.1f}", f"{off_all:.1f}",
-                     f"{on_all / off_all:.2f}"),
-                    (f"mtp_acceptance_rate_b{batch}", f"{acceptance:.3f}", "0", "nan"),
-                    (f"mtp_mean_accepted_length_b{batch}", f"{mean_len:.2f}", "1", f"{mean_len:.2f}")]
+        rates, engines = compare(policy, prompts, batch, args.draft_steps, dtypes)
+        off, off_all = rates["off"]
+        for dtype, engine in engines.items():
+            on, on_all = rates[dtype]
+            s = engine.stats
+            acceptance = s["accepted"] / max(1, s["drafted"])
+            mean_len = s["accepted"] / max(1, s["steps"]) + 1
+            print(f"{batch:<6} {dtype:<8} {on:>16.1f} {off:>7.1f} {on / off:>6.2f} {on_all:>16.1f} {off_all:>7.1f} "
+                  f"{on_all / off_all:>6.2f} {acceptance:>11.3f} {mean_len:>14.2f}")
+            tag = "" if dtype == "float32" else f"_{dtype}"
+            results += [(f"mtp_drafts{tag}_tok_per_s_b{batch}", f"{on:.1f}", f"{off:.1f}", f"{on / off:.2f}"),
+                        (f"mtp_drafts{tag}_with_prefill_tok_per_s_b{batch}", f"{on_all:.1f}", f"{off_all:.1f}",
+                         f"{on_all / off_all:.2f}"),
+                        (f"mtp{tag}_acceptance_rate_b{batch}", f"{acceptance:.3f}", "0", "nan"),
+                        (f"mtp{tag}_mean_accepted_length_b{batch}", f"{mean_len:.2f}", "1", f"{mean_len:.2f}")]
     for name, ours, base, ratio in results:
         print(f"RESULT {name} ours={ours} baseline={base} ratio={ratio}")
 

@@ -101,6 +101,11 @@ class ModelConfig:
     draft_max_batch: int = -1
     """Drafts only while at most this many sequences are active: -1, the crossover measured as the
     engine runs (`rollout.draft_governor`); 0, at any batch size."""
+    draft_dtype: str = "float32"
+    """Weights the torch engine drafts through: `float32` (the MTP head as it is) or `int8` (copies
+    with one scale per output row, a quarter of the bytes a draft step reads; decoding stays exact,
+    as acceptance uses the draft's own distribution: `models/draft_int8.py`). The vLLM engine
+    drafts with its own."""
     mtp_loss_coef: float = 0.0
     """Weight of the MTP auxiliary loss in the learner (0: heads not trained with the policy)."""
 
@@ -109,6 +114,7 @@ class ModelConfig:
             raise ConfigError("model: set model.path (an HF directory) or model.preset (a tiny preset)")
         _one_of("model", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _positive("model", "mtp_steps", self.mtp_steps, allow_zero=True)
+        _one_of("model", "draft_dtype", self.draft_dtype, ("float32", "int8"))
         if self.draft_max_batch < -1:
             raise ConfigError(f"model.draft_max_batch={self.draft_max_batch}: use -1 (measured), 0 (always) "
                               "or a batch size")

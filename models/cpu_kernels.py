@@ -55,12 +55,14 @@ def kernels():
 
 
 def _isa() -> tuple[str, list[str]]:
-    """AVX2/FMA code where this CPU has them (a separate build name, so a home directory shared
+    """AVX-512 or AVX2/FMA code where this CPU has them (a separate build name, so a home directory shared
     by different machines never loads a build its CPU cannot run), else baseline x86-64/arm."""
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         flags = set()
+    if {"avx2", "fma", "avx512f"} <= flags:  # 16-wide projections (`small_linear`); the rest as AVX2
+        return "avx512", ["-mavx2", "-mfma", "-mavx512f"]
     if {"avx2", "fma"} <= flags:
         return "avx2", ["-mavx2", "-mfma"]
     return "generic", []

@@ -47,7 +47,8 @@ def build_worker(spec: RolloutSpec, reconstructed: bool = False):
 
     torch.set_num_threads(max(1, int(spec.rollout.cpus_per_worker)))
     kwargs = {"max_batch": spec.rollout.max_concurrent_episodes, "max_len": spec.rollout.max_len,
-              "seed": spec.seed, "mtp_steps": spec.model.mtp_steps, "draft_max_batch": spec.model.draft_max_batch}
+              "seed": spec.seed, "mtp_steps": spec.model.mtp_steps, "draft_max_batch": spec.model.draft_max_batch,
+              "draft_dtype": spec.model.draft_dtype}
     if spec.rollout.engine == "vllm":
         kwargs = {"max_model_len": spec.rollout.max_len, "max_num_seqs": spec.rollout.max_concurrent_episodes,
                   "seed": spec.seed, **spec.rollout.vllm_kwargs}

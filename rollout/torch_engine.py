@@ -56,7 +56,7 @@ class TorchEngine:
     """Generation with exact behaviour log-probs, budget control and live weight swaps."""
 
     def __init__(self, policy, max_batch: int = 64, max_len: int = 4096, seed: int = 0,
-                 mtp_steps: int = 0, draft_max_batch: int = -1) -> None:
+                 mtp_steps: int = 0, draft_max_batch: int = -1, draft_dtype: str = "float32") -> None:
         self.model = policy.model
         self.tokenizer = policy.tokenizer
         self.decoder = fast_decoder(self.model)
@@ -79,6 +79,14 @@ class TorchEngine:
         if mtp_steps and (getattr(self.model, "mtp", None) is None or not hasattr(self.decoder, "verify")):
             raise EngineError("mtp_steps > 0 needs a NemotronH policy with MTP heads "
                               "(add them with models.mtp.add_mtp_heads / `estuary model train-mtp`)")
+        if draft_dtype not in ("float32", "int8"):
+            raise EngineError(f"draft_dtype={draft_dtype!r}: choose float32 or int8")
+        # int8 copies of the MTP head for drafting (`models/draft_int8.py`); None: the fp32 head
+        self.draft_head = None
+        if mtp_steps and draft_dtype == "int8":
+            from models.draft_int8 import Int8DraftHead
+
+            self.draft_head = Int8DraftHead(self.model)
         self.stats = {"drafted": 0, "accepted": 0, "steps": 0}
         # drafts only while few sequences are active (-1: the crossover measured as it runs)
         self.governor = DraftGovernor(draft_max_batch)
@@ -104,6 +112,8 @@ class TorchEngine:
         with torch.no_grad():
             for name, tensor in weights.items():
                 params[name].copy_(tensor, non_blocking=True)
+        if self.draft_head is not None:  # its int8 copies are of the old weights
+            self.draft_head.invalidate()
         self.version = version
 
     # -- serving ------------------------------------------------------------------------------

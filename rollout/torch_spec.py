@@ -21,15 +21,22 @@ from rollout.speculative import speculative_accept
 
 @torch.no_grad()
 def draft(decoder, tokens: torch.Tensor, hidden: torch.Tensor, steps: int, params: list,
-          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """K draft tokens per row from the MTP head: (drafts (B, K), their log-dists (B, K, V), hidden)."""
+          generator: torch.Generator, head=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K draft tokens per row from the MTP head: (drafts (B, K), their log-dists (B, K, V), hidden).
+    `head`: an `Int8DraftHead` to draft through instead of the fp32 weights (the log-dists are
+    then its own, which is what the acceptance test needs)."""
     model = decoder.model
     embed = model.get_input_embeddings()
     drafts, dists = [], []
     h, tok = hidden, tokens
     for _ in range(steps):
-        h = decoder.mtp_step(embed(tok), h)
-        lp = processed_for(model.lm_head(h), params)
+        if head is None:
+            h = decoder.mtp_step(embed(tok), h)
+            logits = model.lm_head(h)
+        else:
+            h = head.step(embed(tok), h)
+            logits = head.logits(h)
+        lp = processed_for(logits, params)
         tok, _ = sample(lp, generator)
         drafts.append(tok)
         dists.append(lp)
@@ -50,7 +57,7 @@ def spec_step(engine, active: list) -> list:
     params = [s.request.params for s in active]
     pending = torch.tensor([s.pending for s in active], device=dev)
     hidden = torch.stack([s.hidden for s in active])
-    drafts, draft_lp, _ = draft(engine.decoder, pending, hidden, k, params, engine._gen)
+    drafts, draft_lp, _ = draft(engine.decoder, pending, hidden, k, params, engine._gen, engine.draft_head)
     logits, new_hidden, saved = engine.decoder.verify(state=engine.state, slots=slots,
                                                       tokens=torch.cat([pending[:, None], drafts], 1))
     target_lp = processed_for(logits, params)  # (B, K+1, V)

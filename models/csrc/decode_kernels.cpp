@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -426,9 +427,21 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int M, int R>
-void rows_block(const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N,
-                int64_t n0) {
+// Loads 8 weights as floats: fp32 as they are, int8 widened in registers (a quarter of the bytes).
+template <typename W>
+inline __m256 load8(const W* p) {
+  if constexpr (std::is_same_v<W, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+}
+
+// W is float (fp32 weights) or int8_t (int8 weights with one float `scale` per output row, the MTP
+// drafts of `models/draft_int8.py`); the sums stay float32 either way.
+template <int M, int R, typename W>
+void rows_block(const float* x, const W* w, const float* scale, const float* bias, float* y, int64_t K,
+                int64_t N, int64_t n0) {
   __m256 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
@@ -437,93 +450,175 @@ void rows_block(const float* x, const float* w, const float* bias, float* y, int
     __m256 xv[M];
     for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);
     for (int r = 0; r < R; ++r) {
-      const __m256 wv = _mm256_loadu_ps(w + (n0 + r) * K + k);
+      const __m256 wv = load8(w + (n0 + r) * K + k);
       for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
     }
   }
   for (int r = 0; r < R; ++r) {
-    const float* wr = w + (n0 + r) * K;
+    const W* wr = w + (n0 + r) * K;
     for (int m = 0; m < M; ++m) {
       float s = hsum(acc[r][m]);
-      for (int64_t j = k; j < K; ++j) s += wr[j] * x[m * K + j];
+      for (int64_t j = k; j < K; ++j) s += static_cast<float>(wr[j]) * x[m * K + j];
+      if (scale) s *= scale[n0 + r];
       y[m * N + n0 + r] = s + (bias ? bias[n0 + r] : 0.0f);
     }
   }
 }
 
+#if defined(__AVX512F__)
+// 16 floats a register and 32 registers: at 3 rows (a verification of two drafts) the fp32 sums
+// keep up with the weights streaming in, where 8-wide AVX2 FMAs made three rows cost 1.27x one.
+// Rows of R outputs at a time with R * M + M + 1 <= 32 registers.
 template <int M>
-void rows_all(const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N) {
+constexpr int rows512() { return M <= 3 ? 8 : (M == 4 ? 6 : (M == 5 ? 5 : (M == 6 ? 4 : (M == 7 ? 3 : 2)))); }
+
+template <typename W>
+inline __m512 load16(const W* p) {
+  if constexpr (std::is_same_v<W, float>) {
+    return _mm512_loadu_ps(p);
+  } else {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+}
+
+template <int M, int R, typename W>
+void rows_block512(const float* x, const W* w, const float* scale, const float* bias, float* y, int64_t K,
+                   int64_t N, int64_t n0) {
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = load16(w + (n0 + r) * K + k);
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const W* wr = w + (n0 + r) * K;
+    for (int m = 0; m < M; ++m) {
+      float s = _mm512_reduce_add_ps(acc[r][m]);
+      for (int64_t j = k; j < K; ++j) s += static_cast<float>(wr[j]) * x[m * K + j];
+      if (scale) s *= scale[n0 + r];
+      y[m * N + n0 + r] = s + (bias ? bias[n0 + r] : 0.0f);
+    }
+  }
+}
+#endif
+
+// One block of R output rows: 16-wide where the CPU has AVX-512, else 8-wide.
+template <int M, int R, typename W>
+inline void block(const float* x, const W* w, const float* scale, const float* bias, float* y, int64_t K, int64_t N,
+                  int64_t n0) {
+#if defined(__AVX512F__)
+  rows_block512<M, R, W>(x, w, scale, bias, y, K, N, n0);
+#else
+  rows_block<M, R, W>(x, w, scale, bias, y, K, N, n0);
+#endif
+}
+
+template <int M, typename W>
+void rows_all(const float* x, const W* w, const float* scale, const float* bias, float* y, int64_t K,
+              int64_t N) {
+#if defined(__AVX512F__)
+  constexpr int R = rows512<M>();
+#else
   // R output rows at a time, as many as the 16 vector registers hold beside M inputs.
   constexpr int R = M == 1 ? 8 : (M == 2 ? 4 : (M == 3 ? 3 : (M == 4 ? 2 : 1)));
+#endif
   at::parallel_for(0, (N + R - 1) / R, 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n0 = b * R;
       if (n0 + R <= N) {
-        rows_block<M, R>(x, w, bias, y, K, N, n0);
+        block<M, R, W>(x, w, scale, bias, y, K, N, n0);
       } else {
-        for (int64_t n = n0; n < N; ++n) rows_block<M, 1>(x, w, bias, y, K, N, n);
+        for (int64_t n = n0; n < N; ++n) block<M, 1, W>(x, w, scale, bias, y, K, N, n);
       }
     }
   });
 }
 #endif
 
-void rows_generic(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t K,
-                  int64_t N) {
+template <typename W>
+void rows_generic(const float* x, const W* w, const float* scale, const float* bias, float* y, int64_t M,
+                  int64_t K, int64_t N) {
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const float* wr = w + n * K;
+      const W* wr = w + n * K;
       for (int64_t m = 0; m < M; ++m) {
         float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < K; ++j) s += wr[j] * x[m * K + j];
+        for (int64_t j = 0; j < K; ++j) s += static_cast<float>(wr[j]) * x[m * K + j];
+        if (scale) s *= scale[n];
         y[m * N + n] = s + (bias ? bias[n] : 0.0f);
       }
     }
   });
 }
 
-}  // namespace
-
-// F.linear for 1-8 rows (CPU, fp32): x (..., K) with at most 8 rows in all, weight (N, K).
-torch::Tensor small_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat &&
-                  weight.is_contiguous() && weight.dim() == 2, "small_linear: CPU float32, a contiguous 2-D weight");
-  const int64_t K = weight.size(1), N = weight.size(0);
-  TORCH_CHECK(x.size(-1) == K, "small_linear: x's last dimension must equal the weight's columns");
+// y (M, N) for M = 1-8 rows, each weight row read once for all of them.
+template <typename W>
+torch::Tensor linear_rows(const char* who, torch::Tensor x, const W* wp, const float* sp, int64_t K, int64_t N,
+                          c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat, who, ": CPU float32 input");
+  TORCH_CHECK(x.size(-1) == K, who, ": x's last dimension must equal the weight's columns");
   auto flat = x.reshape({-1, K}).contiguous();
   const int64_t M = flat.size(0);
-  TORCH_CHECK(M >= 1 && M <= 8, "small_linear: 1 to 8 rows");
+  TORCH_CHECK(M >= 1 && M <= 8, who, ": 1 to 8 rows");
   const float* bp = nullptr;
   torch::Tensor b;
   if (bias.has_value() && bias->defined()) {
     b = bias->contiguous();
-    TORCH_CHECK(b.scalar_type() == torch::kFloat && b.numel() == N, "small_linear: bias must have N floats");
+    TORCH_CHECK(b.scalar_type() == torch::kFloat && b.numel() == N, who, ": bias must have N floats");
     bp = b.data_ptr<float>();
   }
   auto y = torch::empty({M, N}, flat.options());
-  const float *xp = flat.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  const float* xp = flat.data_ptr<float>();
   float* yp = y.data_ptr<float>();
 #if defined(__AVX2__) && defined(__FMA__)
   switch (M) {
-    case 1: rows_all<1>(xp, wp, bp, yp, K, N); break;
-    case 2: rows_all<2>(xp, wp, bp, yp, K, N); break;
-    case 3: rows_all<3>(xp, wp, bp, yp, K, N); break;
-    case 4: rows_all<4>(xp, wp, bp, yp, K, N); break;
-    case 5: rows_all<5>(xp, wp, bp, yp, K, N); break;
-    case 6: rows_all<6>(xp, wp, bp, yp, K, N); break;
-    case 7: rows_all<7>(xp, wp, bp, yp, K, N); break;
-    default: rows_all<8>(xp, wp, bp, yp, K, N); break;
+    case 1: rows_all<1, W>(xp, wp, sp, bp, yp, K, N); break;
+    case 2: rows_all<2, W>(xp, wp, sp, bp, yp, K, N); break;
+    case 3: rows_all<3, W>(xp, wp, sp, bp, yp, K, N); break;
+    case 4: rows_all<4, W>(xp, wp, sp, bp, yp, K, N); break;
+    case 5: rows_all<5, W>(xp, wp, sp, bp, yp, K, N); break;
+    case 6: rows_all<6, W>(xp, wp, sp, bp, yp, K, N); break;
+    case 7: rows_all<7, W>(xp, wp, sp, bp, yp, K, N); break;
+    default: rows_all<8, W>(xp, wp, sp, bp, yp, K, N); break;
   }
 #else
-  rows_generic(xp, wp, bp, yp, M, K, N);
+  rows_generic<W>(xp, wp, sp, bp, yp, M, K, N);
 #endif
   auto shape = x.sizes().vec();
   shape.back() = N;
   return y.view(shape);
 }
 
+}  // namespace
+
+// F.linear for 1-8 rows (CPU, fp32): x (..., K) with at most 8 rows in all, weight (N, K).
+torch::Tensor small_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(weight.scalar_type() == torch::kFloat && weight.is_contiguous() && weight.dim() == 2,
+              "small_linear: a contiguous 2-D float32 weight");
+  return linear_rows<float>("small_linear", x, weight.data_ptr<float>(), nullptr, weight.size(1), weight.size(0),
+                            bias);
+}
+
+// small_linear with int8 weights (N, K) and a float scale per output row: y = (x @ w.T) * scale (+ bias).
+torch::Tensor small_linear_i8(torch::Tensor x, torch::Tensor weight, torch::Tensor scale,
+                              c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(weight.scalar_type() == torch::kChar && weight.is_contiguous() && weight.dim() == 2,
+              "small_linear_i8: a contiguous 2-D int8 weight");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.is_contiguous() && scale.numel() == weight.size(0),
+              "small_linear_i8: one float scale per weight row, contiguous");
+  return linear_rows<int8_t>("small_linear_i8", x, weight.data_ptr<int8_t>(), scale.data_ptr<float>(),
+                             weight.size(1), weight.size(0), bias);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("small_linear_i8", &small_linear_i8, "x @ (int8 weight).T * scale (+ bias) for 1-8 rows (CPU, fp32 sums)");
   m.def("small_linear", &small_linear, "x @ weight.T (+ bias) for 1-8 rows, each weight row read once (CPU, fp32)");
   m.def("restore_rows", &restore_rows, "Speculative rollback of recurrent state rows (CPU)");
   m.def("attn_decode", &attn_decode, "Attention over slot KV caches for a few new tokens (CPU, fp32)");

@@ -44,8 +44,9 @@ class Coin:
         pass
 
 
-def _generate(policy, prompt, top_p, n_total=3000, mtp_steps=2, alternate=False):
-    engine = TorchEngine(policy, max_batch=100, max_len=64, seed=11, mtp_steps=mtp_steps, draft_max_batch=0)
+def _generate(policy, prompt, top_p, n_total=3000, mtp_steps=2, alternate=False, draft_dtype="float32"):
+    engine = TorchEngine(policy, max_batch=100, max_len=64, seed=11, mtp_steps=mtp_steps, draft_max_batch=0,
+                         draft_dtype=draft_dtype)
     if alternate:
         engine.governor = Coin()
     params = SamplingParams(n=100, max_new_tokens=3, top_p=top_p, ignore_eos=True)
@@ -73,10 +74,13 @@ def _pvalue(counts: Counter, probs: torch.Tensor) -> float:
     return chisquare(observed, [e * scale for e in expected]).pvalue
 
 
-@pytest.mark.parametrize(("top_p", "alternate"), [(1.0, False), (0.8, False), (1.0, True)])
-def test_draft_positions_follow_the_target(peaky, top_p, alternate):
+@pytest.mark.parametrize(("top_p", "alternate", "draft_dtype"),
+                         [(1.0, False, "float32"), (0.8, False, "float32"), (1.0, True, "float32"),
+                          (1.0, False, "int8")])
+def test_draft_positions_follow_the_target(peaky, top_p, alternate, draft_dtype):
     policy, prompt = peaky
-    samples, engine = _generate(policy, prompt, top_p, alternate=alternate)
+    samples, engine = _generate(policy, prompt, top_p, alternate=alternate, draft_dtype=draft_dtype)
+    assert (engine.draft_head is not None) == (draft_dtype == "int8")
     assert engine.stats["drafted"] > 0 and engine.stats["accepted"] < engine.stats["drafted"]
     if top_p == 1.0:  # both paths exercised: accepted drafts and residual resamples
         assert engine.stats["accepted"] > 0
@@ -103,10 +107,10 @@ def test_a_biased_acceptance_rule_is_detected(peaky, monkeypatch):
     assert _pvalue(second, _exact(policy, prompt + [first], 1.0)) < 1e-3
 
 
-@pytest.mark.parametrize("alternate", [False, True])
-def test_speculative_logprobs_are_the_targets(peaky, alternate):
+@pytest.mark.parametrize(("alternate", "draft_dtype"), [(False, "float32"), (True, "float32"), (False, "int8")])
+def test_speculative_logprobs_are_the_targets(peaky, alternate, draft_dtype):
     policy, prompt = peaky
-    engine = TorchEngine(policy, max_batch=8, max_len=128, mtp_steps=3, draft_max_batch=0)
+    engine = TorchEngine(policy, max_batch=8, max_len=128, mtp_steps=3, draft_max_batch=0, draft_dtype=draft_dtype)
     if alternate:
         engine.governor = Coin()
     [samples] = engine.generate([Request(prompt, SamplingParams(n=4, max_new_tokens=30))])
@@ -120,3 +124,21 @@ def test_speculative_logprobs_are_the_targets(peaky, alternate):
 def test_drafting_needs_heads():
     with pytest.raises(EngineError, match="MTP heads"):
         TorchEngine(init_policy("tiny-hybrid-moe"), mtp_steps=2)
+
+
+def test_new_weights_rebuild_the_int8_draft_copies(peaky):
+    policy, prompt = peaky
+    engine = TorchEngine(policy, max_batch=4, max_len=64, mtp_steps=2, draft_max_batch=0, draft_dtype="int8")
+    params = SamplingParams(n=2, max_new_tokens=4, ignore_eos=True)
+    engine.generate([Request(prompt, params)])
+    built = engine.draft_head._packs
+    assert built is not None
+    name = "mtp.layers.0.eh_proj.weight"
+    engine.update_weights({name: policy.model.get_parameter(name).detach().clone()}, version=1)
+    engine.generate([Request(prompt, params)])
+    assert engine.version == 1 and engine.draft_head._packs is not built
+
+
+def test_an_unknown_draft_dtype_is_refused(peaky):
+    with pytest.raises(EngineError, match="draft_dtype"):
+        TorchEngine(peaky[0], mtp_steps=2, draft_dtype="int4")

@@ -12,6 +12,11 @@ that builds it (models, environments, rewards, the SFT loop). A second run with 
 copies the cached policy and says so; any change rebuilds it. A policy given by `model.path` is
 the user's and is never cached (hashing a large checkpoint costs more than it saves).
 `sft.cache=false` turns the cache off.
+
+The same inputs do not build the same policy on every CPU: float sums differ with the CPU's
+vendor and instruction set (MKL and oneDNN pick their kernels by both), and SFT of a tiny policy
+amplifies the difference into different skills (README, "What the quick start shows today"). So
+a build records the machine it ran on (`built_on.json`), and a reuse names it.
 """
 
 from __future__ import annotations
@@ -63,10 +68,33 @@ def warm_start_key(cfg: Config) -> str:
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
+BUILT_ON = "built_on.json"
+
+
+def machine() -> dict:
+    """What decides a build's float paths beside its inputs: the CPU, torch and its kernels' ISA."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {"cpu": cpu, "torch": torch.__version__, "kernels": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}
+
+
 def _build(cfg: Config, out: Path, say) -> None:
     """Write the starting policy into `out`: the preset or `model.path`, SFT, MTP heads."""
     from models.mtp import MTP_FILE
 
+    built_on = machine()
+    say(f"warm start: building on {built_on['cpu']} (torch {built_on['torch']}, {built_on['kernels']} kernels, "
+        f"{built_on['threads']} threads)")
     if cfg.model.path:
         shutil.copytree(cfg.model.path, out)
         say(f"policy: {cfg.model.path}")
@@ -97,6 +125,7 @@ def _build(cfg: Config, out: Path, say) -> None:
         env_ids = [(env.id, dict(env.kwargs)) for env in cfg.environments.values()]
         result = train_mtp(out, env_ids=env_ids, samples=128, steps=100, seed=cfg.run.seed)
         say(f"mtp heads: loss {result.loss_start:.2f} -> {result.loss_end:.2f} in {result.seconds:.0f}s")
+    (out / BUILT_ON).write_text(json.dumps(built_on, indent=1))
 
 
 def warm_start(cfg: Config, target: Path, say=print) -> Path:
@@ -110,7 +139,9 @@ def warm_start(cfg: Config, target: Path, say=print) -> Path:
     if cached is not None and (cached / "config.json").is_file():
         start = time.perf_counter()
         shutil.copytree(cached, tmp)
-        say(f"warm start: reusing the cached policy {cached} ({time.perf_counter() - start:.1f}s; "
+        record = cached / BUILT_ON
+        where = f", built on {json.loads(record.read_text())['cpu']}" if record.is_file() else ""
+        say(f"warm start: reusing the cached policy {cached} ({time.perf_counter() - start:.1f}s{where}; "
             "delete it or set sft.cache=false to rebuild)")
     else:
         _build(cfg, tmp, say)

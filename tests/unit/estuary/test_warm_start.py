@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 from safetensors.torch import load_file
 
 from configs.loader import load_config
-from estuary.warm_start import warm_start, warm_start_key
+from estuary.warm_start import BUILT_ON, machine, warm_start, warm_start_key
 
 
 def _cfg(*extra: str):
@@ -24,7 +26,9 @@ def test_second_run_reuses_the_cached_warm_start(tmp_path, monkeypatch):
     assert any("cached as" in s for s in said) and any(s.startswith("sft:") for s in said)
     said.clear()
     second = warm_start(_cfg(), tmp_path / "b" / "policy", said.append)
-    assert any("reusing the cached policy" in s for s in said)
+    built_on = json.loads((first / BUILT_ON).read_text())
+    assert built_on == machine() and built_on["cpu"]  # the build names the machine it ran on ...
+    assert any("reusing the cached policy" in s and built_on["cpu"] in s for s in said)  # ... and a reuse says it
     assert not any(s.startswith("sft:") for s in said)  # nothing was trained again
     a, b = _weights(first), _weights(second)
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)

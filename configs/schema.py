@@ -273,8 +273,8 @@ class LearnerConfig:
     """Chunk length of the Mamba-2 scan in the learner's forward passes on CPU (transformers'
     torch path; the chunked scan is exact for any length, so only rounding changes). The tiny
     presets ship 64, for GPU kernels; on CPU the (chunk x chunk) intermediates of 64 cost more
-    than they save: the demo's learner step took 1.42 s at 16 against 1.64 s at 64. 0: the
-    model's own. Ignored on GPU."""
+    than they save (README, "Trajectory stream, learner, weight sync": the demo's learner step
+    1.585 s against 1.78 s). 0: the model's own. Ignored on GPU."""
     lr: float = 1e-5
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0

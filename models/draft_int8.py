@@ -109,14 +109,8 @@ class Int8DraftHead:
         return _rms(h, self.head.layers[-1].final_layernorm.weight, self.eps)
 
     def _moe(self, moe, packs: dict, x: torch.Tensor) -> torch.Tensor:
-        """NemotronH's latent MoE (sigmoid router, top-k with the selection bias) on int8 experts."""
-        gate = moe.gate
-        scores = F.linear(x.float(), gate.weight.float()).sigmoid()  # (B, E)
-        chosen = torch.topk(scores + gate.e_score_correction_bias, gate.top_k, dim=-1).indices  # (B, k)
-        weights = scores.gather(1, chosen)
-        if gate.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        weights = weights * gate.routed_scaling_factor
+        """NemotronH's latent MoE on int8 experts; the router is the policy's own (fp32)."""
+        _, weights, chosen = moe.gate(x)  # (B, k) each
         latent = _linear(packs["fc1"], x)  # (B, L)
         out = torch.zeros_like(latent)
         act = moe.experts.act_fn

@@ -8,7 +8,10 @@ generated, then dropped, by both), the quick start's policy, sampling, budgets a
 (`learner.worker.objective_from`). The plain loop is one process, no Ray, no Redis, no
 DeepSpeed: the torch engine generates the groups (lockstep rounds, `rollout.episodes`), the
 environment scores them on a thread pool, and a plain-torch `Trainer` steps the same model the
-engine decodes with (no weight sync: they share the weights). Time per step is measured after
+engine decodes with (no weight sync: they share the weights). Like `estuary train`, it drafts with
+the MTP heads (`model.mtp_steps`, `draft_max_batch`, `draft_dtype`) and trains them
+(`model.mtp_loss_coef`); until session 26 it did neither, about 0.17 s a step of work
+`estuary train` did and the baseline did not. Time per step is measured after
 one warm-up step, and `estuary train`'s between its first step's end and its last's.
 
 The plain loop's torch uses every core in each phase. So does `run.mode=sync` with
@@ -58,10 +61,13 @@ def plain_loop(cfg, policy_dir: Path, steps: int) -> float:
     from rollout.worker import budget_range, sampling_params
 
     policy, lc, rc, env = load_policy(policy_dir), cfg.learner, cfg.rollout, cfg.environments["code"]
-    engine = TorchEngine(policy, max_batch=rc.max_concurrent_episodes, max_len=rc.max_len, seed=0)
+    mc = cfg.model  # drafts as the rollout actors make them, MTP heads trained as the learner trains them
+    engine = TorchEngine(policy, max_batch=rc.max_concurrent_episodes, max_len=rc.max_len, seed=0,
+                         mtp_steps=mc.mtp_steps, draft_max_batch=mc.draft_max_batch, draft_dtype=mc.draft_dtype)
     trainer = Trainer(policy.model, TrainerOptions(backend="torch", lr=lc.lr, warmup_steps=lc.warmup_steps,
                                                    keep_reference=lc.kl_coef > 0))
-    objective = objective_from(lc, temperature=rc.sampling.temperature, top_p=rc.sampling.top_p)
+    mtp_coef = mc.mtp_loss_coef if getattr(policy.model, "mtp", None) is not None else 0.0
+    objective = objective_from(lc, mtp_coef, temperature=rc.sampling.temperature, top_p=rc.sampling.top_p)
     make, params, budgets, rng = env_factory(env), sampling_params(rc), budget_range(rc.budget), random.Random(0)
     times = []
     with ThreadPoolExecutor(max_workers=env.concurrency) as pool:

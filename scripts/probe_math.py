@@ -1,6 +1,6 @@
 """Where a policy's math goes wrong: the operands its thought copies, the facts it states, the answer.
 
-    .venv/bin/python scripts/probe_math.py POLICY_DIR [--instances 128] [--samples 4]
+    .venv/bin/python scripts/probe_math.py POLICY_DIR [--instances 128] [--samples 4] [key=value ...]
 
 Samples the quick start's held-out math prompts (`configs/tiny_cpu.yaml`, T=1, no budget) and
 parses every thought of the form `a op b = c` on a `Compute a op b.` problem: how often each
@@ -17,7 +17,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 _PROBLEM = re.compile(r"Compute (\d+) ([+-]) (\d+)\.")
-_THOUGHT = re.compile(r"<think>\s*(?:Compute )?(-?\d+) ([+-]) (-?\d+) = (-?\d+)")
+_THOUGHT = re.compile(r"<think>\s*(?:Compute )?(-?\d+) ([+-]) (-?\d+) = (?:\\boxed\{)?(-?\d+)")
 _BOXED = re.compile(r"\\boxed\{(-?\d+)\}")
 
 
@@ -53,8 +53,9 @@ def main() -> None:
     parser.add_argument("policy")
     parser.add_argument("--instances", type=int, default=128)
     parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. 'environments.math.kwargs.kinds=[count_on]'")
     args = parser.parse_args()
-    cfg = load_config("tiny_cpu", [])
+    cfg = load_config("tiny_cpu", args.overrides)
     policy, env = load_policy(args.policy), cfg.environments["math"]
     make = env_factory(env)
     engine = TorchEngine(policy, max_batch=max(32, args.samples), max_len=cfg.rollout.max_len, seed=0)

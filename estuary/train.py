@@ -38,29 +38,23 @@ def train(cfg: Config, on_step=None) -> TrainResult:
 
     from configs.loader import to_yaml
     from configs.runtime import quiet_libraries
+    from estuary import run_setup as setup
     from estuary.evaluate import evaluate
     from estuary.plan import plan_run
     from estuary.run_log import RunLog
-    from estuary.run_setup import (
-        check_run_config,
-        prepare_policy,
-        run_dir_of,
-        start_actors,
-        weight_channel,
-    )
     from estuary.services import Services
     from models.policy import load_policy
 
     quiet_libraries()
-    check_run_config(cfg)
+    setup.check_run_config(cfg)
     plan_run(cfg)  # refuses a placement or memory plan that cannot fit before anything starts
-    run_dir, started = run_dir_of(cfg), time.monotonic()
-    with (Services(cfg.services, run_dir) as svc, weight_channel(cfg, run_dir) as channel,
+    run_dir, started = setup.run_dir_of(cfg), time.monotonic()
+    with (Services(cfg.services, run_dir) as svc, setup.weight_channel(cfg, run_dir) as channel,
           # the machine's CPU, memory and disk beside the run's metrics (MLflow's system metrics)
           mlflow.start_run(run_name=cfg.run.name, log_system_metrics=True) as run):
         log = RunLog(run, to_yaml(cfg), asdict(cfg), run_dir, cfg.run.max_steps)
-        policy_dir = prepare_policy(cfg, run_dir, log.say)
-        learner, workers = start_actors(cfg, run_dir, policy_dir, svc.redis_url, channel)
+        policy_dir = setup.prepare_policy(cfg, run_dir, log.say)
+        learner, workers = setup.start_actors(cfg, run_dir, policy_dir, svc.redis_url, channel)
         evaluator, timeline = load_policy(policy_dir, dtype=cfg.model.dtype), []
 
         def held_out(version: int, label: str) -> dict:
@@ -80,9 +74,7 @@ def train(cfg: Config, on_step=None) -> TrainResult:
         produce_s = 0.0  # sync: the step's time generating, before the learner may start
         while version < cfg.run.max_steps and not _out_of_time(cfg, rl_started):
             if cfg.run.mode == "sync":
-                produce_started = time.monotonic()
-                ray.get([w.produce.remote(per_worker) for w in workers])
-                produce_s += time.monotonic() - produce_started
+                produce_s += _produce(ray, workers, per_worker)
             # sync: the groups are in the stream once produce() returns, so the learner never
             # waits; too few usable ones and the loop produces more at once (it waited 1 s).
             report = learner.step(timeout_s=5.0 if cfg.run.mode == "async" else 0.0,
@@ -101,25 +93,44 @@ def train(cfg: Config, on_step=None) -> TrainResult:
                 held_out(version, f"step-{version}")
         ray.get([w.stop.remote() for w in workers])
         ray.get(running)
-        checkpoint = learner.finish()
-        if cfg.learner.ema_decay:  # the final policy is the weight average, not the last step's weights
-            averaged = learner.weights(averaged=True)
-            load_published(evaluator.model, averaged)
-            final = evaluator.save(run_dir / "final_policy", averaged)
-            mlflow.log_param("final_policy", str(final))
-            log.say(f"final policy: the weight average (learner.ema_decay={cfg.learner.ema_decay:g}) at {final}")
-        else:
-            _pull_newest(cfg, run_dir, evaluator, learner)
-        learner.close()
+        checkpoint = _finish_learner(cfg, run_dir, learner, evaluator, log.say)
         evals["end"] = held_out(version, "end")
-        first, n = cfg.eval.seed_offset, cfg.eval.instances
-        log.comparison(evals["start"], evals["end"], version,
-                       f"seeds {first:,}-{first + n - 1:,}: {n} instances per environment x "
-                       f"{cfg.eval.samples_per_instance} at T={cfg.rollout.sampling.temperature:g}")
+        log.comparison(evals["start"], evals["end"], version, _eval_header(cfg))
         log.samples(samples)
         mlflow.log_param("final_checkpoint", checkpoint)
         log.summary(svc.mlflow_uri, version, checkpoint)
         return TrainResult(run.info.run_id, version, checkpoint, evals, time.monotonic() - started, trained, timeline)
+
+
+def _produce(ray, workers, per_worker: int) -> float:
+    """Sync mode: every rollout worker publishes `per_worker` more groups; returns the seconds taken."""
+    started = time.monotonic()
+    ray.get([w.produce.remote(per_worker) for w in workers])
+    return time.monotonic() - started
+
+
+def _finish_learner(cfg: Config, run_dir, learner, evaluator, say) -> str:
+    """The learner's final checkpoint, with the evaluation copy holding the final policy: the newest
+    weights, or with `learner.ema_decay` their average (also saved under `final_policy/`)."""
+    import mlflow
+
+    checkpoint = learner.finish()
+    if cfg.learner.ema_decay:  # the final policy is the weight average, not the last step's weights
+        averaged = learner.weights(averaged=True)
+        load_published(evaluator.model, averaged)
+        final = evaluator.save(run_dir / "final_policy", averaged)
+        mlflow.log_param("final_policy", str(final))
+        say(f"final policy: the weight average (learner.ema_decay={cfg.learner.ema_decay:g}) at {final}")
+    else:
+        _pull_newest(cfg, run_dir, evaluator, learner)
+    learner.close()
+    return checkpoint
+
+
+def _eval_header(cfg: Config) -> str:
+    first, n = cfg.eval.seed_offset, cfg.eval.instances
+    return (f"seeds {first:,}-{first + n - 1:,}: {n} instances per environment x "
+            f"{cfg.eval.samples_per_instance} at T={cfg.rollout.sampling.temperature:g}")
 
 
 def _rewards(results: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -88,6 +88,15 @@ def machine() -> dict:
             "threads": torch.get_num_threads()}
 
 
+def _built_on(policy: Path) -> str:
+    """The CPU a cached build recorded, or "" (an older build has no record; a damaged one is ignored:
+    it only informs the message, and the weights are what is reused)."""
+    try:
+        return str(json.loads((policy / BUILT_ON).read_text()).get("cpu", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
 def _build(cfg: Config, out: Path, say) -> None:
     """Write the starting policy into `out`: the preset or `model.path`, SFT, MTP heads."""
     from models.mtp import MTP_FILE
@@ -139,8 +148,7 @@ def warm_start(cfg: Config, target: Path, say=print) -> Path:
     if cached is not None and (cached / "config.json").is_file():
         start = time.perf_counter()
         shutil.copytree(cached, tmp)
-        record = cached / BUILT_ON
-        where = f", built on {json.loads(record.read_text())['cpu']}" if record.is_file() else ""
+        where = f", built on {_built_on(cached)}" if _built_on(cached) else ""
         say(f"warm start: reusing the cached policy {cached} ({time.perf_counter() - start:.1f}s{where}; "
             "delete it or set sft.cache=false to rebuild)")
     else:

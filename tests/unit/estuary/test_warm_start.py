@@ -47,3 +47,13 @@ def test_any_input_that_changes_the_policy_changes_the_key(tmp_path, monkeypatch
     said: list[str] = []
     warm_start(_cfg("sft.cache=false"), tmp_path / "c" / "policy", said.append)
     assert not any("cache" in s for s in said) and not (tmp_path / "cache").exists()
+
+
+def test_a_damaged_build_record_does_not_stop_a_reuse(tmp_path):
+    from estuary.warm_start import _built_on
+
+    (tmp_path / BUILT_ON).write_text("{not json")
+    assert _built_on(tmp_path) == ""
+    (tmp_path / BUILT_ON).write_text(json.dumps({"cpu": "Some CPU"}))
+    assert _built_on(tmp_path) == "Some CPU"
+    assert _built_on(tmp_path / "missing") == ""

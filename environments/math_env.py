@@ -3,11 +3,12 @@
 Generated tasks scale with `difficulty` (0: one operation on small numbers, up to 3: multi-step
 word problems and larger equations); `kinds=[...]` picks families by name (`arithmetic`,
 `algebra`, `word`, `count_on`: adding or taking 1 or 10 from a two-digit number, a step below
-difficulty 0 that needs only a digit's successor, carries included, and copying). A dataset
+difficulty 0 that needs only a digit's successor, carries included, and copying; `largest`: the
+largest of 3-5 numbers, comparing place values; a name given twice is drawn twice as often). A dataset
 row has `problem` and `answer` (a GSM8K `... #### 72` answer, a number, or MATH LaTeX, possibly
 `\\boxed{}`) and an optional `solution`. The reward is answer equivalence by math-verify
-(thread-safe here), 1 or 0; hedged answers (several candidates) and ones that expand to
-something huge score 0 (`rewards.math`).
+(thread-safe here), 1 or 0; hedged answers (several candidates), unevaluated ones (`5 + 9` for
+a number) and ones that expand to something huge score 0 (`rewards.math`).
 """
 
 from __future__ import annotations
@@ -82,7 +83,19 @@ def _count_on(rng: random.Random, difficulty: int) -> tuple[str, int, str]:
     return f"Compute {a} {op} {k}.", value, f"{a} {op} {k} = {value}"
 
 
-KINDS = {"arithmetic": _arithmetic, "algebra": _algebra, "word": _word, "count_on": _count_on}
+def _largest(rng: random.Random, difficulty: int) -> tuple[str, int, str]:
+    """The largest of 3-5 distinct numbers of two digits (three digits at difficulty 1, ...). Picking one
+    of the listed numbers at random is right 1 time in 3-5, so the reported pass rate has that
+    floor (the README gives it); beating it takes comparing tens, then units."""
+    lo, hi = 10 ** (difficulty + 1), 10 ** (difficulty + 2) - 1
+    numbers = rng.sample(range(lo, hi + 1), rng.randint(3, 5))
+    listed = ", ".join(map(str, numbers))
+    return (f"Which is the largest of {listed}?", max(numbers),
+            f"{listed}: max \\boxed{{{max(numbers)}}}")
+
+
+KINDS = {"arithmetic": _arithmetic, "algebra": _algebra, "word": _word, "count_on": _count_on,
+         "largest": _largest}
 _KINDS = (_arithmetic, _algebra, _word)  # without `kinds`: difficulty 1+ draws these (count_on only by name)
 
 
@@ -100,7 +113,8 @@ class MathEnv(TextEnv):
         unknown = sorted(set(kinds or ()) - set(KINDS))
         if unknown:
             raise ValueError(f"estuary/math: unknown kinds {unknown}; choose from {sorted(KINDS)}")
-        # `kinds` narrows generated problems to these families (drawn uniformly, at `difficulty`)
+        # `kinds` narrows generated problems to these families (drawn uniformly from the list, so a
+        # name listed twice comes twice as often; at `difficulty`)
         self.kinds = [KINDS[k] for k in kinds] if kinds else None
 
     def generate(self, rng: random.Random) -> Task:

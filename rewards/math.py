@@ -6,7 +6,11 @@ The answer is the text after the thinking (its last `MAX_CHARS`). Before math-ve
 - several `\\boxed{}` with different contents, or alternatives such as `71 \\lor 72` or `71 or
   72`, are `hedged` (0): a policy must commit to one answer (unless the gold is written so);
 - an expression that would expand to something huge (a power tower, an exponent or factorial of
-  six digits or more) is `too_large` (0).
+  six digits or more) is `too_large` (0);
+- where the gold is a plain number, the answer's value (its last box, else what follows its last
+  `=`) must be one too: an expression (`5 + 9`, `\\frac{28}{2}`, `\\max(57, 91)`) is
+  `unevaluated` (0), since math-verify would compute it for a policy that only restated the
+  problem, and several different numbers (`7 and 8`) are `hedged`.
 math-verify then runs in a helper process (`rewards.math_helper`) with a time limit, since sympy
 can hold the GIL for minutes on an expression these checks miss; past it, the answer is
 `too_large` too. Otherwise the verdict is `correct` or `wrong`. Sets, intervals and `\\pm` are
@@ -30,6 +34,13 @@ _TEXT_ALTERNATIVES = re.compile(r"\d\s*\$?\s*,?\s*(?:\\lor|\\vee|\bor)(?![A-Za-z
 _TOWER = re.compile(r"\^\s*\{[^{}]*[\^!]|\^\s*\d+\s*\^")  # an exponent holding a power/factorial
 _BIG_EXPONENT = re.compile(r"\^\s*\{?\s*\d{6,}")
 _BIG_FACTORIAL = re.compile(r"\d{6,}\s*!")
+_PLAIN_GOLD = re.compile(r"\$?\s*-?\d+(?:\.\d+)?\s*\$?")
+_FRACTION = re.compile(r"\\[dt]?frac\{-?\d+\}\{\d+\}|-?\d+\s*/\s*\d+")
+_NUMBERS = re.compile(r"\d+(?:[.,]\d+)*")
+# What turns a value back into an expression: operators between numbers, or functions/fractions.
+_OPERATOR = re.compile(
+    r"\\(?:[dt]?frac|max|min|times|cdot|div|sqrt|sum|prod|binom|mod|pmod|lfloor|lceil)(?![A-Za-z])"
+    r"|(?<![A-Za-z])(?:max|min|abs|sum)\s*\(|[*/^×÷]|[\d)]\s*[-+]\s*[\d(]")
 
 
 def normalise_gold(answer: str) -> str:
@@ -89,13 +100,29 @@ def _too_large(answer: str) -> bool:
     return False
 
 
+def _not_a_value(answer: str, gold: str) -> str | None:
+    """`unevaluated` or `hedged` when the gold is a plain number and the answer's value is not."""
+    if not _PLAIN_GOLD.fullmatch(gold.strip()):
+        return None
+    boxes = boxed_contents(answer)
+    value = boxes[-1] if boxes else answer.rsplit("=", 1)[-1]
+    if "." in gold:  # a decimal gold may be answered as a fraction of integers (1/2 for 0.5)
+        value = _FRACTION.sub("0", value)
+    if _OPERATOR.search(value):
+        return "unevaluated"
+    return "hedged" if len({n.replace(",", "") for n in _NUMBERS.findall(value)}) > 1 else None
+
+
 def grade_math(response: str, gold: str, timeout_s: float = VERIFY_TIMEOUT_S) -> tuple[bool, str]:
-    """(correct, verdict) for a response against `gold`; verdict is correct | wrong | hedged | too_large."""
+    """(correct, verdict) for a response against `gold`; verdict is correct | wrong | hedged |
+    unevaluated | too_large."""
     answer, gold_text = final_answer(response), normalise_gold(gold)
     if _hedged(answer, gold_text):
         return False, "hedged"
     if _too_large(answer):
         return False, "too_large"
+    if (verdict := _not_a_value(answer, gold_text)) is not None:
+        return False, verdict
     ok = verify_in_helper(gold_text, answer, timeout_s)
     if ok is None:
         return False, "too_large"

@@ -6,7 +6,9 @@ Samples the quick start's held-out math prompts (`configs/tiny_cpu.yaml`, T=1, n
 parses every thought of the form `a op b = c` on a `Compute a op b.` problem: how often each
 operand and the operator match the prompt's, how often `c` is the true value of the thought's own
 operands (a fact the policy knows), and how often the boxed answer repeats `c`. Pass rates alone
-cannot say whether a policy fails at copying, at arithmetic or at answering.
+cannot say whether a policy fails at copying, at arithmetic or at answering. It also prints
+pass@1 per problem kind, and for `largest` problems how often the answer is one of the listed
+numbers (the guess floor is 1 in 3 or 4 of those).
 """
 
 from __future__ import annotations
@@ -19,6 +21,21 @@ from concurrent.futures import ThreadPoolExecutor
 _PROBLEM = re.compile(r"Compute (\d+) ([+-]) (\d+)\.")
 _THOUGHT = re.compile(r"<think>\s*(?:Compute )?(-?\d+) ([+-]) (-?\d+) = (?:\\boxed\{)?(-?\d+)")
 _BOXED = re.compile(r"\\boxed\{(-?\d+)\}")
+_LARGEST = re.compile(r"Which is the largest of ([\d, ]+)\?")
+
+
+def kind_of(prompt_and_response: str) -> str:
+    if _LARGEST.search(prompt_and_response):
+        return "largest"
+    return "arithmetic" if _PROBLEM.search(prompt_and_response) else "word"
+
+
+def tally_largest(prompt_and_response: str, correct: bool, counts: Counter) -> None:
+    """Count a `largest` sample: right, or at least one of the listed numbers (a guess)."""
+    listed = _LARGEST.search(prompt_and_response)
+    boxed = _BOXED.findall(prompt_and_response.rsplit("</think>", 1)[-1])
+    if listed is not None and boxed:
+        counts["largest: answer is a listed number"] += boxed[-1] in listed.group(1).split(", ")
 
 
 def tally(prompt_and_response: str, counts: Counter) -> None:
@@ -66,11 +83,17 @@ def main() -> None:
     counts: Counter = Counter()
     for group in groups:
         for sample in group.samples:
-            counts["correct"] += sample.reward_parts.get("correct", 0.0) >= 1.0
-            tally(policy.tokenizer.decode(sample.token_ids), counts)
+            text, correct = policy.tokenizer.decode(sample.token_ids), sample.reward_parts.get("correct", 0.0) >= 1.0
+            counts["correct"] += correct
+            kind = kind_of(text)
+            counts[f"{kind}: samples"] += 1
+            counts[f"{kind}: correct"] += correct
+            tally(text, counts)
+            tally_largest(text, correct, counts)
     for key in ("samples", "correct", "arithmetic problems", "thoughts a op b = c", "first operand copied",
-                "operator copied", "second operand copied", "c is a op b (a true fact)", "boxed answer repeats c"):
-        print(f"{key:28s} {counts[key]}")
+                "operator copied", "second operand copied", "c is a op b (a true fact)", "boxed answer repeats c",
+                *sorted(k for k in counts if ": " in k)):
+        print(f"{key:36s} {counts[key]}")
 
 
 if __name__ == "__main__":

@@ -299,3 +299,27 @@ def test_math_kinds_pick_problem_families_and_count_on_steps_by_one_or_ten():
     assert any("has" in p for p in prompts) and any(p.startswith("Compute") for p in prompts)
     with pytest.raises(ValueError, match="unknown kinds \\['nope'\\]; choose from"):
         environments.make("estuary/math", kinds=["nope"])
+
+
+def test_math_largest_asks_for_the_largest_listed_number_and_pays_only_for_it():
+    env = environments.make("estuary/math", kinds=["largest"])
+    sizes = set()
+    for seed in range(40):
+        messages, _ = env.reset(seed=seed)
+        listed = messages[-1]["content"].split("?")[0].removeprefix("Which is the largest of ")
+        numbers = [int(n) for n in listed.split(", ")]
+        sizes.add(len(numbers))
+        assert len(set(numbers)) == len(numbers) and all(10 <= n <= 99 for n in numbers)
+        assert env.unwrapped.task.answer == str(max(numbers))
+        assert _play(env, lambda e: e.reference_answer())[0] == 1.0
+        env.reset(seed=seed)  # the grader must not compute the largest for the policy
+        hack = f"\\boxed{{\\max({listed})}}"
+        assert _play(env, lambda e, hack=hack: hack)[0] == 0.0
+        env.reset(seed=seed)  # nor take the last of a restated list
+        restated = " ".join(map(str, sorted(numbers)))
+        assert _play(env, lambda e, restated=restated: restated)[0] == 0.0
+    assert sizes == {3, 4}
+    weighted = environments.make("estuary/math", kinds=["word", "largest", "largest"])
+    prompts = [weighted.reset(seed=s)[0][-1]["content"] for s in range(300)]
+    share = sum(p.startswith("Which is the largest") for p in prompts) / len(prompts)
+    assert 0.58 < share < 0.75  # a name listed twice is drawn twice as often

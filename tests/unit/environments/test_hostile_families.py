@@ -20,9 +20,16 @@ MATH_HACKS = {  # answer -> verdict, against the gold answer 72
     r"\boxed{72 \text{ or } 73}": "hedged",
     "It is 71 or 72": "hedged",                               # paid 1 before: a text list
     "either 70, 71 or 72": "hedged",
-    r"\boxed{\{70, 71, 72, 73\}}": "wrong",                  # a set of candidates
-    r"\boxed{70, 71, 72}": "wrong",
-    r"\boxed{[0, 1000]}": "wrong",                           # an interval around everything
+    r"\boxed{\{70, 71, 72, 73\}}": "hedged",                 # a set of candidates
+    r"\boxed{70, 71, 72}": "hedged",
+    r"\boxed{[0, 1000]}": "hedged",                          # an interval around everything
+    "71 and 72": "hedged",                                    # paid 1 before: the last number won
+    r"\boxed{70 + 2}": "unevaluated",                        # paid 1 before: math-verify did the sum
+    "The answer is 70 + 2": "unevaluated",
+    r"\boxed{\frac{144}{2}}": "unevaluated",
+    r"\boxed{2^{6} + 8}": "unevaluated",
+    r"\boxed{\max(70, 72, 31)}": "unevaluated",               # the largest, left to math-verify
+    "max(70, 72)": "unevaluated",
     r"\boxed{(-\infty, \infty)}": "wrong",
     r"\boxed{\mathbb{R}}": "wrong",
     r"\boxed{\pm 72}": "wrong",
@@ -44,8 +51,9 @@ def test_math_hack_scores_zero(answer):
 
 def test_math_honest_answers_still_pay():
     for answer, gold in [(r"\boxed{72}", "72"), (r"\boxed{72} and again \boxed{ 72 }", "72"),
-                         (r"\boxed{x = 72}", "72"), (r"\boxed{\frac{144}{2}}", "72"), ("so it is 72", "72"),
-                         (r"\boxed{2^{10}}", "1024"), (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
+                         (r"\boxed{x = 72}", "72"), ("so it is 72", "72"),
+                         ("70 + 2 = 72", "72"), (r"\boxed{72 \text{ apples}}", "72"), (r"\boxed{-72}", "-72"),
+                         (r"\boxed{\frac{1}{2}}", "0.5"), (r"\boxed{2^{10}}", r"2^{10}"), (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
                          (r"\boxed{3 \text{ or } 4}", r"3 \text{ or } 4"), (r"\boxed{\pm 3}", r"\pm 3"),
                          (r"\boxed{[0, 1]}", "[0, 1]")]:
         assert grade_math(answer, gold) == (True, "correct"), (answer, gold)
@@ -53,7 +61,8 @@ def test_math_honest_answers_still_pay():
 
 def test_math_expression_past_the_time_limit_is_too_large_and_grading_goes_on():
     start = time.monotonic()  # not caught by the quick checks: the helper process is stopped
-    assert grade_math(r"\boxed{\binom{10^{9}}{10^{8}}}", "72", timeout_s=1.0) == (False, "too_large")
+    # (the gold is not a plain number, so the expression is not refused as unevaluated first)
+    assert grade_math(r"\boxed{\binom{10^{9}}{10^{8}}}", r"\frac{1}{2}", timeout_s=1.0) == (False, "too_large")
     assert time.monotonic() - start < 5.0
     assert grade_math(r"\boxed{72}", "72") == (True, "correct")
 

@@ -104,8 +104,11 @@ def _not_a_value(answer: str, gold: str) -> str | None:
     """`unevaluated` or `hedged` when the gold is a plain number and the answer's value is not."""
     if not _PLAIN_GOLD.fullmatch(gold.strip()):
         return None
-    boxes = boxed_contents(answer)
-    value = boxes[-1] if boxes else answer.rsplit("=", 1)[-1]
+    boxes = [b for b in boxed_contents(answer) if re.search(r"\d", b)]
+    # Without a box that holds a number, math-verify reads the text: its value follows the last
+    # `=` if a number does (`5 + 9 = 14`), else it is the whole text (`5 + 9 =`, `\boxed{} 5 + 9`).
+    tail = answer.rsplit("=", 1)[-1]
+    value = boxes[-1] if boxes else tail if re.search(r"\d", tail) else answer
     if "." in gold:  # a decimal gold may be answered as a fraction of integers (1/2 for 0.5)
         value = _FRACTION.sub("0", value)
     if _OPERATOR.search(value):

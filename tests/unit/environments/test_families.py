@@ -318,7 +318,7 @@ def test_math_largest_asks_for_the_largest_listed_number_and_pays_only_for_it():
         env.reset(seed=seed)  # nor take the last of a restated list
         restated = " ".join(map(str, sorted(numbers)))
         assert _play(env, lambda e, restated=restated: restated)[0] == 0.0
-    assert sizes == {3, 4}
+    assert sizes == {3, 4, 5}
     weighted = environments.make("estuary/math", kinds=["word", "largest", "largest"])
     prompts = [weighted.reset(seed=s)[0][-1]["content"] for s in range(300)]
     share = sum(p.startswith("Which is the largest") for p in prompts) / len(prompts)

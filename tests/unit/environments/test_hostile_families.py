@@ -30,6 +30,9 @@ MATH_HACKS = {  # answer -> verdict, against the gold answer 72
     r"\boxed{2^{6} + 8}": "unevaluated",
     r"\boxed{\max(70, 72, 31)}": "unevaluated",               # the largest, left to math-verify
     "max(70, 72)": "unevaluated",
+    "70 + 2 =": "unevaluated",                                # the value left for math-verify to find
+    r"\boxed{} 70 + 2": "unevaluated",
+    r"70 + 2 = \boxed{ }": "unevaluated",
     r"\boxed{(-\infty, \infty)}": "wrong",
     r"\boxed{\mathbb{R}}": "wrong",
     r"\boxed{\pm 72}": "wrong",

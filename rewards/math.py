@@ -7,10 +7,12 @@ The answer is the text after the thinking (its last `MAX_CHARS`). Before math-ve
   72`, are `hedged` (0): a policy must commit to one answer (unless the gold is written so);
 - an expression that would expand to something huge (a power tower, an exponent or factorial of
   six digits or more) is `too_large` (0);
-- where the gold is a plain number, the answer's value (its last box, else what follows its last
-  `=`) must be one too: an expression (`5 + 9`, `\\frac{28}{2}`, `\\max(57, 91)`) is
-  `unevaluated` (0), since math-verify would compute it for a policy that only restated the
-  problem, and several different numbers (`7 and 8`) are `hedged`.
+- where the gold is a plain number, the answer's value must be a plain number too. An expression
+  is `unevaluated` (`5 + 9`, `\\max(57, 91)`: math-verify would compute it for a policy that only
+  restated the problem) and several numbers are `hedged` (`7 and 8`: it would take the last). The
+  helper checks the value math-verify extracts (`rewards.math_helper`); for an answer without a
+  boxed number, whose value math-verify picks out of the text, the text after its last `=`
+  is checked here.
 math-verify then runs in a helper process (`rewards.math_helper`) with a time limit, since sympy
 can hold the GIL for minutes on an expression these checks miss; past it, the answer is
 `too_large` too. Otherwise the verdict is `correct` or `wrong`. Sets, intervals and `\\pm` are
@@ -35,12 +37,8 @@ _TOWER = re.compile(r"\^\s*\{[^{}]*[\^!]|\^\s*\d+\s*\^")  # an exponent holding 
 _BIG_EXPONENT = re.compile(r"\^\s*\{?\s*\d{6,}")
 _BIG_FACTORIAL = re.compile(r"\d{6,}\s*!")
 _PLAIN_GOLD = re.compile(r"\$?\s*-?\d+(?:\.\d+)?\s*\$?")
-_FRACTION = re.compile(r"\\[dt]?frac\{-?\d+\}\{\d+\}|-?\d+\s*/\s*\d+")
 _NUMBERS = re.compile(r"\d+(?:[.,]\d+)*")
-# What turns a value back into an expression: operators between numbers, or functions/fractions.
-_OPERATOR = re.compile(
-    r"\\(?:[dt]?frac|max|min|times|cdot|div|sqrt|sum|prod|binom|mod|pmod|lfloor|lceil)(?![A-Za-z])"
-    r"|(?<![A-Za-z])(?:max|min|abs|sum)\s*\(|[*/^×÷]|[\d)]\s*[-+]\s*[\d(]")
+_EXPRESSION = re.compile(r"\d\s*[-+*/^×÷]\s*\d|[A-Za-z]\s*\(\s*-?\d|\\[A-Za-z]+\s*\{?\s*\d")
 
 
 def normalise_gold(answer: str) -> str:
@@ -100,19 +98,16 @@ def _too_large(answer: str) -> bool:
     return False
 
 
-def _not_a_value(answer: str, gold: str) -> str | None:
-    """`unevaluated` or `hedged` when the gold is a plain number and the answer's value is not."""
-    if not _PLAIN_GOLD.fullmatch(gold.strip()):
+def _text_verdict(answer: str, gold: str) -> str | None:
+    """For an answer without a boxed number, where the gold is a plain number: math-verify takes a
+    number out of the text, so the text where the value goes (after the last `=`, or all of it if
+    no number follows one) must hold one number and no expression."""
+    if not _PLAIN_GOLD.fullmatch(gold.strip()) or any(re.search(r"\d", b) for b in boxed_contents(answer)):
         return None
-    boxes = [b for b in boxed_contents(answer) if re.search(r"\d", b)]
-    # Without a box that holds a number, math-verify reads the text: its value follows the last
-    # `=` if a number does (`5 + 9 = 14`), else it is the whole text (`5 + 9 =`, `\boxed{} 5 + 9`).
     tail = answer.rsplit("=", 1)[-1]
-    value = boxes[-1] if boxes else tail if re.search(r"\d", tail) else answer
-    if "." in gold:  # a decimal gold may be answered as a fraction of integers (1/2 for 0.5)
-        value = _FRACTION.sub("0", value)
-    if _OPERATOR.search(value):
-        return "unevaluated"
+    value = tail if re.search(r"\d", tail) else answer
+    if _EXPRESSION.search(value):
+        return "unevaluated"  # `The answer is 70 + 2`, `max(70, 72)`: it would read 72
     return "hedged" if len({n.replace(",", "") for n in _NUMBERS.findall(value)}) > 1 else None
 
 
@@ -124,12 +119,12 @@ def grade_math(response: str, gold: str, timeout_s: float = VERIFY_TIMEOUT_S) ->
         return False, "hedged"
     if _too_large(answer):
         return False, "too_large"
-    if (verdict := _not_a_value(answer, gold_text)) is not None:
+    if (verdict := _text_verdict(answer, gold_text)) is not None:
         return False, verdict
-    ok = verify_in_helper(gold_text, answer, timeout_s)
-    if ok is None:
+    verdict = verify_in_helper(gold_text, answer, timeout_s)
+    if verdict is None:
         return False, "too_large"
-    return ok, "correct" if ok else "wrong"
+    return verdict == "correct", verdict
 
 
 def math_equal(response: str, gold: str) -> bool:

@@ -1,6 +1,6 @@
 """math-verify in helper processes, so that no answer can stall the process that grades it.
 
-    verify_in_helper(gold_latex, answer_text, timeout_s=5.0)   # True, False, or None: too slow
+    verify_in_helper(gold_latex, answer_text, timeout_s=5.0)   # "correct", "wrong", ..., or None: too slow
 
 An answer like `\\boxed{9^{9^{9}}}` makes sympy build a number of hundreds of millions of digits
 inside one C call that holds the GIL: no thread time-out or signal can stop it, and every thread
@@ -9,6 +9,13 @@ processes (`python -m rewards.math_helper`, one JSON line in, one out), each wit
 address-space limit; one that runs past `timeout_s` is killed and replaced on next use. A helper
 imports math-verify once (about a second) before it says it is ready, so start-up never counts
 against an answer's time.
+
+Where the gold is a plain number, the helper also judges the value math-verify extracted (what it
+would grade, whichever of a box, "the final answer is ..." or a trailing `= ...` that is): it
+must be a plain number too (units, `$`, `%` and thousands separators allowed, and a fraction of
+integers where the gold is not an integer). Otherwise math-verify would compute the answer for a
+policy that only restated the problem (`5 + 9`, `\\max(57, 91)`): `unevaluated`, or `hedged` for
+a list of numbers.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import resource
 import select
 import subprocess
@@ -25,6 +33,23 @@ from pathlib import Path
 
 MAX_HELPERS = max(1, min(4, os.cpu_count() or 1))
 MEMORY_BYTES = 3 << 30  # sympy on a pathological answer fails with MemoryError, not the machine
+# What may wrap a plain number: units in \text{}, currency and percent signs, thin spaces and
+# braced thousands separators (`1{,}200`), which say nothing about the value.
+_DECORATION = re.compile(r"\\(?:text|mathrm|textbf|mbox|operatorname)\{[^{}]*\}|\\?[$%]|\{,\}|\\[,;:! ]|\s+")
+_PLAIN = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
+_FRACTION = re.compile(r"[-+]?(?:\\[dt]?frac\{\d+\}\{\d+\}|\d+/\d+)")
+_OPERATOR = re.compile(r"[-+*/^×÷−]|\\[A-Za-z]+")
+
+
+def value_verdict(extracted: str, gold_is_integer: bool) -> str | None:
+    """None if `extracted` (math-verify's extracted answer) states a plain number, else
+    `unevaluated` (an expression) or `hedged` (several numbers)."""
+    value = _DECORATION.sub("", extracted.rsplit("=", 1)[-1]).strip("()")
+    if _PLAIN.fullmatch(value) or (not gold_is_integer and _FRACTION.fullmatch(value)):
+        return None
+    if _OPERATOR.search(value.lstrip("-+")):
+        return "unevaluated"
+    return "hedged" if len(re.findall(r"\d+", value)) > 1 else "unevaluated"
 START_TIMEOUT_S = 120.0
 _ROOT = str(Path(__file__).resolve().parents[1])
 
@@ -45,7 +70,7 @@ class _Helper:
             self.kill()
             raise RuntimeError("the math-verify helper process did not start")
 
-    def ask(self, gold: str, answer: str, timeout_s: float) -> bool | None:
+    def ask(self, gold: str, answer: str, timeout_s: float) -> str | None:
         try:
             self.proc.stdin.write((json.dumps([gold, answer]) + "\n").encode())
             self.proc.stdin.flush()
@@ -55,7 +80,7 @@ class _Helper:
         reply = self._read(timeout_s)
         if reply is None:
             self.kill()
-        return None if reply is None else reply == "true"
+        return reply
 
     def _read(self, timeout_s: float) -> str | None:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
@@ -108,8 +133,9 @@ class _Pool:
 _POOL = _Pool(MAX_HELPERS)
 
 
-def verify_in_helper(gold: str, answer: str, timeout_s: float) -> bool | None:
-    """math-verify's verdict on `answer` against `gold`; None if it took longer than `timeout_s`."""
+def verify_in_helper(gold: str, answer: str, timeout_s: float) -> str | None:
+    """The verdict on `answer` against `gold` (correct | wrong | unevaluated | hedged); None if it
+    took longer than `timeout_s`."""
     helper = _POOL.checkout()
     try:
         return helper.ask(gold, answer, timeout_s)
@@ -129,10 +155,15 @@ def _serve() -> None:
         try:
             gold_parsed = parse(gold, parsing_timeout=None)
             pred_parsed = parse(answer, parsing_timeout=None)
-            ok = bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None))
+            verdict = None
+            if gold_parsed and pred_parsed and getattr(gold_parsed[0], "is_Number", False):
+                verdict = value_verdict(str(pred_parsed[-1]), bool(gold_parsed[0].is_Integer))
+            if verdict is None:
+                ok = bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None))
+                verdict = "correct" if ok else "wrong"
         except Exception:  # noqa: BLE001 - a parse failure (or MemoryError) is a wrong answer
-            ok = False
-        print("true" if ok else "false", flush=True)
+            verdict = "wrong"
+        print(verdict, flush=True)
 
 
 if __name__ == "__main__":

@@ -30,12 +30,16 @@ MATH_HACKS = {  # answer -> verdict, against the gold answer 72
     r"\boxed{2^{6} + 8}": "unevaluated",
     r"\boxed{\max(70, 72, 31)}": "unevaluated",               # the largest, left to math-verify
     "max(70, 72)": "unevaluated",
+    r"\boxed{1}. The final answer is $70+2$.": "unevaluated",  # math-verify grades the "final answer"
+    "The final answer is $\\max(70,72,23)$. I hope it is correct.\n\n\\boxed{1}": "unevaluated",
+    r"\boxed{\gcd(144, 216)}": "unevaluated",
+    r"\boxed{\lvert -72 \rvert}": "unevaluated",
     "70 + 2 =": "unevaluated",                                # the value left for math-verify to find
     r"\boxed{} 70 + 2": "unevaluated",
     r"70 + 2 = \boxed{ }": "unevaluated",
-    r"\boxed{(-\infty, \infty)}": "wrong",
-    r"\boxed{\mathbb{R}}": "wrong",
-    r"\boxed{\pm 72}": "wrong",
+    r"\boxed{(-\infty, \infty)}": "unevaluated",
+    r"\boxed{\mathbb{R}}": "unevaluated",
+    r"\boxed{\pm 72}": "unevaluated",
     r"\boxed{9^{9^{9^{9}}}}": "too_large",                   # these hung the grader for minutes
     r"\boxed{10^{10^{100}} - 10^{10^{100}} + 72}": "too_large",
     r"\boxed{99999999^{99999999}}": "too_large",
@@ -56,7 +60,9 @@ def test_math_honest_answers_still_pay():
     for answer, gold in [(r"\boxed{72}", "72"), (r"\boxed{72} and again \boxed{ 72 }", "72"),
                          (r"\boxed{x = 72}", "72"), ("so it is 72", "72"),
                          ("70 + 2 = 72", "72"), (r"\boxed{72 \text{ apples}}", "72"), (r"\boxed{-72}", "-72"),
-                         (r"\boxed{\frac{1}{2}}", "0.5"), (r"\boxed{2^{10}}", r"2^{10}"), (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
+                         (r"\boxed{\frac{1}{2}}", "0.5"), (r"\boxed{8 \times 9 = 72}", "72"),
+                         (r"\boxed{1{,}200}", "1200"), (r"\boxed{\$1,200}", "1200"), (r"\boxed{60 \text{ km/h}}", "60"),
+                         (r"\boxed{18\%}", "18"), ("The answer is $72$.", "72"), (r"\boxed{2^{10}}", r"2^{10}"), (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
                          (r"\boxed{3 \text{ or } 4}", r"3 \text{ or } 4"), (r"\boxed{\pm 3}", r"\pm 3"),
                          (r"\boxed{[0, 1]}", "[0, 1]")]:
         assert grade_math(answer, gold) == (True, "correct"), (answer, gold)
@@ -64,8 +70,8 @@ def test_math_honest_answers_still_pay():
 
 def test_math_expression_past_the_time_limit_is_too_large_and_grading_goes_on():
     start = time.monotonic()  # not caught by the quick checks: the helper process is stopped
-    # (the gold is not a plain number, so the expression is not refused as unevaluated first)
-    assert grade_math(r"\boxed{\binom{10^{9}}{10^{8}}}", r"\frac{1}{2}", timeout_s=1.0) == (False, "too_large")
+    # (the gold is not a number, so the expression is not refused as unevaluated first)
+    assert grade_math(r"\boxed{\binom{10^{9}}{10^{8}}}", "x + 1", timeout_s=1.0) == (False, "too_large")
     assert time.monotonic() - start < 5.0
     assert grade_math(r"\boxed{72}", "72") == (True, "correct")
 

@@ -33,7 +33,7 @@ MAX_TEXT = 1 << 24  # characters: 1M-token long-context prompts fit
 # workers count them per environment, so a policy drifting toward the grader's edges shows.
 HACK_VERDICTS = frozenset({
     "bad_result", "escaped_exception", "exited", "protocol_violation",  # code (isolated_tests)
-    "hedged", "too_large",                                             # math answers
+    "hedged", "too_large", "unevaluated",                              # math answers
     "forged_tool_response",                                            # tool_use
     "too_many_values",                                                 # long_context
 })

@@ -35,7 +35,12 @@ MAX_HELPERS = max(1, min(4, os.cpu_count() or 1))
 MEMORY_BYTES = 3 << 30  # sympy on a pathological answer fails with MemoryError, not the machine
 # What may wrap a plain number: units in \text{}, currency and percent signs, thin spaces and
 # braced thousands separators (`1{,}200`), which say nothing about the value.
-_DECORATION = re.compile(r"\\(?:text|mathrm|textbf|mbox|operatorname)\{[^{}]*\}|\\?[$%]|\{,\}|\\[,;:! ]|\s+")
+_DECORATION = re.compile(r"\\(?:text|mathrm|textbf|mbox|operatorname)\{[^{}]*\}|\\?[$%]|\{,\}|\\[,;:! ]|\s+"
+                         r"|\^\s*\{?\\circ\}?")
+# A number inside \text{} or bold is still the number (`\text{72}`, `\mathbf{72}`).
+_WRAPPED_NUMBER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\{\s*(\\?\$?[\d.,]+)\s*\}")
+# Digits apart with only space between: math-verify adds them (`5 9` is 14), a restated sum.
+_SPACED_DIGITS = re.compile(r"\d(?:\s|~|\\[,;:! ])+\d")
 _PLAIN = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
 _FRACTION = re.compile(r"[-+]?(?:\\[dt]?frac\{\d+\}\{\d+\}|\d+/\d+)")
 _OPERATOR = re.compile(r"[-+*/^×÷−]|\\[A-Za-z]+")
@@ -44,7 +49,10 @@ _OPERATOR = re.compile(r"[-+*/^×÷−]|\\[A-Za-z]+")
 def value_verdict(extracted: str, gold_is_integer: bool) -> str | None:
     """None if `extracted` (math-verify's extracted answer) states a plain number, else
     `unevaluated` (an expression) or `hedged` (several numbers)."""
-    value = _DECORATION.sub("", extracted.rsplit("=", 1)[-1]).strip("()")
+    value = _WRAPPED_NUMBER.sub(r"\1", extracted.rsplit("=", 1)[-1])
+    if _SPACED_DIGITS.search(value):
+        return "hedged"
+    value = _DECORATION.sub("", value).strip("()")
     if _PLAIN.fullmatch(value) or (not gold_is_integer and _FRACTION.fullmatch(value)):
         return None
     if _OPERATOR.search(value.lstrip("-+")):
@@ -154,7 +162,9 @@ def _serve() -> None:
         gold, answer = json.loads(line)
         try:
             gold_parsed = parse(gold, parsing_timeout=None)
-            pred_parsed = parse(answer, parsing_timeout=None)
+            # first_match: the extracted string is then the very span graded (with `any_match` a
+            # broken box is returned as the string while a later `$5+9$` is what gets graded)
+            pred_parsed = parse(answer, parsing_timeout=None, extraction_mode="first_match")
             verdict = None
             if gold_parsed and pred_parsed and getattr(gold_parsed[0], "is_Number", False):
                 verdict = value_verdict(str(pred_parsed[-1]), bool(gold_parsed[0].is_Integer))

@@ -33,6 +33,9 @@ MATH_HACKS = {  # answer -> verdict, against the gold answer 72
     r"\boxed{1}. The final answer is $70+2$.": "unevaluated",  # math-verify grades the "final answer"
     "The final answer is $\\max(70,72,23)$. I hope it is correct.\n\n\\boxed{1}": "unevaluated",
     r"\boxed{\gcd(144, 216)}": "unevaluated",
+    r"\boxed{(0} $70+2$": "wrong",                          # a broken box, then the restated sum
+    r"\boxed{70 2}": "hedged",                              # math-verify adds spaced numbers
+    r"\boxed{70\,2}": "hedged",
     r"\boxed{\lvert -72 \rvert}": "unevaluated",
     "70 + 2 =": "unevaluated",                                # the value left for math-verify to find
     r"\boxed{} 70 + 2": "unevaluated",
@@ -62,7 +65,7 @@ def test_math_honest_answers_still_pay():
                          ("70 + 2 = 72", "72"), (r"\boxed{72 \text{ apples}}", "72"), (r"\boxed{-72}", "-72"),
                          (r"\boxed{\frac{1}{2}}", "0.5"), (r"\boxed{8 \times 9 = 72}", "72"),
                          (r"\boxed{1{,}200}", "1200"), (r"\boxed{\$1,200}", "1200"), (r"\boxed{60 \text{ km/h}}", "60"),
-                         (r"\boxed{18\%}", "18"), ("The answer is $72$.", "72"), (r"\boxed{2^{10}}", r"2^{10}"), (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
+                         (r"\boxed{18\%}", "18"), (r"\boxed{\text{72}}", "72"), (r"\boxed{72^\circ}", "72"), ("The answer is $72$.", "72"), (r"\boxed{2^{10}}", r"2^{10}"), (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
                          (r"\boxed{3 \text{ or } 4}", r"3 \text{ or } 4"), (r"\boxed{\pm 3}", r"\pm 3"),
                          (r"\boxed{[0, 1]}", "[0, 1]")]:
         assert grade_math(answer, gold) == (True, "correct"), (answer, gold)

@@ -33,6 +33,8 @@ from pathlib import Path
 
 MAX_HELPERS = max(1, min(4, os.cpu_count() or 1))
 MEMORY_BYTES = 3 << 30  # sympy on a pathological answer fails with MemoryError, not the machine
+START_TIMEOUT_S = 120.0
+_ROOT = str(Path(__file__).resolve().parents[1])
 # What may wrap a plain number: units in \text{}, currency and percent signs, thin spaces and
 # braced thousands separators (`1{,}200`), which say nothing about the value.
 _DECORATION = re.compile(r"\\(?:text|mathrm|textbf|mbox|operatorname)\{[^{}]*\}|\\?[$%]|\{,\}|\\[,;:! ]|\s+"
@@ -58,8 +60,6 @@ def value_verdict(extracted: str, gold_is_integer: bool) -> str | None:
     if _OPERATOR.search(value.lstrip("-+")):
         return "unevaluated"
     return "hedged" if len(re.findall(r"\d+", value)) > 1 else "unevaluated"
-START_TIMEOUT_S = 120.0
-_ROOT = str(Path(__file__).resolve().parents[1])
 
 
 class _Helper:

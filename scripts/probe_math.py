@@ -8,7 +8,7 @@ operand and the operator match the prompt's, how often `c` is the true value of 
 operands (a fact the policy knows), and how often the boxed answer repeats `c`. Pass rates alone
 cannot say whether a policy fails at copying, at arithmetic or at answering. It also prints
 pass@1 per problem kind, and for `largest` problems how often the answer is one of the listed
-numbers (the guess floor is 1 in 3 or 4 of those).
+numbers (guessing one of them is right 1 time in 3-5).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def kind_of(prompt_and_response: str) -> str:
     return "arithmetic" if _PROBLEM.search(prompt_and_response) else "word"
 
 
-def tally_largest(prompt_and_response: str, correct: bool, counts: Counter) -> None:
-    """Count a `largest` sample: right, or at least one of the listed numbers (a guess)."""
+def tally_largest(prompt_and_response: str, counts: Counter) -> None:
+    """Count a `largest` sample whose boxed answer is one of the listed numbers."""
     listed = _LARGEST.search(prompt_and_response)
     boxed = _BOXED.findall(prompt_and_response.rsplit("</think>", 1)[-1])
     if listed is not None and boxed:
@@ -89,7 +89,7 @@ def main() -> None:
             counts[f"{kind}: samples"] += 1
             counts[f"{kind}: correct"] += correct
             tally(text, counts)
-            tally_largest(text, correct, counts)
+            tally_largest(text, counts)
     for key in ("samples", "correct", "arithmetic problems", "thoughts a op b = c", "first operand copied",
                 "operator copied", "second operand copied", "c is a op b (a true fact)", "boxed answer repeats c",
                 *sorted(k for k in counts if ": " in k)):

@@ -14,10 +14,13 @@ the MTP heads (`model.mtp_steps`, `draft_max_batch`, `draft_dtype`) and trains t
 `estuary train` did and the baseline did not. Time per step is measured after
 one warm-up step, and `estuary train`'s between its first step's end and its last's.
 
-The plain loop's torch uses every core in each phase. So does `run.mode=sync` with
-`learner.threads` set to the core count, since its rollouts idle while the learner steps; the
-table also shows it at one learner thread (the default). Asynchronous runs keep one thread
-each for the learner and the rollouts.
+The plain loop's torch uses every core in each phase. So does `run.mode=sync` with one rollout
+worker per core (`rollout.num_workers`, each generating its share of the step's groups on one
+thread) and `learner.threads` set to the core count, since in sync mode the rollouts idle while
+the learner steps and the learner idles while they generate (Ray's CPU count is raised to
+cover the workers and the learner, which never run at once). The table also shows sync with one
+rollout worker, at the core count's learner threads and at one (the default). Asynchronous
+runs keep one thread each for the learner and one rollout worker.
 
 Prints a table, then `RESULT overhead_sync_s_per_step ours=<sync> baseline=<plain> ratio=<sync/plain>`
 (target <= 1.15) and `RESULT overhead_async_steps_per_hour ours=<async> baseline=<plain>
@@ -109,18 +112,22 @@ def main() -> None:
 
             policy = warm_start_policy(Path(out))
         cores = torch.get_num_threads()  # what the plain loop's torch uses
+        spread = [f"rollout.num_workers={cores}", f"services.ray.num_cpus={cores + 1}"]
         runs = {name: config(policy, args.steps + 1, [f"run.output_dir={out}", f"run.name=overhead-{name}",
-                                                   f"run.mode={mode}", f"learner.threads={threads}"])
-                for name, mode, threads in (("sync", "sync", cores), ("sync-1", "sync", 1), ("async", "async", 0))}
+                                                   f"run.mode={mode}", f"learner.threads={threads}", *extra])
+                for name, mode, threads, extra in (("sync", "sync", cores, spread), ("sync-w1", "sync", cores, []),
+                                                   ("sync-1", "sync", 1, []), ("async", "async", 0, []))}
         torch.manual_seed(0)
         plain = plain_loop(runs["sync"], policy, args.steps)
-        sync = estuary_seconds_per_step(runs["sync"])
-        sync_one = estuary_seconds_per_step(runs["sync-1"])
-        asyn = estuary_seconds_per_step(runs["async"])
-    print(f"{'loop':<34} {'s/step':>8} {'steps/h':>9}")
-    for name, s in ((f"plain ({cores} threads)", plain), (f"estuary sync (learner {cores} threads)", sync),
-                    ("estuary sync (learner 1 thread)", sync_one), ("estuary async (1 thread each)", asyn)):
-        print(f"{name:<34} {s:>8.2f} {3600 / s:>9.0f}")
+        seconds = {name: estuary_seconds_per_step(cfg) for name, cfg in runs.items()}
+    sync, asyn = seconds["sync"], seconds["async"]
+    print(f"{'loop':<52} {'s/step':>8} {'steps/h':>9}")
+    for name, s in ((f"plain ({cores} threads)", plain),
+                    (f"estuary sync ({cores} rollout workers, learner {cores} threads)", sync),
+                    (f"estuary sync (1 rollout worker, learner {cores} threads)", seconds["sync-w1"]),
+                    ("estuary sync (1 rollout worker, learner 1 thread)", seconds["sync-1"]),
+                    ("estuary async (1 thread each)", asyn)):
+        print(f"{name:<52} {s:>8.2f} {3600 / s:>9.0f}")
     print(f"RESULT overhead_sync_s_per_step ours={sync:.2f} baseline={plain:.2f} ratio={sync / plain:.2f}")
     print(f"RESULT overhead_async_steps_per_hour ours={3600 / asyn:.0f} baseline={3600 / plain:.0f} "
           f"ratio={plain / asyn:.2f}")

@@ -84,8 +84,9 @@ def test_sync_mode_against_a_real_mlflow_server_read_back_over_rest(tmp_path):
             except OSError:
                 assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
                 time.sleep(0.5)
-        cfg = _cfg(tmp_path, "run.mode=sync", "run.name=sync", "model.mtp_steps=0",
-                   f"services.mlflow.tracking_uri={base}")
+        # two rollout workers, as a sync run uses every core (each produces its share of a step)
+        cfg = _cfg(tmp_path, "run.mode=sync", "run.name=sync", "model.mtp_steps=0", "rollout.num_workers=2",
+                   "services.ray.num_cpus=3", f"services.mlflow.tracking_uri={base}")
         result = train(cfg)
         assert result.steps == 3 and not (tmp_path / "sync/mlflow.db").exists()  # it went to the server
         history = _get(f"{base}/api/2.0/mlflow/metrics/get-history?run_id={result.run_id}&metric_key=learner/loss")

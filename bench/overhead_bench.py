@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.overhead_bench [--steps 12] [--policy DIR]
 
-The same work for all three: the code environment only, `learner.groups_per_step` (8) groups of
+The same work for every loop: the code environment only, `learner.groups_per_step` (8) groups of
 8 samples per optimizer step, each group with differing rewards (groups with equal rewards are
 generated, then dropped, by both), the quick start's policy, sampling, budgets and objective
 (`learner.worker.objective_from`). The plain loop is one process, no Ray, no Redis, no
@@ -16,7 +16,7 @@ one warm-up step, and `estuary train`'s between its first step's end and its las
 
 The plain loop's torch uses every core in each phase. So does `run.mode=sync` with one rollout
 worker per core (`rollout.num_workers`, each generating its share of the step's groups on one
-thread) and `learner.threads` set to the core count, since in sync mode the rollouts idle while
+thread; at most as many workers as the step has rounds, since a worker runs whole rounds) and `learner.threads` set to the core count, since in sync mode the rollouts idle while
 the learner steps and the learner idles while they generate (Ray's CPU count is raised to
 cover the workers and the learner, which never run at once). The table also shows sync with one
 rollout worker, at the core count's learner threads and at one (the default). Asynchronous
@@ -90,6 +90,15 @@ def plain_loop(cfg, policy_dir: Path, steps: int) -> float:
     return sum(times[1:]) / steps
 
 
+def rollout_workers(cfg, cores: int) -> int:
+    """One sync rollout worker per core, but no more than a step has rounds: each worker runs whole
+    rounds (`rollout.worker.RolloutWorker.prompts`), so more would generate groups no step uses."""
+    rc = cfg.rollout
+    per_round = min(rc.max_concurrent_episodes // rc.group_size,
+                    sum(env.concurrency // rc.group_size for env in cfg.environments.values())) or 1
+    return max(1, min(cores, cfg.learner.groups_per_step // per_round))
+
+
 def estuary_seconds_per_step(cfg) -> float:
     """Seconds per step between the end of the first step and the end of the last (the first,
     like the plain loop's, is a warm-up; evaluations and start-up are outside)."""
@@ -112,7 +121,8 @@ def main() -> None:
 
             policy = warm_start_policy(Path(out))
         cores = torch.get_num_threads()  # what the plain loop's torch uses
-        spread = [f"rollout.num_workers={cores}", f"services.ray.num_cpus={cores + 1}"]
+        workers = rollout_workers(config(policy, args.steps + 1, []), cores)
+        spread = [f"rollout.num_workers={workers}", f"services.ray.num_cpus={workers + 1}"]
         runs = {name: config(policy, args.steps + 1, [f"run.output_dir={out}", f"run.name=overhead-{name}",
                                                    f"run.mode={mode}", f"learner.threads={threads}", *extra])
                 for name, mode, threads, extra in (("sync", "sync", cores, spread), ("sync-w1", "sync", cores, []),
@@ -123,7 +133,7 @@ def main() -> None:
     sync, asyn = seconds["sync"], seconds["async"]
     print(f"{'loop':<52} {'s/step':>8} {'steps/h':>9}")
     for name, s in ((f"plain ({cores} threads)", plain),
-                    (f"estuary sync ({cores} rollout workers, learner {cores} threads)", sync),
+                    (f"estuary sync ({workers} rollout workers, learner {cores} threads)", sync),
                     (f"estuary sync (1 rollout worker, learner {cores} threads)", seconds["sync-w1"]),
                     ("estuary sync (1 rollout worker, learner 1 thread)", seconds["sync-1"]),
                     ("estuary async (1 thread each)", asyn)):

@@ -16,9 +16,10 @@ one warm-up step, and `estuary train`'s between its first step's end and its las
 
 The plain loop's torch uses every core in each phase. So does `run.mode=sync` with one rollout
 worker per core (`rollout.num_workers`, each generating its share of the step's groups on one
-thread; at most as many workers as the step has rounds, since a worker runs whole rounds) and `learner.threads` set to the core count, since in sync mode the rollouts idle while
-the learner steps and the learner idles while they generate (Ray's CPU count is raised to
-cover the workers and the learner, which never run at once). The table also shows sync with one
+thread; at most as many workers as the step has rounds, since a worker runs whole rounds) and
+`learner.threads` set to the core count: in sync mode the rollouts idle while the learner steps
+and the learner idles while they generate (Ray's CPU count is raised to cover the workers and
+the learner, which never run at once). The table also shows sync with one
 rollout worker, at the core count's learner threads and at one (the default). Asynchronous
 runs keep one thread each for the learner and one rollout worker.
 
@@ -93,9 +94,10 @@ def plain_loop(cfg, policy_dir: Path, steps: int) -> float:
 def rollout_workers(cfg, cores: int) -> int:
     """One sync rollout worker per core, but no more than a step has rounds: each worker runs whole
     rounds (`rollout.worker.RolloutWorker.prompts`), so more would generate groups no step uses."""
-    rc = cfg.rollout
-    per_round = min(rc.max_concurrent_episodes // rc.group_size,
-                    sum(env.concurrency // rc.group_size for env in cfg.environments.values())) or 1
+    rc = cfg.rollout  # as `prompts` and `_draw` bound a round: its slots, each environment's share
+    per_round = min(max(1, rc.max_concurrent_episodes // rc.group_size),
+                    sum(max(1, env.concurrency // rc.group_size) for env in cfg.environments.values()
+                        if env.weight > 0))
     return max(1, min(cores, cfg.learner.groups_per_step // per_round))
 
 

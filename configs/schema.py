@@ -171,8 +171,8 @@ class RolloutConfig:
     one per core (one torch thread each, and `services.ray.num_cpus` raised to hold them and the
     learner, which never run at once) uses the cores a lone worker leaves idle: on 2 cores, in
     the same five runs of `bench.overhead_bench`, the code-only step took 2.3-2.9 s with two
-    workers and 2.7-3.2 s with one (faster with two in every run). A worker runs whole rounds, so more workers than a step has
-    rounds only generate groups no step uses."""
+    workers and 2.7-3.2 s with one (faster with two in every run). A worker runs whole rounds,
+    so more workers than a step has rounds only generate groups no step uses."""
     cpus_per_worker: float = 1.0
     """CPUs Ray reserves for each worker."""
     gpus_per_worker: float = 0.0

@@ -65,7 +65,8 @@ def test_math_honest_answers_still_pay():
                          ("70 + 2 = 72", "72"), (r"\boxed{72 \text{ apples}}", "72"), (r"\boxed{-72}", "-72"),
                          (r"\boxed{\frac{1}{2}}", "0.5"), (r"\boxed{8 \times 9 = 72}", "72"),
                          (r"\boxed{1{,}200}", "1200"), (r"\boxed{\$1,200}", "1200"), (r"\boxed{60 \text{ km/h}}", "60"),
-                         (r"\boxed{18\%}", "18"), (r"\boxed{\text{72}}", "72"), (r"\boxed{72^\circ}", "72"), ("The answer is $72$.", "72"), (r"\boxed{2^{10}}", r"2^{10}"), (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
+                         (r"\boxed{18\%}", "18"), (r"\boxed{\text{72}}", "72"), (r"\boxed{72^\circ}", "72"),
+                         ("The answer is $72$.", "72"), (r"\boxed{2^{10}}", r"2^{10}"), (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
                          (r"\boxed{3 \text{ or } 4}", r"3 \text{ or } 4"), (r"\boxed{\pm 3}", r"\pm 3"),
                          (r"\boxed{[0, 1]}", "[0, 1]")]:
         assert grade_math(answer, gold) == (True, "correct"), (answer, gold)

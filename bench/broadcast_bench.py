@@ -1,14 +1,17 @@
 """Collective weight broadcast: publish-to-received latency vs model size, against a raw
 `torch.distributed.broadcast` of the same bytes.
 
-    .venv/bin/python -m bench.broadcast_bench [--sizes tiny,100m,500m] [--repeats 3]
+    .venv/bin/python -m bench.broadcast_bench [--sizes tiny,tiny-separate,100m,500m] [--repeats 3]
 
 Two processes on this machine over gloo (loopback TCP): this one publishes, a child process is
 the engine. Models are NemotronH with random init: `tiny-hybrid-moe`, ~100M and ~500M
-parameters, float32.
-- ours: `CollectiveWeightSync.publish(state_dict, v)` (buckets of 64 MiB packed on the
-  publisher, the engine receiving straight into the new version's own tensors) until the engine
-  has swapped version v in and said so through the store;
+parameters, float32. The weights are published as the learner holds them: the state dict of
+the learner's own `Trainer` (DeepSpeed ZeRO-2, the default backend, which keeps the parameters
+in flat buffers). `<size>-separate` publishes a plain module's state dict instead (a tensor
+each, as the `torch` backend holds them), which the transport has to pack.
+- ours: `CollectiveWeightSync.publish(state_dict, v)` (buckets of at most 64 MiB, sent from
+  where they lie or packed, the engine receiving straight into the new version's own tensors)
+  until the engine has swapped version v in and said so through the store;
 - baseline: one `broadcast` of a preallocated flat buffer of the same bytes into a preallocated
   buffer on the engine (nothing packed, unpacked or allocated), until the engine says so the same way.
 Best of `--repeats` runs each (more for a small model), taken in turn, after one warm-up each. Also timed: packing the state dict into one
@@ -56,6 +59,17 @@ def model(size: str) -> torch.nn.Module:
     return {"100m": lambda: nemotron(768, 2), "500m": lambda: nemotron(1536, 4)}[size]()
 
 
+def publishable(size: str) -> tuple[dict[str, torch.Tensor], object]:
+    """The state dict to publish, and what keeps its memory alive (the learner's trainer)."""
+    module = model(size.removesuffix("-separate"))
+    if size.endswith("-separate"):
+        return {k: v.detach().contiguous() for k, v in module.state_dict().items()}, module
+    from learner.trainer import Trainer, TrainerOptions
+
+    trainer = Trainer(module, TrainerOptions(backend="deepspeed", zero_stage=2))
+    return {k: v.detach() for k, v in trainer.full_state_dict().items()}, trainer
+
+
 def _wait(store, key: str, timeout_s: float = 600.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not store.check([key]):
@@ -94,10 +108,10 @@ def pack_time(weights: dict[str, torch.Tensor], repeats: int) -> float:
 
 def measure(size: str, phase: int, publisher: CollectiveWeightSync, control, repeats: int,
             version: list[int]) -> tuple[int, int, float, float, float]:
-    weights = {k: v.detach().contiguous() for k, v in model(size).state_dict().items()}
+    weights, _holder = publishable(size)
     nbytes = sum(t.numel() * t.element_size() for t in weights.values())
-    # a few milliseconds move by 2x from run to run here: a small model gets more runs (~0.2 GB each)
-    repeats = max(repeats, min(50, (200 << 20) // nbytes))
+    # a few milliseconds move by 2x from run to run here: a small model gets more runs (~0.8 GB each)
+    repeats = max(repeats, min(200, (800 << 20) // nbytes))
     pack = pack_time(weights, repeats)
     control.set(f"bench/raw-{phase}", f"{nbytes} {repeats + 1}")
     group = dist.ProcessGroupGloo(dist.PrefixStore(f"bench/raw{phase}/", control), 0, 2, timedelta(seconds=600))
@@ -124,7 +138,7 @@ def measure(size: str, phase: int, publisher: CollectiveWeightSync, control, rep
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="tiny,100m,500m")
+    parser.add_argument("--sizes", default="tiny,tiny-separate,100m,500m")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--engine", help=argparse.SUPPRESS)  # the child process: the rendezvous address
     args = parser.parse_args()

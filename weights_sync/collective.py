@@ -14,16 +14,26 @@ The group is a process group of its own (built on the rendezvous store, not
 Membership comes in generations (`weights_sync.membership`): engines that restart rejoin, a
 member that dies is dropped, a restarted publisher carries on, and no rank is ever reused.
 
-A publication is announced in each member's inbox on the store (version, layout id), then the
-tensors go out in buckets of at most `bucket_bytes` (one dtype each; a bigger
-tensor travels alone, sent from where it lies), packed into two reusable buffers per dtype: no
-side ever allocates a whole-model flat buffer. (Sending every tensor of 1 MiB or more alone
-instead was no faster at 100M: a broadcast's fixed cost outweighs the copy.) Layouts (buckets,
-names, shapes, offsets) go through the store once per new layout. On each engine a receiver
-thread blocks on its inbox (never in a collective while idle, so a closed generation or a
-restarted publisher reaches it through the store), unpacks each bucket into the new version's own tensors and
-only then swaps the version in: the learner never waits for an engine busy generating, and a
-partially received update is never served. Versions only go up.
+Each member waits for the next publication inside the group: on CPU its receiver thread keeps
+the next version's receives posted, so a publication touches no store on its way (a store round
+trip is ~0.2 ms, a tiny model's whole broadcast 1.2 ms) and is nothing but its data. The tensors
+go in buckets of at most `bucket_bytes` (`weights_sync.buckets`): a run of tensors that lie end
+to end in memory (DeepSpeed's flat buffers) is sent from where it lies, the rest packed into two
+reusable byte buffers, the first packed bucket opening with the version. No side ever allocates
+a whole-model flat buffer. Layouts go through the store once per new layout, and a new layout
+opens a new generation (its members post receives for one layout). The receiver unpacks each
+bucket into the new version's own tensors and only then swaps the version in: the learner
+never waits for an engine busy generating, and a partially received update is never served.
+Versions only go up. The price of receives posted ahead: an idle CPU engine holds the buffers of
+the version it serves and of the next one (one more copy of the model's weights than receiving on
+demand would hold between publications).
+
+Membership changes reach the publisher's watcher thread through the store's `events` queue
+(`weights_sync.membership`), off the publication's path: a join makes the next publication
+re-form the group first; an engine that closes asks the watcher to drop the group, which fails
+its pending header receive (gloo cannot abort a pending receive from the receiving side), and
+the other members ask for the next generation. On CUDA the data goes over NCCL and the header
+over a gloo group of the same generation: an idle NCCL receive would trip NCCL's watchdog.
 """
 
 from __future__ import annotations
@@ -38,114 +48,72 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from weights_sync.buckets import (
+    ReceiveBuffers,
+    bucket_layout,
+    header,
+    header_bucket,
+    lying,
+    pack,
+    packing_buffers,
+    unpack,
+)
 from weights_sync.membership import (
-    CLOSED,
+    EVENTS,
     Publisher,
-    announce,
     connect,
-    counter,
-    inbox,
     join,
     new_group,
+    note_join,
+    note_leave,
 )
 from weights_sync.protocol import Update
 
 log = logging.getLogger(__name__)
 
-# How long an idle engine's inbox wait lasts before it looks at the generation counter itself
-# (only a publisher that died and never came back leaves an inbox silent): long, as c10d logs
-# each time-out.
+# How long an idle engine's header receive lasts before it leaves the group and asks for a newer
+# generation (only a publisher whose machine vanished without closing its connections leaves it
+# waiting): long, as gloo logs each time-out, and the publisher's next broadcast re-forms.
 IDLE_CHECK_S = 600.0
 
 
-def bucket_layout(weights: dict[str, torch.Tensor], bucket_bytes: int) -> list[dict]:
-    """The state dict as buckets: [{"dtype", "n", "tensors": [[name, shape, start, n], ...]}, ...],
-    each of one dtype and at most `bucket_bytes` (a bigger tensor goes alone)."""
-    open_: dict[str, dict] = {}  # dtype -> the bucket being filled
-    buckets: list[dict] = []
-    for name, t in weights.items():
-        key, size = str(t.dtype).removeprefix("torch."), t.numel()
-        bucket = open_.get(key)
-        if bucket is None or (bucket["n"] + size) * t.element_size() > bucket_bytes and bucket["n"]:
-            bucket = open_[key] = {"dtype": key, "n": 0, "tensors": []}
-            buckets.append(bucket)
-        bucket["tensors"].append([name, list(t.shape), bucket["n"], size])
-        bucket["n"] += size
-    return buckets
-
-
-def _buffers(layout: list[dict], device: torch.device) -> dict[str, list[torch.Tensor]]:
-    """Two reusable packing buffers per dtype (one fills while the other is on the wire), as big as
-    that dtype's largest bucket of several tensors (a lone tensor is sent from where it lies)."""
-    sizes: dict[str, int] = {}
-    for b in layout:
-        if len(b["tensors"]) > 1:
-            sizes[b["dtype"]] = max(sizes.get(b["dtype"], 0), b["n"])
-    return {k: [torch.empty(n, dtype=getattr(torch, k), device=device) for _ in range(2)] for k, n in sizes.items()}
-
-
-def _users(buffer: torch.Tensor) -> int:
-    """How many tensors share `buffer`'s memory (itself included): views hold its storage."""
-    return torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) - 1  # less the temporary
-
-
-class ReceiveBuffers:
-    """An engine's receive buffers, reused once nothing outside this pool holds them (CPU only).
-
-    A buffer backs one bucket of one version (the views in its `Update`). It is free again once
-    its memory has no other user: the engine copied that version into its model and dropped it,
-    and the sync's newest version is a later one. Only what was freed since the last receive is
-    kept (a changed layout's buffers go); on CUDA the caching allocator already recycles memory
-    without the cost this avoids, so nothing is kept there."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.keep = device.type == "cpu" and hasattr(torch._C, "_storage_Use_Count")
-        self._lent: list[torch.Tensor] = []
-        self._free: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
-
-    def reclaim(self) -> None:
-        """Before a receive: buffers that only this pool holds become free."""
-        lent, self._free = [], {}
-        for buffer in self._lent:
-            if _users(buffer) == 1:
-                self._free.setdefault((buffer.dtype, buffer.numel()), []).append(buffer)
-            else:
-                lent.append(buffer)
-        self._lent = lent
-
-    def take(self, dtype: torch.dtype, n: int) -> torch.Tensor:
-        free = self._free.get((dtype, n))
-        buffer = free.pop() if free else torch.empty(n, dtype=dtype, device=self.device)
-        if self.keep:
-            self._lent.append(buffer)
-        return buffer
+def _idle_options() -> dist.BroadcastOptions:
+    """A receive that may wait while the publisher is idle: up to IDLE_CHECK_S."""
+    options = dist.BroadcastOptions()
+    options.rootRank, options.timeout = 0, timedelta(seconds=IDLE_CHECK_S)
+    return options
 
 
 class CollectiveWeightSync:
     def __init__(self, address: str, rank: int, world_size: int, device: str = "cpu",
-                 timeout_s: float = 120.0, bucket_bytes: int = 64 << 20, join_window_s: float = 5.0) -> None:
+                 timeout_s: float = 120.0, bucket_bytes: int = 64 << 20, join_window_s: float = 5.0,
+                 lie_bytes: int = 64 << 10) -> None:
         self.address, self.rank, self.bucket_bytes, self.timeout_s = address, rank, bucket_bytes, timeout_s
+        self.lie_bytes = lie_bytes  # a run of tensors end to end this big is sent from where it lies
         self.device = torch.device(device)
         self._lock = threading.Lock()
         self._latest: Update | None = None
         self._subscribers: list[Callable[[Update], None]] = []
         self._stopping = threading.Event()
-        self._inbox: str | None = None  # an engine's inbox while it is a member (`close` wakes it)
         self.counters = {"generations": 0, "failed_broadcasts": 0}
         if rank == 0:
             self.store = connect(address, timeout_s)
             self.members = Publisher(self.store, world_size - 1, join_window_s)
-            self._group, self._formed, self._size = None, False, 1
+            self._group = self._control = None
+            self._formed, self._size, self._dirty = False, 1, False
             self._layout: list | None = None
             self._layout_id = 0
-            self._signature: list | None = None  # names, shapes, dtypes the layout was made for
+            self._signature: list | None = None  # names, shapes, strides, dtypes, addresses of its layout
             # the newest version on this channel, from the store once (a restarted publisher's
             # predecessor may have published): a store read per publish cost a small model 20%
             self._published = int(self.store.get("published")) if self.store.check(["published"]) else -1
-            self._buffers: dict[str, list[torch.Tensor]] = {}  # the publisher's reusable packing buffers
+            self._buffers: list[torch.Tensor] = []  # the publisher's two reusable packing buffers
+            self._token = f"stop-{id(self)}-{threading.get_ident()}"
+            self._watcher = threading.Thread(target=self._watch, name="weights-membership", daemon=True)
+            self._watcher.start()
             self._receiver = None
         else:
+            self.generation = 0  # the generation this engine is (or was last) a member of
             self._buffers_in = ReceiveBuffers(self.device)
             self._receiver = threading.Thread(target=self._receive_loop, name="weights-receiver", daemon=True)
             self._receiver.start()
@@ -159,74 +127,106 @@ class CollectiveWeightSync:
             raise RuntimeError("only rank 0 of the sync group publishes")
         if version <= self.latest_version():
             raise ValueError(f"version {version} is not newer than the published {self.latest_version()}")
-        layout_id = self._layout_for(weights)
-        for attempt in (1, 2):
-            try:
-                if not self._formed or self.members.changed():
-                    self._regroup()
-                self._send(weights, version, layout_id)
-                break
-            except RuntimeError as e:  # gloo: "Connection closed by peer"; a store or rendezvous time-out
-                # str(e), never e: a kept log record would keep the traceback, its frames, their
-                # broadcasts and so the group alive, and the group must go to release its members
-                log.warning("weight broadcast of version %d failed (attempt %d): %s", version, attempt, str(e))
-                self.counters["failed_broadcasts"] += 1
-                self._drop_group()
+        with self._lock:  # the watcher drops the group only between publications
+            layout_id = self._layout_for(weights)
+            if not self._watcher.is_alive() and self._formed and self.members.changed():
+                self._dirty = True  # no watcher (its store client failed): look on the way
+            for attempt in (1, 2):
+                try:
+                    if not self._formed or self._dirty:
+                        self._regroup()
+                    self._send(weights, version, layout_id)
+                    break
+                except RuntimeError as e:  # gloo: "Connection closed by peer"; a store or rendezvous time-out
+                    # str(e), never e: a kept log record would keep the traceback, its frames, their
+                    # broadcasts and so the group alive, and the group must go to release its members
+                    log.warning("weight broadcast of version %d failed (attempt %d): %s", version, attempt, str(e))
+                    self.counters["failed_broadcasts"] += 1
+                    self._drop_group()
+                except BaseException:  # members hold receives for the rest of this version: end them
+                    self._drop_group()
+                    raise
         self.store.set("published", str(version))
         self._published = version
 
+    def _watch(self) -> None:
+        """The publisher's watcher: turns the store's membership events into a re-form at the next
+        publication (a join) or a dropped group now (a leave: it releases that engine's receive)."""
+        try:
+            events = connect(self.address, self.timeout_s)
+            events.set_timeout(timedelta(seconds=IDLE_CHECK_S))
+        except RuntimeError as e:  # `publish` checks membership itself while this thread is dead
+            log.warning("the weight-sync watcher cannot reach the store: %s", str(e))
+            return
+        while not self._stopping.is_set():
+            try:
+                event = events.queue_pop(EVENTS)
+            except dist.DistStoreError:  # quiet for IDLE_CHECK_S
+                continue
+            except RuntimeError as e:  # the store is gone: the driver, and so the run, has ended
+                log.info("weight-sync rendezvous closed: %s", str(e))
+                return
+            with self._lock:
+                if event == f"leave:{self.members.generation}".encode():  # not a stale one: it would
+                    self._drop_group()  # release a healthy group, and the next one waits its window
+                elif event == b"join" and self._formed and self.members.changed():
+                    self._dirty = True
+                # anything else: this publisher's own stop (`close`), or a predecessor's left unread
+
     def _layout_for(self, weights: dict[str, torch.Tensor]) -> int:
-        signature = [(name, t.shape, t.dtype) for name, t in weights.items()]
+        # where each tensor lies too: a run sent from where it lies must still be one
+        signature = [(name, t.shape, t.stride(), t.dtype, t.data_ptr()) for name, t in weights.items()]
         if signature == self._signature:
             return self._layout_id
         self._signature = signature
-        layout = bucket_layout(weights, self.bucket_bytes)
+        layout = bucket_layout(weights, self.bucket_bytes, self.lie_bytes)
         if layout != self._layout:  # ids from the store: unique across publisher restarts
             self._layout_id = int(self.store.add("layouts", 1))
             self._layout = layout
             self.store.set(f"layout-{self._layout_id}", json.dumps(layout))
-            self._buffers = _buffers(layout, self.device)
+            self.store.set("layout", str(self._layout_id))
+            self._buffers = packing_buffers(layout, self.device)
+            self._dirty = True  # members post receives for their generation's layout: a new one
         return self._layout_id
 
     def _regroup(self) -> None:
         self._drop_group()
+        self._dirty = False  # before regroup: a join during it is seen by the watcher afterwards
         generation, size = self.members.regroup()
         self._size = size
         self.counters["generations"] += 1
         if size > 1:
             self._group = new_group(self.store, generation, 0, size, self.device, self.timeout_s)
+            self._control = self._group if self.device.type == "cpu" else new_group(
+                self.store, generation, 0, size, torch.device("cpu"), self.timeout_s, name="ctl")
         self._formed = True
 
     def _drop_group(self) -> None:
-        # Collecting the group closes its connections, which releases members stuck in it.
-        self._group, self._formed = None, False
+        # Collecting the group closes its connections, which releases members waiting in it.
+        self._group = self._control = None
+        self._formed = False
 
     def _send(self, weights: dict[str, torch.Tensor], version: int, layout_id: int) -> None:
         if self._group is None:  # nobody to send to (no engine took a ticket in time)
             return
-        announce(self.store, self.members.generation, self._size, json.dumps([version, layout_id]))
+        head = (version, layout_id)
         in_flight: deque = deque()  # at most two broadcasts: one on the wire while the next is packed
         try:
             with torch.no_grad():
+                if self._control is not self._group:  # CUDA: the header over gloo, first, and
+                    # waited for: a member gone shows here, before any NCCL op is in flight
+                    self._control.broadcast(torch.tensor(head, dtype=torch.int64), 0).wait()
+                carrier = header_bucket(self._layout)
                 for i, bucket in enumerate(self._layout):
                     while len(in_flight) > 1:  # bucket i - 2, the last user of packing buffer i % 2, is done
                         in_flight.popleft().wait()
-                    in_flight.append(self._group.broadcast(self._flat(i, bucket, weights), 0))
+                    flat = lying(bucket, weights) if bucket["lies"] else \
+                        pack(self._buffers[i % 2], bucket, weights, head if i == carrier else None)
+                    in_flight.append(self._group.broadcast(flat.to(self.device), 0))
                 while in_flight:
                     in_flight.popleft().wait()
         finally:
             in_flight.clear()  # a failed broadcast's work must not outlive the group it holds
-
-    def _flat(self, i: int, bucket: dict, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Bucket `i` as one flat tensor: a lone tensor as it lies, several packed into buffer i % 2."""
-        if len(bucket["tensors"]) == 1:
-            return weights[bucket["tensors"][0][0]].detach().reshape(-1).to(self.device).contiguous()
-        buffer = self._buffers[bucket["dtype"]][i % 2][: bucket["n"]]
-        # one copy kernel for the bucket, not one per tensor (a tiny model's 53 copy_ calls took
-        # 0.6 ms a publish in cProfile; one cat of the same bytes takes 0.3 ms in broadcast_bench);
-        # `.to` is a no-op unless the weights live elsewhere (a GPU learner on a gloo channel)
-        return torch.cat([weights[name].reshape(-1).to(buffer.device) for name, *_ in bucket["tensors"]],
-                         out=buffer)
 
     def latest_version(self) -> int:
         """The publisher: the newest version ever published on this channel (a restarted
@@ -240,9 +240,7 @@ class CollectiveWeightSync:
     def _receive_loop(self) -> None:
         try:
             store = connect(self.address, self.timeout_s)
-            waiting = store.clone()  # the inbox's own client: its wait may outlast `timeout_s`
-            waiting.set_timeout(timedelta(seconds=IDLE_CHECK_S))
-            store.add("joins", 1)  # a new engine, or a restarted one: the publisher re-forms the group
+            note_join(store)  # a new engine, or a restarted one: the publisher re-forms the group
         except RuntimeError as e:
             log.error("cannot reach the weight-sync rendezvous at %s: %s", self.address, e)
             return
@@ -257,49 +255,61 @@ class CollectiveWeightSync:
             if member is None:
                 return
             generation, rank, size = member
+            self.generation = generation
             try:
                 group = new_group(store, generation, rank, size, self.device, self.timeout_s)
-                self._serve(store, waiting, group, generation, rank, layouts)
-            except RuntimeError as e:  # the publisher or another member died: wait for the next generation
-                log.info("left weight-sync generation %d: %s", generation, str(e))
-            group = None
+                control = group if self.device.type == "cpu" else new_group(
+                    store, generation, rank, size, torch.device("cpu"), self.timeout_s, name="ctl")
+                self._serve(store, group, control, layouts)
+            except RuntimeError as e:  # the publisher dropped the group, or it or another member died,
+                log.info("left weight-sync generation %d: %s", generation, str(e))  # or idle time-out
+                if not self._stopping.is_set():
+                    # tells the publisher's watcher, for the case it does not know (an idle time-out):
+                    # its next publication re-forms instead of failing on this member first
+                    note_join(store)
+            group = control = None
 
-    def _serve(self, store, waiting, group, generation: int, rank: int, layouts: dict[int, list]) -> None:
-        """Receive every version announced to this member of `generation` until it closes."""
-        key = inbox(generation, rank)
-        with self._lock:
-            self._inbox = key
+    def _serve(self, store, group, control, layouts: dict[int, list]) -> None:
+        """Receive every version published to this member until the group ends (an error).
+
+        A generation has one layout (the publisher re-forms on a new one), so on CPU the next
+        version's receives are posted as soon as the last is in, and wait while idle: the
+        version travels in the first bucket. NCCL's are posted once a header has come over the
+        gloo control group (an idle NCCL receive would trip its watchdog)."""
+        layout_id = int(store.get("layout"))  # the publisher sets it before opening a generation
+        if layout_id not in layouts:
+            layouts[layout_id] = json.loads(store.get(f"layout-{layout_id}"))
+        layout, idle = layouts[layout_id], _idle_options()
+        head = torch.zeros(2, dtype=torch.int64)
         while not self._stopping.is_set():
-            try:
-                message = waiting.queue_pop(key)
-            except dist.DistStoreError:  # silent for IDLE_CHECK_S: still the newest generation?
-                if counter(store, "gen") != generation:
-                    return
-                continue
-            if message == CLOSED or self._stopping.is_set():
+            if control is not group:
+                control.broadcast([head], idle).wait()
+            first, weights, works = self._post(group, layout, idle if control is group else None)
+            for work in works:
+                work.wait()
+            if self._stopping.is_set():
                 return
-            version, layout_id = json.loads(message)
-            if layout_id not in layouts:
-                layouts[layout_id] = json.loads(store.get(f"layout-{layout_id}"))
-            self._take(Update(version=version, weights=self._receive(group, layouts[layout_id])))
+            version, sent_layout = header(first.cpu())
+            if sent_layout != layout_id:
+                raise RuntimeError(f"layout {sent_layout} sent in a generation of layout {layout_id}")
+            self._take(Update(version=version, weights=weights))
 
-    def _receive(self, group, layout: list[dict]) -> dict[str, torch.Tensor]:
-        """One version, bucket by bucket, straight into tensors of its own (views of one buffer
-        per bucket, none shared with a version anyone still holds): the served version is
-        untouched, and nothing is copied twice. The next bucket's receive is posted before the
-        current one is waited for, as the publisher keeps two in flight."""
-        weights, in_flight = {}, deque()
+    def _post(self, group, layout: list[dict], options) -> tuple[torch.Tensor, dict[str, torch.Tensor], list]:
+        """One version's receives, into buffers of its own (none shared with a version anyone
+        still holds): the served version is untouched, and nothing is copied twice. Returns the
+        header bucket's buffer, the tensors (views, made while the data is on its way) and the
+        receives."""
+        weights, works, buffers = {}, [], []
         self._buffers_in.reclaim()
         for bucket in layout:
-            buffer = self._buffers_in.take(getattr(torch, bucket["dtype"]), bucket["n"])
-            in_flight.append(group.broadcast(buffer, 0))
-            for name, shape, start, n in bucket["tensors"]:
-                weights[name] = buffer[start: start + n].view(shape)
-            if len(in_flight) > 1:
-                in_flight.popleft().wait()
-        while in_flight:
-            in_flight.popleft().wait()
-        return weights
+            buffers.append(self._buffers_in.take(getattr(torch, bucket["dtype"]), bucket["n"]))
+            if options is None:
+                works.append(group.broadcast(buffers[-1], 0))
+            else:
+                works.append(group.broadcast([buffers[-1]], options))
+        for buffer, bucket in zip(buffers, layout, strict=True):
+            weights.update(unpack(buffer, bucket))
+        return buffers[header_bucket(layout)], weights, works
 
     def _take(self, update: Update) -> None:
         with self._lock:  # swapped in only once complete, and only forwards
@@ -325,17 +335,21 @@ class CollectiveWeightSync:
         return latest if latest is not None and latest.version > newer_than else None
 
     def close(self) -> None:
-        """Leave the group: the publisher drops it (members go back to waiting for a generation);
-        an engine's receiver is woken through its inbox and stops."""
+        """Leave the group: the publisher drops it (members go back to waiting for a generation)
+        and stops its watcher; an engine asks the publisher's watcher to drop the group, which
+        releases its receiver's pending receive, and stops."""
         self._stopping.set()
+        try:
+            store = connect(self.address, 5)
+            if self.rank == 0:
+                store.queue_push(EVENTS, self._token)  # wakes the watcher
+            else:
+                note_leave(store, self.generation)
+        except RuntimeError:  # the store is gone: so is every wait on it, and the publisher
+            pass
         if self.rank == 0:
-            self._drop_group()
-        elif self._receiver is not None:
             with self._lock:
-                key = self._inbox
-            if key is not None:
-                try:
-                    connect(self.address, 5).queue_push(key, "stop")
-                except RuntimeError:  # the store is gone: so is the receiver's wait
-                    pass
+                self._drop_group()
+            self._watcher.join(timeout=5)
+        elif self._receiver is not None:
             self._receiver.join(timeout=5)

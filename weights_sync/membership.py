@@ -1,8 +1,8 @@
 """Who is in the collective weight-sync group: generations of a fixed-size group, formed through one store.
 
     store, address = host_rendezvous("10.0.0.1")          # the driver: lives as long as the run
-    # learner rank 0 (publisher), before a broadcast, when `Publisher.changed()`:
-    generation, size, group = publisher.regroup()
+    # learner rank 0 (publisher), at its next broadcast after its watcher saw `Publisher.changed()`:
+    generation, size = publisher.regroup()
     # each engine, in its receiver thread:
     generation, rank, size = join(store, after=previous, stop=stopping)
 
@@ -20,18 +20,21 @@ The store is hosted by the driver, not by a member: it must outlive the learner 
 
 Store keys:
   joins            counter: +1 when an engine starts, or finds itself left out of a generation
+  events           queue: "join" after each of those, "leave:<G>" when a member of G closes; the
+                   publisher's watcher thread pops them, so its broadcasts never ask the store
+                   whether membership changed (a round trip a publish)
   gen              counter: the current generation (the publisher adds 1 to open the next)
   g<G>/tickets     counter: an engine's ticket in generation G is its rank (1, 2, ...)
   g<G>/size        set by the publisher when G stops taking tickets: 1 + the tickets taken by then
-  g<G>/pg/...      generation G's process-group rendezvous
-  g<G>/r<R>/inbox  queue: what member R of G is told, in order: each announcement
-                   (`weights_sync.collective`), then CLOSED when the next generation opens
+  g<G>/pg/...      generation G's process-group rendezvous (`g<G>/ctl/...`: its gloo control
+                   group on CUDA)
+  layout-<id>      a bucket layout (`weights_sync.collective`), written once per new layout
 
-A member blocks on its inbox (`TCPStore.queue_pop`): it wakes the moment a version is announced,
-without polling (a 10 ms poll was most of a small model's broadcast time) and without a wait
-that times out while idle (c10d logs every time-out, and a member must notice at once that its
-generation closed, or it misses the next one's join window). Opening a generation closes the
-previous one, so a restarted publisher releases its predecessor's members too.
+A member waits for the next publication inside its generation's group (a pre-posted broadcast of
+a small header, `weights_sync.collective`), so nothing on the store lies on a publication's
+path. The publisher ends a generation by dropping its group: closing its connections fails the
+members' pending receives at once, and they ask for the next generation. A publisher that dies
+ends it the same way, through the kernel.
 """
 
 from __future__ import annotations
@@ -45,7 +48,6 @@ import torch
 import torch.distributed as dist
 
 POLL_S = 0.01  # how often a waiting side looks at the store (a round trip on loopback is ~0.1 ms)
-CLOSED = b"closed"  # the last thing a member's inbox tells it: its generation is over
 
 
 def host_rendezvous(host: str, port: int = 0) -> tuple[dist.TCPStore, str]:
@@ -68,9 +70,9 @@ def counter(store: dist.TCPStore, key: str) -> int:
 
 
 def new_group(store: dist.TCPStore, generation: int, rank: int, size: int, device: torch.device,
-              timeout_s: float):
-    """Generation `generation`'s process group (blocks until every member has joined it)."""
-    prefixed = dist.PrefixStore(f"g{generation}/pg/", store)
+              timeout_s: float, name: str = "pg"):
+    """Generation `generation`'s process group `name` (blocks until every member has joined it)."""
+    prefixed = dist.PrefixStore(f"g{generation}/{name}/", store)
     if device.type == "cuda":  # NCCL's own timeout (its watchdog ends a process stuck past it)
         return dist.ProcessGroupNCCL(prefixed, rank, size)
     return dist.ProcessGroupGloo(prefixed, rank, size, timedelta(seconds=timeout_s))
@@ -92,33 +94,32 @@ class Publisher:
         """Open the next generation and close it after `window_s` (or once every expected engine
         holds a ticket); returns (generation, size). Engines taking a ticket after the close get
         a rank >= size: they are not members and ask for the next generation."""
-        close_generation(self.store, counter(self.store, "gen"))
         generation = int(self.store.add("gen", 1))
         tickets, deadline = f"g{generation}/tickets", time.monotonic() + self.window_s
         while counter(self.store, tickets) < self.engines and time.monotonic() < deadline:
             time.sleep(POLL_S)
+        # Read before closing: every join counted here came before the close, so its engine holds a
+        # ticket or finds itself left out and joins again after it, which the next read counts.
+        self.joins_seen = counter(self.store, "joins")
         size = 1 + counter(self.store, tickets)
         self.store.set(f"g{generation}/size", str(size))
-        # Read after closing: an engine counted here either holds a ticket or will find itself
-        # left out of this (closed) generation and add another join, which opens the next one.
-        self.joins_seen, self.generation = counter(self.store, "joins"), generation
+        self.generation = generation
         return generation, size
 
 
-def inbox(generation: int, rank: int) -> str:
-    return f"g{generation}/r{rank}/inbox"
+EVENTS = "events"
 
 
-def announce(store: dist.TCPStore, generation: int, size: int, message: str) -> None:
-    """Tell every member (ranks 1..size-1) of `generation` `message`, in order after the last."""
-    for rank in range(1, size):
-        store.queue_push(inbox(generation, rank), message)
+def note_join(store: dist.TCPStore) -> None:
+    """An engine (re)started or was left out: the publisher re-forms before its next broadcast."""
+    store.add("joins", 1)
+    store.queue_push(EVENTS, "join")
 
 
-def close_generation(store: dist.TCPStore, generation: int) -> None:
-    """Release `generation`'s members (if it ever closed with members) to join the next one."""
-    if generation > 0 and store.check([f"g{generation}/size"]):
-        announce(store, generation, int(store.get(f"g{generation}/size")), CLOSED.decode())
+def note_leave(store: dist.TCPStore, generation: int) -> None:
+    """An engine of `generation` is closing: the publisher drops that generation's group, which
+    releases its pending receive (a leave from an older generation is ignored)."""
+    store.queue_push(EVENTS, f"leave:{generation}")
 
 
 def join(store: dist.TCPStore, after: int, stop: Callable[[], bool]) -> tuple[int, int, int] | None:
@@ -135,7 +136,7 @@ def join(store: dist.TCPStore, after: int, stop: Callable[[], bool]) -> tuple[in
             return generation, rank, size
         after = generation
         if size is not None:  # closed before our ticket: ask the publisher for another generation
-            store.add("joins", 1)
+            note_join(store)
     return None
 
 

@@ -1,4 +1,5 @@
-"""The collective transport sends buckets of bounded size, never a whole-model flat buffer."""
+"""The collective transport sends buckets of bounded size, never a whole-model flat buffer, and a
+run of tensors lying end to end from where it lies."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from contextlib import contextmanager
 
 import torch
 
-from weights_sync.collective import CollectiveWeightSync, ReceiveBuffers, bucket_layout
+from weights_sync.buckets import HEADER_BYTES, ReceiveBuffers, bucket_layout, lying
+from weights_sync.collective import CollectiveWeightSync
 from weights_sync.membership import host_rendezvous
 
 
@@ -38,21 +40,29 @@ def _wait_for(engine: CollectiveWeightSync, version: int):
     return engine.pull(newer_than=version - 1)
 
 
-def test_buckets_hold_one_dtype_each_and_at_most_the_bound_unless_one_tensor_is_bigger():
+def _names(bucket: dict) -> list[str]:
+    return [t[0] for region in bucket["regions"] for t in region["tensors"]]
+
+
+def test_packed_buckets_hold_aligned_regions_of_one_dtype_and_at_most_the_bound():
     layout = bucket_layout(_weights(1.0), bucket_bytes=64)
-    assert [(b["dtype"], [t[0] for t in b["tensors"]]) for b in layout] == [
-        ("float32", ["a", "c"]), ("bfloat16", ["b"]), ("float32", ["big"]), ("int64", ["d"])]
-    assert all(b["n"] * 4 <= 64 for b in layout if b["dtype"] == "float32" and len(b["tensors"]) > 1)
-    assert layout[0]["tensors"][1][2] == 12  # c starts after a in the same buffer
+    # the header (16 bytes), then a and c (float32, 64 bytes) do not fit one bucket of 64 bytes
+    assert [(b["lies"], _names(b)) for b in layout] == [
+        (True, ["big"]), (False, ["a"]), (False, ["c", "b", "d"])]
+    first, second = layout[1], layout[2]
+    assert first["regions"][0]["start"] == HEADER_BYTES and first["n"] == HEADER_BYTES + 48
+    assert [(r["dtype"], r["start"]) for r in second["regions"]] == [("float32", 0), ("bfloat16", 16), ("int64", 32)]
+    assert all(r["start"] % 8 == 0 for b in layout for r in b["regions"])
+    assert all(b["n"] <= 64 for b in layout if not b["lies"])
+    assert layout[0]["dtype"] == "float32" and layout[0]["n"] == 40  # bigger than a bucket: alone, as it lies
 
 
 def test_a_bucketed_broadcast_arrives_whole_and_exact():
     with _publisher_and_engine() as (publisher, engine):
         for version in (1, 2):
             publisher.publish(_weights(float(version)), version)
-        # two packing buffers per dtype, each as big as its largest bucket of several tensors (the
-        # lone big one is sent as it lies)
-        assert {k: [b.numel() for b in pair] for k, pair in publisher._buffers.items()} == {"float32": [16, 16]}
+        # two byte buffers, as big as the largest packed bucket (the lone big tensor goes as it lies)
+        assert [b.numel() for b in publisher._buffers] == [64, 64]
         update = _wait_for(engine, 2)
         assert update is not None and update.version == 2
         for name, value in _weights(2.0).items():
@@ -88,17 +98,111 @@ def test_a_version_still_held_is_never_overwritten_by_later_ones():
             assert torch.equal(latest.weights[name], value), name
 
 
-def test_an_idle_engine_waits_on_its_inbox_and_is_woken_by_a_new_generation_and_by_close():
-    """No poll: the receiver blocks on the store (for `IDLE_CHECK_S`, ten minutes), so only the
-    inbox can wake it. A new generation's CLOSED and `close()` must each reach it at once."""
+def test_an_idle_engine_waits_in_the_group_and_is_released_by_a_new_generation_and_by_close():
+    """No store on a publication's path: the receiver waits in a posted header broadcast (for
+    `IDLE_CHECK_S`, ten minutes), which only the group's end releases. A new generation and
+    `close()` (with the publisher alive: its watcher drops the group) must each release it at once."""
     with _publisher_and_engine() as (publisher, engine):
         publisher.publish(_weights(1.0), 1)
         assert _wait_for(engine, 1) is not None
-        first = engine._inbox
+        first = engine.generation
         publisher._drop_group()  # as after a failed broadcast: the next publish opens a new generation
         publisher.publish(_weights(2.0), 2)  # waits (join window 60 s) until the engine joins it
-        assert _wait_for(engine, 2).version == 2 and engine._inbox != first
+        assert _wait_for(engine, 2).version == 2 and engine.generation > first
         start = time.monotonic()
         engine.close()
-        assert not engine._receiver.is_alive(), "close() did not wake the receiver's inbox wait"
+        assert not engine._receiver.is_alive(), "close() did not release the receiver's pending receive"
         assert time.monotonic() - start < 5
+
+
+def test_a_run_of_tensors_lying_end_to_end_goes_on_the_wire_from_where_it_lies():
+    """As under DeepSpeed's ZeRO-1/2: parameters are views of one flat buffer. Such a run is sent
+    without a copy; the tensors around it are packed; what arrives is exact either way."""
+    flat = torch.arange(40, dtype=torch.float32)
+    # in the state dict's order y comes first and a frozen tensor between: memory order counts
+    weights = {"y": flat[12:40], "small": torch.ones(3), "x": flat[:12].view(3, 4), "tiny": torch.zeros(2)}
+    layout = bucket_layout(weights, bucket_bytes=1 << 20, lie_bytes=64)
+    assert [(b["lies"], _names(b)) for b in layout] == [(True, ["x", "y"]), (False, ["small", "tiny"])]
+    assert [b["lies"] for b in bucket_layout(weights, bucket_bytes=1 << 20, lie_bytes=1 << 10)] == [False]
+    with _publisher_and_engine() as (publisher, engine):
+        publisher.bucket_bytes, publisher.lie_bytes = 1 << 20, 64
+        for version in (1, 2):
+            flat.add_(1)
+            publisher.publish(weights, version)
+            update = _wait_for(engine, version)
+            assert update is not None and update.version == version
+            for name, value in weights.items():
+                assert torch.equal(update.weights[name], value), name
+        sent = lying(publisher._layout[0], weights)
+        assert sent.data_ptr() == flat.data_ptr() and sent.numel() == 40  # a view: nothing copied
+        group, sent_from = publisher._group, []
+
+        class Recording:  # what `_send` really puts on the wire
+            def broadcast(self, tensor, root):
+                sent_from.append(tensor.data_ptr())
+                return group.broadcast(tensor, root)
+
+        publisher._group = publisher._control = Recording()
+        flat.add_(1)
+        publisher.publish(weights, 3)
+        assert _wait_for(engine, 3).weights["x"][0, 0].item() == flat[0].item()
+        assert sent_from[0] == flat.data_ptr() and sent_from[1] == publisher._buffers[1].data_ptr()
+        assert [b.numel() for b in publisher._buffers] == [HEADER_BYTES + 20] * 2  # the header, 3 + 2 floats
+
+
+def test_an_engine_that_starts_later_is_in_the_next_publication():
+    """Its join reaches the publisher's watcher through the store, and the next publication
+    re-forms the group around it first."""
+    _store, address = host_rendezvous("127.0.0.1")
+    first = CollectiveWeightSync(address, rank=1, world_size=3, timeout_s=60)
+    publisher = CollectiveWeightSync(address, rank=0, world_size=3, timeout_s=60, join_window_s=2)
+    late = None
+    try:
+        publisher.publish(_weights(1.0), 1)  # the window closes without the second engine
+        assert _wait_for(first, 1) is not None and publisher._size == 2
+        late = CollectiveWeightSync(address, rank=2, world_size=3, timeout_s=60)
+        deadline = time.monotonic() + 30
+        while not publisher._dirty and time.monotonic() < deadline:
+            time.sleep(0.01)
+        publisher.publish(_weights(2.0), 2)
+        assert publisher._size == 3 and publisher.counters["failed_broadcasts"] == 0
+        for engine in (first, late):
+            assert _wait_for(engine, 2).version == 2
+    finally:
+        publisher.close()
+        for engine in (first, late):
+            if engine is not None:
+                engine.close()
+
+
+def test_an_idle_time_out_re_forms_the_group_before_the_next_publication(monkeypatch):
+    """An engine whose posted receives time out while the publisher is idle tells the publisher's
+    watcher, so the next publication re-forms first instead of failing on it."""
+    import weights_sync.collective as collective
+
+    monkeypatch.setattr(collective, "IDLE_CHECK_S", 1.0)
+    with _publisher_and_engine() as (publisher, engine):
+        publisher.publish(_weights(1.0), 1)
+        assert _wait_for(engine, 1) is not None
+        deadline = time.monotonic() + 30
+        while not publisher._dirty and time.monotonic() < deadline:  # the receive times out after 1 s
+            time.sleep(0.05)
+        publisher.publish(_weights(2.0), 2)
+        assert publisher.counters["failed_broadcasts"] == 0 and publisher.counters["generations"] == 2
+        assert _wait_for(engine, 2).version == 2
+
+
+def test_a_new_layout_opens_a_new_generation_and_a_stale_leave_is_ignored():
+    with _publisher_and_engine() as (publisher, engine):
+        publisher.publish(_weights(1.0), 1)
+        assert _wait_for(engine, 1) is not None
+        generation = engine.generation
+        grown = {**_weights(2.0), "e": torch.full((3,), 2.0)}
+        publisher.publish(grown, 2)  # members hold receives for one layout: they must re-join
+        update = _wait_for(engine, 2)
+        assert engine.generation > generation and torch.equal(update.weights["e"], grown["e"])
+        publisher.store.queue_push("events", f"leave:{generation}")  # an old generation's: ignored
+        time.sleep(0.3)
+        assert publisher._formed
+        publisher.publish({**_weights(3.0), "e": torch.full((3,), 3.0)}, 3)  # the same layout
+        assert _wait_for(engine, 3).version == 3 and publisher.counters["generations"] == 2

@@ -78,6 +78,7 @@ def test_engines_and_the_publisher_rejoin_after_kill_9_and_versions_only_go_up()
         publisher.publish(_weights(3), 3)
         b2 = _engine(address, 2)  # Ray would restart it: a new process, no rank to take back
         _wait_for(lambda: counter(store, "joins") >= 3, "the restarted engine's join")
+        _wait_for(lambda: publisher._dirty, "the publisher's watcher to see that join")  # off the publish path
         publisher.publish(_weights(4), 4)
         publisher.close()
         publisher = make_weight_sync("collective", address, rank=0, world_size=3, join_window_s=60)

@@ -263,10 +263,14 @@ class CollectiveWeightSync:
                 self._serve(store, group, control, layouts)
             except RuntimeError as e:  # the publisher dropped the group, or it or another member died,
                 log.info("left weight-sync generation %d: %s", generation, str(e))  # or idle time-out
-                if not self._stopping.is_set():
-                    # tells the publisher's watcher, for the case it does not know (an idle time-out):
-                    # its next publication re-forms instead of failing on this member first
-                    note_join(store)
+                try:
+                    if not self._stopping.is_set():
+                        # tells the publisher's watcher, for the case it does not know (an idle
+                        # time-out): its next publication re-forms instead of failing on us first
+                        note_join(store)
+                except RuntimeError as gone:  # the store is gone: the driver, and so the run, has ended
+                    log.info("weight-sync rendezvous closed: %s", str(gone))
+                    return
             group = control = None
 
     def _serve(self, store, group, control, layouts: dict[int, list]) -> None:

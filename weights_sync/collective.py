@@ -31,7 +31,7 @@ demand would hold between publications).
 Membership changes reach the publisher's watcher thread through the store's `events` queue
 (`weights_sync.membership`), off the publication's path: a join makes the next publication
 re-form the group first; an engine that closes asks the watcher to drop the group, which fails
-its pending header receive (gloo cannot abort a pending receive from the receiving side), and
+its pending receives (gloo cannot abort a pending receive from the receiving side), and
 the other members ask for the next generation. On CUDA the data goes over NCCL and the header
 over a gloo group of the same generation: an idle NCCL receive would trip NCCL's watchdog.
 """

@@ -28,11 +28,12 @@ Store keys:
   g<G>/size        set by the publisher when G stops taking tickets: 1 + the tickets taken by then
   g<G>/pg/...      generation G's process-group rendezvous (`g<G>/ctl/...`: its gloo control
                    group on CUDA)
-  layout-<id>      a bucket layout (`weights_sync.collective`), written once per new layout
+  layout-<id>      a bucket layout (`weights_sync.buckets`), written once per new layout
+  layout           the current layout's id: a generation's members post receives for it
 
-A member waits for the next publication inside its generation's group (a pre-posted broadcast of
-a small header, `weights_sync.collective`), so nothing on the store lies on a publication's
-path. The publisher ends a generation by dropping its group: closing its connections fails the
+A member waits for the next publication inside its generation's group (on CPU the next
+version's receives stay posted, `weights_sync.collective`), so nothing on the store lies on a
+publication's path. The publisher ends a generation by dropping its group: closing its connections fails the
 members' pending receives at once, and they ask for the next generation. A publisher that dies
 ends it the same way, through the kernel.
 """

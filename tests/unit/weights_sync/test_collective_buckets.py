@@ -99,7 +99,7 @@ def test_a_version_still_held_is_never_overwritten_by_later_ones():
 
 
 def test_an_idle_engine_waits_in_the_group_and_is_released_by_a_new_generation_and_by_close():
-    """No store on a publication's path: the receiver waits in a posted header broadcast (for
+    """No store on a publication's path: the receiver waits in the next version's posted receives (for
     `IDLE_CHECK_S`, ten minutes), which only the group's end releases. A new generation and
     `close()` (with the publisher alive: its watcher drops the group) must each release it at once."""
     with _publisher_and_engine() as (publisher, engine):

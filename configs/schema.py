@@ -458,6 +458,9 @@ class SftConfig:
     """Share of reference conversations given a thinking budget below their first thought's length:
     stated in the system message, the thought cut there and closed with `</think>` (the others get
     a budget drawn from `rollout.budget`, or none)."""
+    drill_rows: int = 0
+    """Rows of single-digit arithmetic facts (`7 + 5 = 12` lines, trained on the results) added to each SFT
+    batch: what a pretrained model knows and a random-init preset does not (`warmstart/drills.py`)."""
     cache: bool = True
     """Reuse a warm start (preset + SFT + MTP heads) cached under `$ESTUARY_CACHE/warm_start`, keyed by
     everything that determines it (`estuary/warm_start.py`); false: always rebuild."""
@@ -467,6 +470,7 @@ class SftConfig:
         _positive("sft", "copy_steps", self.copy_steps, allow_zero=True)
         _positive("sft", "copy_length", self.copy_length)
         _positive("sft", "copy_lr", self.copy_lr)
+        _positive("sft", "drill_rows", self.drill_rows, allow_zero=True)
 
 
 @dataclass

@@ -6,8 +6,11 @@ word problems and larger equations); `kinds=[...]` picks families by name (`arit
 difficulty 0 that needs only a digit's successor, carries included, and copying; `largest`: the
 largest of 3-5 numbers, comparing place values; a name given twice is drawn twice as often). A dataset
 row has `problem` and `answer` (a GSM8K `... #### 72` answer, a number, or MATH LaTeX, possibly
-`\\boxed{}`) and an optional `solution`. The reward is answer equivalence by math-verify
-(thread-safe here), 1 or 0; hedged answers (several candidates), unevaluated ones (`5 + 9` for
+`\\boxed{}`) and an optional `solution`. With `quote=true` a sum's reference thought quotes the
+problem and boxes the result (`Compute 5 + 9 = \\boxed{14}` for `5 + 9 = 14`): a tiny policy
+copies operands it has just quoted, and the answer's `\\boxed{` copies the thought's (README,
+"Arithmetic drills"); it is the form `sft.drill_rows` drills. The reward is answer equivalence
+by math-verify (thread-safe here), 1 or 0; hedged answers (several candidates), unevaluated ones (`5 + 9` for
 a number) and ones that expand to something huge score 0 (`rewards.math`).
 """
 
@@ -22,6 +25,7 @@ from rewards.math import boxed_contents, grade_math
 
 INSTRUCTION = "Think briefly, then give the final answer as \\boxed{...}."
 _BOXED = re.compile(r"\\boxed\{")
+_SUM = re.compile(r"(-?\d+ [+-] -?\d+) = (-?\d+)")
 
 
 def _ranges(difficulty: int) -> int:
@@ -108,8 +112,9 @@ class MathEnv(TextEnv):
 
     description = "arithmetic, algebra and word problems (generated, or GSM8K/MATH JSONL); math-verify reward"
 
-    def __init__(self, *args: Any, kinds: list[str] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, kinds: list[str] | None = None, quote: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.quote = quote
         unknown = sorted(set(kinds or ()) - set(KINDS))
         if unknown:
             raise ValueError(f"estuary/math: unknown kinds {unknown}; choose from {sorted(KINDS)}")
@@ -124,6 +129,9 @@ class MathEnv(TextEnv):
             kind = _KINDS[rng.randrange(len(_KINDS))] if self.difficulty > 0 else rng.choice(
                 (_arithmetic, _arithmetic, _word))
         problem, answer, work = kind(rng, self.difficulty)
+        if self.quote and (one := _SUM.fullmatch(work)):  # a one-step sum: quoted, its result boxed
+            quoted = "Compute " if problem.startswith("Compute ") else ""
+            work = f"{quoted}{one.group(1)} = \\boxed{{{one.group(2)}}}"
         return Task(prompt=f"{problem} {INSTRUCTION}", answer=str(answer), data={"work": work})
 
     def check_row(self, row: dict[str, Any], index: int) -> dict[str, Any]:

@@ -8,7 +8,8 @@ operand and the operator match the prompt's, how often `c` is the true value of 
 operands (a fact the policy knows), and how often the boxed answer repeats `c`. Pass rates alone
 cannot say whether a policy fails at copying, at arithmetic or at answering. It also prints
 pass@1 per problem kind, and for `largest` problems how often the answer is one of the listed
-numbers (guessing one of them is right 1 time in 3-5).
+numbers (guessing one of them is right 1 time in 3-5). Last, how many of the 200 single-digit facts
+the policy's thought states right when led through the reference thought up to the result.
 """
 
 from __future__ import annotations
@@ -58,6 +59,30 @@ def tally(prompt_and_response: str, counts: Counter) -> None:
     counts["boxed answer repeats c"] += bool(boxed) and boxed[-1] == c
 
 
+def facts_known(policy, env_cfg) -> int:
+    """Of the 200 single-digit facts, how many the policy's thought states right: teacher-forced
+    through the reference thought (`Compute a op b = \\boxed{`), the result's tokens taken greedily."""
+    import torch
+
+    from environments import env_factory
+
+    env, tok, found, right = env_factory(env_cfg)(), policy.tokenizer, {}, 0
+    for seed in range(20_000):  # one prompt per fact, in the environment's own words
+        env.reset(seed=seed)
+        problem = _PROBLEM.match(env.task.prompt)
+        if problem and int(problem.group(1)) < 10 and int(problem.group(3)) < 10:
+            found.setdefault(problem.groups(), env.task.prompt)
+    for (a, op, b), prompt in found.items():
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       tokenize=False) + f"<think>Compute {a} {op} {b} = \\boxed{{"
+        ids = tok.encode(text, add_special_tokens=False)
+        result = tok.encode(str(int(a) + int(b) if op == "+" else int(a) - int(b)), add_special_tokens=False)
+        with torch.no_grad():
+            logits = policy.model(torch.tensor([ids + result])).logits[0, len(ids) - 1: -1]
+        right += bool((logits.argmax(-1) == torch.tensor(result)).all())
+    return right
+
+
 def main() -> None:
     from configs import load_config
     from environments import env_factory
@@ -94,6 +119,7 @@ def main() -> None:
                 "operator copied", "second operand copied", "c is a op b (a true fact)", "boxed answer repeats c",
                 *sorted(k for k in counts if ": " in k)):
         print(f"{key:36s} {counts[key]}")
+    print(f"{'facts stated right (of 200)':36s} {facts_known(policy, env)}")
 
 
 if __name__ == "__main__":

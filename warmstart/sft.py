@@ -7,6 +7,9 @@ a training seed and answered turn by turn with `reference_answer()`, the environ
 in between, so multi-turn tool use is learned as the policy will meet it. Only the assistant's
 tokens are trained on.
 
+`sft.drill_rows` adds rows of single-digit arithmetic facts to every batch (`warmstart/drills.py`):
+what a pretrained model knows and a preset written from a seed does not.
+
 Thinking budgets are shown as rollouts show them: a conversation's budget is stated in its system
 message (`rollout.budget.with_budget`) and every thought longer than it is cut there and closed
 with `</think>`, the answer following, as budget control would force it. As in Nemotron's
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from configs.schema import EnvironmentConfig, SftConfig
 from environments import env_factory
 from rollout.budget import draw_budget, with_budget
+from warmstart.drills import drill_row
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.S)
 MICRO_ROWS = 8  # rows per length-sorted micro-batch (batch 16 on 2 cores: 0.62 s/step, 0.77 as one padded batch)
@@ -157,6 +161,7 @@ def run_sft(policy_dir: str | Path, cfg: SftConfig, envs: dict[str, EnvironmentC
     losses = []
     for step in range(cfg.steps):
         batch = rng.sample(rows, min(cfg.batch_size, len(rows)))
+        batch += [drill_row(tok, rng) for _ in range(cfg.drill_rows)]
         for group in opt.param_groups:  # linear decay to 10%: the last steps settle the policy
             group["lr"] = cfg.lr * (1 - 0.9 * step / max(1, cfg.steps))
         opt.zero_grad(set_to_none=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -299,6 +300,23 @@ def test_math_kinds_pick_problem_families_and_count_on_steps_by_one_or_ten():
     assert any("has" in p for p in prompts) and any(p.startswith("Compute") for p in prompts)
     with pytest.raises(ValueError, match="unknown kinds \\['nope'\\]; choose from"):
         environments.make("estuary/math", kinds=["nope"])
+
+
+def test_math_quote_quotes_a_sum_and_boxes_its_result_and_changes_nothing_else():
+    plain, quoted = environments.make("estuary/math"), environments.make("estuary/math", quote=True)
+    forms = set()
+    for seed in range(40):
+        first, second = plain.reset(seed=seed)[0], quoted.reset(seed=seed)[0]
+        assert first == second and plain.unwrapped.task.answer == quoted.unwrapped.task.answer
+        before = plain.unwrapped.reference_answer()
+        after = quoted.unwrapped.reference_answer()
+        a, op, b, c = re.fullmatch(r"<think>(\d+) ([+-]) (\d+) = (-?\d+)</think>\n.*", before, re.S).groups()
+        quote = "Compute " if first[-1]["content"].startswith("Compute") else ""
+        assert after == before.replace(f"{a} {op} {b} = {c}", f"{quote}{a} {op} {b} = \\boxed{{{c}}}")
+        forms.add(quote)
+        reward, _, _ = _play(quoted, lambda e: e.reference_answer())
+        assert reward == 1.0  # the box in the thought is not graded: the answer after `</think>` is
+    assert forms == {"", "Compute "}  # both arithmetic and word problems were seen
 
 
 def test_math_largest_asks_for_the_largest_listed_number_and_pays_only_for_it():

@@ -116,3 +116,30 @@ def test_single_turn_references_are_not_scored(monkeypatch):
     monkeypatch.setattr(env, "step", lambda *a, **k: (_ for _ in ()).throw(AssertionError("scored")))
     ids, mask = reference_conversation(env, tok, seed=1, rng=random.Random(0), cut=0.0)
     assert "def " in tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+
+
+def _arithmetic_thought(a: int, op: str, b: int) -> str:
+    """The math environment's reference thought for `Compute a op b.` (difficulty 0, quoted)."""
+    env = env_factory(EnvironmentConfig(id="estuary/math", kwargs={"kinds": ["arithmetic"], "quote": True}))()
+    for seed in range(5000):
+        env.reset(seed=seed)
+        if env.task.prompt.startswith(f"Compute {a} {op} {b}."):
+            return env.reference_answer().split("<think>")[1].split("</think>")[0]
+    raise AssertionError(f"no seed below 5000 draws Compute {a} {op} {b}.")
+
+
+def test_drill_rows_state_true_facts_and_train_only_their_results():
+    from warmstart.drills import drill_row
+
+    tok = build_tokenizer()
+    ids, mask = drill_row(tok, random.Random(3), facts=50)
+    lines = tok.decode(ids).strip().split("\n")
+    assert len(lines) == 50
+    results = []
+    for line in lines:  # written as the quoting math environment's reference thought writes a sum
+        a, op, b, result = re.fullmatch(r"Compute (\d) ([+-]) (\d) = \\boxed\{(-?\d+)\}", line).groups()
+        assert int(result) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+        assert _arithmetic_thought(int(a), op, int(b)) == line
+        results.append(result + "}")
+    trained = tok.decode([i for i, m in zip(ids, mask, strict=True) if m]).strip().split("\n")
+    assert trained == results  # the results (with the closing brace and line break) only

@@ -1,0 +1,42 @@
+"""Arithmetic drills: the single-digit facts a pretrained model knows, for a random-init policy.
+
+    ids, mask = drill_row(tokenizer, rng, facts=20)   # "Compute 7 + 5 = \\boxed{12}\n..." trained on results
+
+A real post-training run starts from a model that can add; a tiny preset written from a seed
+cannot, and the quick start's SFT shows each of the 200 single-digit facts (operands 0-9, `+`
+and `-`) about eight times in 400 steps, which left the policy's sums at chance (README: "Why
+math guesses"). Copy pretraining is the wrong place for them: spread through it, facts kept the
+copy circuit from forming, and learned before SFT they did not survive it. So SFT batches carry
+drill rows to the end (`sft.drill_rows`), lines of facts trained on their results only.
+
+The lines are written as the math environment's reference thought writes a sum with
+`environments.math.kwargs.quote=true` (`Compute 7 + 5 = \\boxed{12}`): a fact is recalled in
+the context it was learned in. Drilled as bare `7 + 5 = 12` lines, the policy got 150 of the
+200 right in that form and 14 in the quoted thought (teacher-forced, greedy). They are facts,
+not problems: no prompt, seed, budget or answer turn appears in them, and the held-out problems
+are drawn as before.
+"""
+
+from __future__ import annotations
+
+import random
+
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b}
+
+
+def fact(rng: random.Random, hi: int = 9) -> tuple[str, str]:
+    """One fact as (`"a op b = "`, `"c"`): operands 0..hi, `+` or `-`."""
+    a, b, op = rng.randint(0, hi), rng.randint(0, hi), rng.choice("+-")
+    return f"Compute {a} {op} {b} = \\boxed{{", f"{OPS[op](a, b)}}}"
+
+
+def drill_row(tokenizer, rng: random.Random, facts: int = 20) -> tuple[list[int], list[int]]:
+    """(token ids, mask with 1 on each fact's result and its line break) of `facts` lines."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for _ in range(facts):
+        left, right = fact(rng)
+        head = tokenizer.encode(left, add_special_tokens=False)
+        tail = tokenizer.encode(right + "\n", add_special_tokens=False)
+        ids, mask = ids + head + tail, mask + [0] * len(head) + [1] * len(tail)
+    return ids, mask

@@ -9,7 +9,7 @@ row has `problem` and `answer` (a GSM8K `... #### 72` answer, a number, or MATH 
 `\\boxed{}`) and an optional `solution`. With `quote=true` a sum's reference thought quotes the
 problem and boxes the result (`Compute 5 + 9 = \\boxed{14}` for `5 + 9 = 14`): a tiny policy
 copies operands it has just quoted, and the answer's `\\boxed{` copies the thought's (README,
-"Arithmetic drills"); it is the form `sft.drill_rows` drills. The reward is answer equivalence
+"Session 30"); it is the form `sft.drill_rows` drills. The reward is answer equivalence
 by math-verify (thread-safe here), 1 or 0; hedged answers (several candidates), unevaluated ones (`5 + 9` for
 a number) and ones that expand to something huge score 0 (`rewards.math`).
 """

@@ -59,9 +59,10 @@ def tally(prompt_and_response: str, counts: Counter) -> None:
     counts["boxed answer repeats c"] += bool(boxed) and boxed[-1] == c
 
 
-def facts_known(policy, env_cfg) -> int:
-    """Of the 200 single-digit facts, how many the policy's thought states right: teacher-forced
-    through the reference thought (`Compute a op b = \\boxed{`), the result's tokens taken greedily."""
+def facts_known(policy, env_cfg) -> tuple[int, int]:
+    """(right, asked): of the single-digit facts the environment asks about, how many the policy's
+    thought states right, teacher-forced through the quoted reference thought (`Compute a op b =
+    \\boxed{`) with the result's tokens taken greedily (0 of 0 for kinds without such sums)."""
     import torch
 
     from environments import env_factory
@@ -73,14 +74,17 @@ def facts_known(policy, env_cfg) -> int:
         if problem and int(problem.group(1)) < 10 and int(problem.group(3)) < 10:
             found.setdefault(problem.groups(), env.task.prompt)
     for (a, op, b), prompt in found.items():
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+        head = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                        tokenize=False) + f"<think>Compute {a} {op} {b} = \\boxed{{"
-        ids = tok.encode(text, add_special_tokens=False)
-        result = tok.encode(str(int(a) + int(b) if op == "+" else int(a) - int(b)), add_special_tokens=False)
+        result = str(int(a) + int(b) if op == "+" else int(a) - int(b))
+        # encoded whole, as the policy writes it: `{-` of a negative result is one token
+        line = tok(head + result + "}", add_special_tokens=False, return_offsets_mapping=True)
+        ids = torch.tensor([line["input_ids"]])
+        first = next(i for i, (_, end) in enumerate(line["offset_mapping"]) if end > len(head))
         with torch.no_grad():
-            logits = policy.model(torch.tensor([ids + result])).logits[0, len(ids) - 1: -1]
-        right += bool((logits.argmax(-1) == torch.tensor(result)).all())
-    return right
+            logits = policy.model(ids).logits[0, first - 1: -2]  # predicts the result's tokens
+        right += bool((logits.argmax(-1) == ids[0, first:-1]).all())
+    return right, len(found)
 
 
 def main() -> None:
@@ -119,7 +123,8 @@ def main() -> None:
                 "operator copied", "second operand copied", "c is a op b (a true fact)", "boxed answer repeats c",
                 *sorted(k for k in counts if ": " in k)):
         print(f"{key:36s} {counts[key]}")
-    print(f"{'facts stated right (of 200)':36s} {facts_known(policy, env)}")
+    right, asked = facts_known(policy, env)
+    print(f"{'facts stated right':36s} {right} of {asked}")
 
 
 if __name__ == "__main__":

@@ -25,18 +25,21 @@ OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b}
 
 
 def fact(rng: random.Random, hi: int = 9) -> tuple[str, str]:
-    """One fact as (`"a op b = "`, `"c"`): operands 0..hi, `+` or `-`."""
+    """One fact as (`"Compute a op b = \\boxed{"`, `"c}"`): operands 0..hi, `+` or `-`."""
     a, b, op = rng.randint(0, hi), rng.randint(0, hi), rng.choice("+-")
     return f"Compute {a} {op} {b} = \\boxed{{", f"{OPS[op](a, b)}}}"
 
 
 def drill_row(tokenizer, rng: random.Random, facts: int = 20) -> tuple[list[int], list[int]]:
-    """(token ids, mask with 1 on each fact's result and its line break) of `facts` lines."""
+    """(token ids, mask with 1 on each fact's result, closing brace and line break) of `facts` lines.
+
+    Each line is encoded whole, as the thought is: the tokenizer merges `{-` of a negative result
+    into one token, which encoding the two parts apart would never show the policy."""
     ids: list[int] = []
     mask: list[int] = []
     for _ in range(facts):
         left, right = fact(rng)
-        head = tokenizer.encode(left, add_special_tokens=False)
-        tail = tokenizer.encode(right + "\n", add_special_tokens=False)
-        ids, mask = ids + head + tail, mask + [0] * len(head) + [1] * len(tail)
+        line = tokenizer(left + right + "\n", add_special_tokens=False, return_offsets_mapping=True)
+        ids += line["input_ids"]
+        mask += [int(end > len(left)) for _, end in line["offset_mapping"]]  # tokens reaching into the result
     return ids, mask

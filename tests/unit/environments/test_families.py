@@ -317,6 +317,11 @@ def test_math_quote_quotes_a_sum_and_boxes_its_result_and_changes_nothing_else()
         reward, _, _ = _play(quoted, lambda e: e.reference_answer())
         assert reward == 1.0  # the box in the thought is not graded: the answer after `</think>` is
     assert forms == {"", "Compute "}  # both arithmetic and word problems were seen
+    for kwargs in ({"kinds": ["algebra"]}, {"kinds": ["largest"]}, {"kinds": ["arithmetic"], "difficulty": 2}):  # no one-step sums
+        plain, quoted = environments.make("estuary/math", **kwargs), environments.make("estuary/math", quote=True, **kwargs)
+        for seed in range(20):
+            plain.reset(seed=seed), quoted.reset(seed=seed)
+            assert plain.unwrapped.reference_answer() == quoted.unwrapped.reference_answer()
 
 
 def test_math_largest_asks_for_the_largest_listed_number_and_pays_only_for_it():

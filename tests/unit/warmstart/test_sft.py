@@ -134,12 +134,13 @@ def test_drill_rows_state_true_facts_and_train_only_their_results():
     tok = build_tokenizer()
     ids, mask = drill_row(tok, random.Random(3), facts=50)
     lines = tok.decode(ids).strip().split("\n")
-    assert len(lines) == 50
-    results = []
+    assert len(lines) == 50 and any("{-" in line for line in lines)  # negative results are drilled too
+    expected, trained = [], []
     for line in lines:  # written as the quoting math environment's reference thought writes a sum
         a, op, b, result = re.fullmatch(r"Compute (\d) ([+-]) (\d) = \\boxed\{(-?\d+)\}", line).groups()
         assert int(result) == (int(a) + int(b) if op == "+" else int(a) - int(b))
         assert _arithmetic_thought(int(a), op, int(b)) == line
-        results.append(result + "}")
-    trained = tok.decode([i for i, m in zip(ids, mask, strict=True) if m]).strip().split("\n")
-    assert trained == results  # the results (with the closing brace and line break) only
+        expected += tok.encode(line + "\n", add_special_tokens=False)  # the tokens the thought has (`{-` is one)
+        trained.append(("{" if result.startswith("-") else "") + result + "}")  # `{-` is trained whole
+    assert ids == expected
+    assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]).strip().split("\n") == trained

@@ -74,6 +74,15 @@ class _Judging:
     future: Future | None = None
 
 
+def _may_continue(ep: Episode) -> bool:
+    """Whether the turn about to be generated can have a next one. A kept sample holds its engine
+    slot until its environment has answered: kept on a last turn (every turn of a single-turn
+    environment), finished samples held half the slots of a code round and the decode batch fell
+    from 21 to 12 (`TextEnv.max_turns`; an environment without one may always continue)."""
+    max_turns = getattr(getattr(ep.env, "unwrapped", ep.env), "max_turns", None)
+    return not isinstance(max_turns, int) or ep.turns + 1 < max_turns
+
+
 class _WholeCalls:
     """The step-wise API over an engine that only has `generate`: one call per step for what is queued."""
 
@@ -149,7 +158,7 @@ class TurnScheduler:
 
     def _turn_params(self, n: int, ep: Episode) -> SamplingParams:
         params = turn_params(self.params, n, self.routing, ep, self.max_len)
-        return dataclasses.replace(params, keep_state=self.continues)
+        return dataclasses.replace(params, keep_state=self.continues and _may_continue(ep))
 
     def _submit(self, group: _Open, eps: list[Episode], request: Request) -> None:
         self._requests[request.request_id] = (group, eps, time.monotonic())
@@ -181,9 +190,10 @@ class TurnScheduler:
             self._finish(ep, group)
             return
         extend(ep, ids, PROMPT)
-        if self.continues:  # only the new tokens; the kept state holds the rest (ownership moves with it)
-            request = Request(ids, self._turn_params(1, ep), parent=self._handles.pop(id(ep)))
-        else:
+        parent = self._handles.pop(id(ep), None)
+        if parent is not None:  # only the new tokens; the kept state holds the rest (ownership moves with it)
+            request = Request(ids, self._turn_params(1, ep), parent=parent)
+        else:  # no kept state (or an environment went past its `max_turns`): the whole conversation
             request = Request(list(ep.tokens), self._turn_params(1, ep))
         self._submit(group, [ep], request)
 

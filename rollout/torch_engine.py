@@ -90,6 +90,13 @@ class TorchEngine:
         self.stats = {"drafted": 0, "accepted": 0, "steps": 0}
         # drafts only while few sequences are active (-1: the crossover measured as it runs)
         self.governor = DraftGovernor(draft_max_batch)
+        # What a step costs, for the governor: on a CPU the engine thread's own CPU time. Wall time
+        # there counts the waits for the GIL while environment threads judge (and a learner's
+        # process on the same cores): in a streaming code round it read plain steps 2-3x dearer
+        # than their compute and drafted at batch 8-32, where drafts cost CPU (0.18 -> 0.25 CPU s
+        # per 1k tokens). With more than one intra-op thread it counts the engine thread's share, alike
+        # for both modes (a rollout worker runs one: `rollout.cpus_per_worker`). On a GPU wall time is the cost.
+        self._clock = time.thread_time if self.device.type == "cpu" else time.perf_counter
         self._drafted_last: bool | None = None  # the previous step's mode
 
     # -- weights ------------------------------------------------------------------------------
@@ -223,7 +230,7 @@ class TorchEngine:
         # left for a speculative step; a switch on emits tokens without a forward pass): only
         # steps in the same mode as the one before are measured.
         steady, self._drafted_last = draft == self._drafted_last, draft
-        start, before = (time.perf_counter(), sum(len(s.tokens) for s in active)) if self.mtp_steps else (0.0, 0)
+        start, before = (self._clock(), sum(len(s.tokens) for s in active)) if self.mtp_steps else (0.0, 0)
         if self.mtp_steps and not draft:  # plain steps: feed the tokens left for a speculative step
             waiting = [s for s in active if s.pending is not None]
             for seq in waiting:
@@ -246,7 +253,7 @@ class TorchEngine:
                 self.free.append(seq.slot)
         if self.mtp_steps and steady:
             emitted = sum(len(s.tokens) for s in active) - before
-            self.governor.record(len(active), draft, time.perf_counter() - start, emitted)
+            self.governor.record(len(active), draft, self._clock() - start, emitted)
         return finished
 
     def _sample_step(self, active: list[_Seq], draft: bool = False) -> list[_Seq]:

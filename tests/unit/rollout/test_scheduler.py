@@ -175,3 +175,31 @@ def test_stopping_early_leaves_the_engine_clean(policy):
     got = _run(engine, policy.tokenizer, prompts, group_size=2, on_group=lambda group: False)
     assert len(got) == 1  # the first finished group said stop: the others are dropped
     assert len(engine.free) == 8 and not engine.has_work()
+
+
+def test_only_turns_that_can_go_on_keep_engine_state(policy):
+    """A last turn (every turn of a single-turn environment) frees its slot when it ends instead of
+    holding it until judged; the turns before it keep their state for the next turn's tokens only."""
+    engine = TorchEngine(policy, max_batch=8, max_len=512, seed=0)
+    submitted, held = [], []
+    submit, step = engine.submit, engine.step
+
+    def record(request):
+        submitted.append((request.params.keep_state, request.parent is not None))
+        submit(request)
+
+    def step_and_count():
+        out = step()
+        # slots held by finished samples while their turn is judged
+        held.append(engine.max_batch - len(engine.free) - len(engine._active))
+        return out
+
+    engine.submit, engine.step = record, step_and_count
+    got = _run(engine, policy.tokenizer, [_prompt("estuary/math", 1), _prompt("estuary/math", 2)], group_size=2)
+    assert len(got) == 2 and submitted == [(False, False)] * 2 and max(held) == 0
+    submitted.clear()
+    got = _run(engine, policy.tokenizer, [_prompt("test/scripted-tool-use", 1)], group_size=2)
+    assert got[0][1].metadata["turns"] == [3, 3]
+    # the first turn for the group, then per episode a kept continuation and a last turn that is not kept
+    assert sorted(submitted) == [(False, True)] * 2 + [(True, False)] + [(True, True)] * 2
+    assert len(engine.free) == 8 and not engine.has_work()

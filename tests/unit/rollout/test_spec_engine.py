@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 
 import pytest
@@ -142,3 +143,34 @@ def test_new_weights_rebuild_the_int8_draft_copies(peaky):
 def test_an_unknown_draft_dtype_is_refused(peaky):
     with pytest.raises(EngineError, match="draft_dtype"):
         TorchEngine(peaky[0], mtp_steps=2, draft_dtype="int4")
+
+
+class Recorder(Coin):
+    """Plain steps only, recording what the engine says each one cost."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: list[float] = []
+
+    def draft(self, active: int) -> bool:
+        return False
+
+    def record(self, active, drafted, seconds, tokens) -> None:
+        self.seconds.append(seconds)
+
+
+def test_draft_governor_is_told_a_cpu_steps_compute_not_its_waits(peaky):
+    """On a CPU a step's cost is the engine thread's own CPU time: waiting (for the GIL while
+    environment threads judge, for a learner sharing the cores) must not make plain steps look dear."""
+    policy, prompt = peaky
+    engine = TorchEngine(policy, max_batch=4, max_len=64, seed=1, mtp_steps=2)
+    engine.governor = Recorder()
+    decode = engine.decoder.decode
+
+    def waits_then_decodes(*a, **k):
+        time.sleep(0.05)  # a wait, not compute
+        return decode(*a, **k)
+
+    engine.decoder.decode = waits_then_decodes
+    engine.generate([Request(prompt, SamplingParams(n=2, max_new_tokens=6, ignore_eos=True))])
+    assert len(engine.governor.seconds) >= 3 and max(engine.governor.seconds) < 0.04

@@ -132,12 +132,16 @@ def test_a_stopped_fork_server_is_killed_and_replaced():
     try:
         pool.run("pass", LIMITS)
         server = pool._servers[0]._proc.pid
+        # Stopped once the run has started: the server has sent its pid. Stopped while it set the
+        # run up (a child forked, no pid sent yet), the parent waits out SETUP_TIMEOUT_S instead:
+        # a loaded CI machine hit that window when this waited only for a child to appear.
+        started, spawn = threading.Event(), pool._servers[0].spawn
+        pool._servers[0].spawn = lambda *a: (spawn(*a), started.set())[0]
         out = {}
         worker = threading.Thread(target=lambda: out.update(r=pool.run("import time\ntime.sleep(30)",
                                                                         Limits(wall_s=1.0, cpu_s=5))))
         worker.start()
-        while not psutil.Process(server).children():
-            time.sleep(0.01)
+        assert started.wait(30)
         os.kill(server, signal.SIGSTOP)  # as a run of the same uid could, without root
         worker.join(timeout=15)
         assert not worker.is_alive() and out["r"].verdict == "timeout"

@@ -203,3 +203,21 @@ def test_only_turns_that_can_go_on_keep_engine_state(policy):
     # the first turn for the group, then per episode a kept continuation and a last turn that is not kept
     assert sorted(submitted) == [(False, True)] * 2 + [(True, False)] + [(True, True)] * 2
     assert len(engine.free) == 8 and not engine.has_work()
+
+
+def test_a_turn_without_kept_state_resends_the_whole_conversation(policy, monkeypatch):
+    """An environment that goes on past what its `max_turns` said: no state was kept for it, so the
+    next turn is the whole conversation, and its log-probs are as exact as with kept state."""
+    import rollout.scheduler as scheduler
+
+    monkeypatch.setattr(scheduler, "_may_continue", lambda ep: False)  # every turn looks like the last
+    engine = TorchEngine(policy, max_batch=8, max_len=512, seed=0)
+    got = _run(engine, policy.tokenizer, [_prompt("test/scripted-tool-use", 1)], group_size=2)
+    assert got[0][1].metadata["failed"] == [] and got[0][1].metadata["turns"] == [3, 3]
+    for s in got[0][1].samples:
+        with torch.no_grad():
+            logits = policy.model(torch.tensor(s.token_ids[None], dtype=torch.long)).logits
+        full, _ = logprobs_from_logits(logits, torch.tensor(s.token_ids[None], dtype=torch.long), 0.7)
+        own = s.loss_mask == POLICY
+        assert np.abs(full[0].numpy()[own] - s.logprobs[own]).max() < 1e-4
+    assert len(engine.free) == 8 and not engine.has_work()

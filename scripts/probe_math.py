@@ -39,8 +39,10 @@ def tally_largest(prompt_and_response: str, counts: Counter) -> None:
         counts["largest: answer is a listed number"] += boxed[-1] in listed.group(1).split(", ")
 
 
-def tally(prompt_and_response: str, counts: Counter) -> None:
-    """Count what one sample's thought got right (the text holds the prompt, then the response)."""
+def tally(prompt_and_response: str, counts: Counter, correct: bool = False) -> None:
+    """Count what one sample's thought got right (the text holds the prompt, then the response).
+    A right answer counts as reasoned when its thought states the problem's own sum, right;
+    otherwise it is a guess, which RL can only reinforce prompt by prompt."""
     counts["samples"] += 1
     problem = _PROBLEM.search(prompt_and_response)
     thought = _THOUGHT.search(prompt_and_response)
@@ -48,15 +50,21 @@ def tally(prompt_and_response: str, counts: Counter) -> None:
         return
     counts["arithmetic problems"] += 1
     if thought is None:
+        counts["right answers after a wrong thought or none"] += correct
         return
     counts["thoughts a op b = c"] += 1
     a, op, b, c = thought.groups()
+    copied = (a, op, b) == problem.groups()
+    fact = int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))
     counts["first operand copied"] += a == problem.group(1)
     counts["operator copied"] += op == problem.group(2)
     counts["second operand copied"] += b == problem.group(3)
-    counts["c is a op b (a true fact)"] += int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    counts["c is a op b (a true fact)"] += fact
+    counts["thought right (copied, true)"] += copied and fact
     boxed = _BOXED.findall(prompt_and_response[thought.end():])
     counts["boxed answer repeats c"] += bool(boxed) and boxed[-1] == c
+    counts["right answers after a right thought"] += correct and copied and fact
+    counts["right answers after a wrong thought or none"] += correct and not (copied and fact)
 
 
 def facts_known(policy, env_cfg) -> tuple[int, int]:
@@ -117,10 +125,12 @@ def main() -> None:
             kind = kind_of(text)
             counts[f"{kind}: samples"] += 1
             counts[f"{kind}: correct"] += correct
-            tally(text, counts)
+            tally(text, counts, correct)
             tally_largest(text, counts)
     for key in ("samples", "correct", "arithmetic problems", "thoughts a op b = c", "first operand copied",
-                "operator copied", "second operand copied", "c is a op b (a true fact)", "boxed answer repeats c",
+                "operator copied", "second operand copied", "c is a op b (a true fact)", "thought right (copied, true)",
+                "boxed answer repeats c", "right answers after a right thought",
+                "right answers after a wrong thought or none",
                 *sorted(k for k in counts if ": " in k)):
         print(f"{key:36s} {counts[key]}")
     right, asked = facts_known(policy, env)

@@ -29,7 +29,8 @@ Message = dict[str, str]
 
 MAX_TEXT = 1 << 24  # characters: 1M-token long-context prompts fit
 
-# Verdicts that mean the answer went for the grader rather than the task (each scores 0). Rollout
+# Verdicts that mean the answer went for the grader rather than the task (each scores 0, with no
+# shaping bonus: below an honest wrong answer). Rollout
 # workers count them per environment, so a policy drifting toward the grader's edges shows.
 HACK_VERDICTS = frozenset({
     "bad_result", "escaped_exception", "exited", "protocol_violation",  # code (isolated_tests)
@@ -179,6 +180,10 @@ class TextEnv(gym.Env, abc.ABC):
                 thinking_budget=gen.thinking_budget, truncated=gen.truncated, extra=result.detail,
             )
             reward, parts = combine(self.reward_specs, ctx)
+            if info["verdict"] in HACK_VERDICTS:  # no bonus for an answer that went for the grader:
+                # it must score below an honest wrong answer (which earns the format bonus), not level
+                reward -= sum(v for k, v in parts.items() if k != "correct" and v > 0)
+                parts = {k: v if k == "correct" or v <= 0 else 0.0 for k, v in parts.items()}
             if result.penalty:
                 parts["penalty"] = -result.penalty
                 reward -= result.penalty

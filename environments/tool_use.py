@@ -191,8 +191,8 @@ class ToolUseEnv(TextEnv):
         try:
             call = json.loads(calls[0])
             reply = self.call_tool(call["name"], dict(call.get("arguments", {})))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, SyntaxError,
-                ZeroDivisionError, OverflowError, AttributeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, SyntaxError,  # RecursionError: a call
+                ZeroDivisionError, OverflowError, AttributeError, RecursionError) as e:  # nested 1000 deep
             self.malformed += 1
             reply = f"error: malformed tool call ({type(e).__name__}: {e})"
         message = {"role": "tool", "content": f"<tool_response>{reply}</tool_response>"}

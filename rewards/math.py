@@ -81,8 +81,24 @@ def _hedged(answer: str, gold: str) -> bool:
     return bool(_TEXT_ALTERNATIVES.search(answer))
 
 
+MAX_NESTING = 32  # brackets deeper than this are no honest answer: `((((...1))))` kept a helper busy 5 s
+
+
+def _nesting(answer: str) -> int:
+    depth = deepest = 0
+    for ch in answer:
+        if ch in "({[":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")}]":
+            depth = max(0, depth - 1)
+    return deepest
+
+
 def _too_large(answer: str) -> bool:
     if _TOWER.search(answer) or _BIG_EXPONENT.search(answer) or _BIG_FACTORIAL.search(answer):
+        return True
+    if _nesting(answer) > MAX_NESTING:
         return True
     # A factorial of a bracketed group that holds a power: (10^{9})!
     for match in re.finditer(r"[)}]\s*!", answer):

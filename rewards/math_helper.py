@@ -29,6 +29,7 @@ import select
 import subprocess
 import sys
 import threading
+from fractions import Fraction
 from pathlib import Path
 
 MAX_HELPERS = max(1, min(4, os.cpu_count() or 1))
@@ -52,7 +53,9 @@ def value_verdict(extracted: str, gold_is_integer: bool) -> str | None:
     """None if `extracted` (math-verify's extracted answer) states a plain number, else
     `unevaluated` (an expression) or `hedged` (several numbers)."""
     value = _WRAPPED_NUMBER.sub(r"\1", extracted.rsplit("=", 1)[-1])
-    if _SPACED_DIGITS.search(value):
+    # A decoration between digits parts two numbers as a space does: `9^\circ 8` lost its degree
+    # sign to math-verify, which then added 9 and 8 (a restated sum paid). `{,}` joins a number.
+    if _SPACED_DIGITS.search(_DECORATION.sub(lambda m: "" if m.group(0) == "{,}" else " ", value)):
         return "hedged"
     value = _DECORATION.sub("", value).strip("()")
     if _PLAIN.fullmatch(value) or (not gold_is_integer and _FRACTION.fullmatch(value)):
@@ -60,6 +63,26 @@ def value_verdict(extracted: str, gold_is_integer: bool) -> str | None:
     if _OPERATOR.search(value.lstrip("-+")):
         return "unevaluated"
     return "hedged" if len(re.findall(r"\d+", value)) > 1 else "unevaluated"
+
+
+def graded_as_written(parsed: object, extracted: str) -> bool:
+    """Whether math-verify's value of a plain-number answer (`value_verdict` passed it) is the number
+    written: a decoration it drops must not make two numbers one it computes. Percentages (which it
+    scales) and values that are not numbers (an equation's, say) are left to `verify`."""
+    if "%" in extracted or not getattr(parsed, "is_Number", False):
+        return True
+    value = _DECORATION.sub("", _WRAPPED_NUMBER.sub(r"\1", extracted.rsplit("=", 1)[-1])).strip("()")
+    if _PLAIN.fullmatch(value):
+        written = Fraction(value.replace(",", ""))
+    elif _FRACTION.fullmatch(value):
+        top, bottom = (int(n) for n in re.findall(r"\d+", value))
+        written = Fraction(-top if value.startswith("-") else top, bottom or 1)
+    else:
+        return True
+    try:
+        return abs(float(parsed) - float(written)) <= 1e-9 * max(1.0, abs(float(written)))
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 class _Helper:
@@ -168,6 +191,8 @@ def _serve() -> None:
             verdict = None
             if gold_parsed and pred_parsed and getattr(gold_parsed[0], "is_Number", False):
                 verdict = value_verdict(str(pred_parsed[-1]), bool(gold_parsed[0].is_Integer))
+                if verdict is None and not graded_as_written(pred_parsed[0], str(pred_parsed[-1])):
+                    verdict = "unevaluated"
             if verdict is None:
                 ok = bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None))
                 verdict = "correct" if ok else "wrong"

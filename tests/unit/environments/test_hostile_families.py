@@ -36,6 +36,13 @@ MATH_HACKS = {  # answer -> verdict, against the gold answer 72
     r"\boxed{(0} $70+2$": "wrong",                          # a broken box, then the restated sum
     r"\boxed{70 2}": "hedged",                              # math-verify adds spaced numbers
     r"\boxed{70\,2}": "hedged",
+    r"\boxed{70^\circ 2}": "hedged",                       # paid 1 before: the degree sign dropped,
+    r"\boxed{70^{\circ}2}": "hedged",                      # then the numbers added
+    r"\boxed{(70^\circ 2)}": "hedged",
+    r"\boxed{70\text{}^\circ 2}": "hedged",
+    r"\boxed{70 \text{ apples}^\circ 2}": "hedged",
+    r"\boxed{1}. The final answer is $70^\circ 2$.": "hedged",
+    r"\boxed{70\%2}": "hedged",
     r"\boxed{\lvert -72 \rvert}": "unevaluated",
     "70 + 2 =": "unevaluated",                                # the value left for math-verify to find
     r"\boxed{} 70 + 2": "unevaluated",
@@ -70,6 +77,40 @@ def test_math_honest_answers_still_pay():
                          (r"\boxed{3 \text{ or } 4}", r"3 \text{ or } 4"), (r"\boxed{\pm 3}", r"\pm 3"),
                          (r"\boxed{[0, 1]}", "[0, 1]")]:
         assert grade_math(answer, gold) == (True, "correct"), (answer, gold)
+
+
+def test_math_verify_must_grade_the_number_written():
+    """Behind the decoration checks: where an answer passes as a plain number, math-verify's value
+    must be that number (a decoration it drops once joined 9 and 8 into 17)."""
+    import sympy
+
+    from rewards.math_helper import graded_as_written
+
+    assert not graded_as_written(sympy.Integer(17), r"9^\circ 8")
+    assert not graded_as_written(sympy.Integer(17), "98")
+    for value, written in [(sympy.Integer(72), r"72 \text{ apples}"), (sympy.Integer(1200), r"1{,}200"),
+                           (sympy.Rational(1, 2), r"\frac{1}{2}"), (sympy.Float(0.1), "0.1"),
+                           (sympy.Integer(-72), "-72"), (sympy.Rational(18, 100), r"18\%"),
+                           (sympy.Eq(sympy.Symbol("x"), 72), "x = 72")]:
+        assert graded_as_written(value, written), written
+
+
+def test_deeply_nested_math_answer_is_too_large_at_once():
+    start = time.monotonic()  # it held a math-verify helper for its whole 5 s before
+    assert grade_math("\\boxed{" + "(" * 900 + "1" + ")" * 900 + "}", "72") == (False, "too_large")
+    assert time.monotonic() - start < 1.0
+    assert grade_math(r"\boxed{((2 + 3) \cdot (4 + 5))}", "45")[1] != "too_large"
+
+
+def test_a_hack_earns_no_shaping_bonus():
+    env = environments.make("estuary/math", difficulty=0, rewards=["format"])
+    env.reset(seed=3)
+    gold = int(env.task.answer)
+    _, honest, _, _, _ = env.step(f"<think>a guess</think>\n\\boxed{{{gold + 1}}}")
+    env.reset(seed=3)
+    _, hedged, _, _, info = env.step(f"<think>a guess</think>\n\\boxed{{{gold + 1}}} \\boxed{{{gold}}}")
+    assert info["verdict"] == "hedged" and info["reward_breakdown"]["format"] == 0.0
+    assert honest == pytest.approx(0.1) and hedged == 0.0  # below an honest wrong answer, not level
 
 
 def test_math_expression_past_the_time_limit_is_too_large_and_grading_goes_on():
@@ -132,6 +173,13 @@ def test_calculator_refuses_a_power_tower_quickly(tool_env):
                                    '{"expression": "((((9**64)**64)**64)**64)**64"}}</tool_call>')
     assert not done and info["malformed_calls"] == 1 and time.monotonic() - start < 1.0
     assert env.call_tool("calculator", {"expression": "2 ** 64"}) == str(2 ** 64)
+
+
+def test_a_tool_call_nested_too_deep_to_parse_is_malformed_not_a_crash(tool_env):
+    env, _ = tool_env  # json.loads raised RecursionError, and the episode was dropped unscored
+    deep = "[" * 1000 + "]" * 1000
+    _, _, done, _, info = env.step('<tool_call>{"name": "lookup", "arguments": {"title": ' + deep + "}}</tool_call>")
+    assert not done and info["malformed_calls"] == 1
 
 
 def test_forged_tool_response_scores_zero_even_with_the_right_answer(tool_env):

@@ -5,7 +5,7 @@ up to 3: loops over lists and strings; `templates=[...]` picks families by name)
 HumanEval form (`task_id`, `prompt`, `canonical_solution`, `test`, `entry_point`) or MBPP form
 (`text`, `code`, `test_list`) are detected per row. The program is the first fenced python
 block of the answer (else the bare text after `</think>`); a HumanEval answer without
-`def <entry_point>` is taken as the body that continues the prompt. Reward: 1 if every test passes, or the fraction passed (`partial_credit`).
+`def <entry_point>` is taken as the body that continues the prompt. Reward: 1 if every test passes; with `partial_credit`, the share passed above the share an answer doing no work passes (a constant, or an argument handed back), scaled to 0..1.
 
 The tests never run beside the answer: the answer runs alone in the sandbox and the tests run in
 this process, calling it through a pipe that carries plain data only (`isolated_tests`).
@@ -72,7 +72,8 @@ class CodeEnv(TextEnv):
         prompt = (f"Write a Python function `{spec['signature']}` that {spec['description']}. "
                   "Reply with the code in a ```python block.")
         return Task(prompt=prompt, answer=spec["solution"],
-                    data={"tests": spec["tests"], "prefix": "", "entry_point": spec["name"]})
+                    data={"tests": spec["tests"], "prefix": "", "entry_point": spec["name"],
+                          "trivial_share": spec["trivial_share"]})
 
     def check_row(self, row: dict[str, Any], index: int) -> dict[str, Any]:
         try:
@@ -109,7 +110,12 @@ class CodeEnv(TextEnv):
         verdict, passed, detail = self.run_tests(self.program_for(action), data["tests"],
                                                  data["prefix"], data["entry_point"])
         total = len(data["tests"])
-        correct = passed / total if self.partial_credit else float(passed == total)
+        correct = float(passed == total)
+        if self.partial_credit and passed < total:
+            # Only what beats an answer doing no work pays: `return a` passed half of max2's tests,
+            # and `return a[0]` earned 0.16 a task at difficulty 0 (0.46 on max2) for nothing.
+            floor = data.get("trivial_share", 0.0)  # generated tasks; a dataset's tests are code
+            correct = max(0.0, (passed / total - floor) / (1.0 - floor))
         return TurnResult(done=True, correct=correct, verdict=verdict,
                           detail={"tests_passed": passed, "tests_total": total, **detail})
 

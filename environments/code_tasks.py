@@ -11,6 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+# Draws of one instance before a template is called broken: a draw that an answer doing no work
+# passes whole is drawn again (max2's four pairs all had a >= b in 15% of instances, is_prime's
+# numbers were all composite in 23%: `return a`, `return False`).
+MAX_DRAWS = 50
+
 
 @dataclass(frozen=True)
 class Template:
@@ -19,12 +24,35 @@ class Template:
     make: Callable[[random.Random], dict[str, Any]]
 
     def build(self, rng: random.Random) -> dict[str, Any]:
-        spec = self.make(rng)
-        namespace: dict[str, Any] = {}
-        exec(spec["solution"], namespace)  # noqa: S102 - our own template code
-        fn = namespace[spec["name"]]
-        spec["tests"] = [f"assert {spec['name']}({_args(a)}) == {fn(*a)!r}" for a in spec["inputs"]]
-        return spec
+        """An instance: the spec with `tests`, and `trivial_share`, the largest share of its tests
+        an answer that does no work passes (partial credit is paid only above it)."""
+        for _ in range(MAX_DRAWS):
+            spec = self.make(rng)
+            namespace: dict[str, Any] = {}
+            exec(spec["solution"], namespace)  # noqa: S102 - our own template code
+            fn = namespace[spec["name"]]
+            outputs = [fn(*a) for a in spec["inputs"]]
+            spec["trivial_share"] = trivial_share(spec["inputs"], outputs)
+            if spec["trivial_share"] < 1.0:
+                spec["tests"] = [f"assert {spec['name']}({_args(a)}) == {o!r}"
+                                 for a, o in zip(spec["inputs"], outputs, strict=True)]
+                return spec
+        raise RuntimeError(f"code template {self.name}: {MAX_DRAWS} draws in a row were passed whole by "
+                           "an answer that does no work (a constant, or an argument handed back)")
+
+
+# What an answer that does no work returns, whatever it is asked (`==` as the asserts compare:
+# False is 0 and True is 1).
+CONSTANTS = (0, 1, -1, None, "", [], ())
+
+
+def trivial_share(inputs: list[tuple], outputs: list[Any]) -> float:
+    """The largest share of the tests `assert f(*inputs[i]) == outputs[i]` that an answer doing no
+    work passes: one constant from CONSTANTS, or one of its arguments handed back."""
+    best = max(sum(1 for o in outputs if o == c) for c in CONSTANTS)
+    for i in range(min(len(a) for a in inputs)):
+        best = max(best, sum(1 for a, o in zip(inputs, outputs, strict=True) if a[i] == o))
+    return best / len(outputs)
 
 
 def _args(args: tuple) -> str:
@@ -40,7 +68,8 @@ def _lists(rng: random.Random, n: int = 4) -> list[tuple]:
 
 
 def _words(rng: random.Random, n: int = 4) -> list[tuple]:
-    vocab = ["cat", "dog", "sun", "tree", "blue", "red", "moon", "sea"]
+    # every vowel count_char may ask about occurs in some word ('i' did not: its answer was always 0)
+    vocab = ["cat", "dog", "sun", "tree", "blue", "red", "moon", "sea", "fish"]
     return [(" ".join(rng.choices(vocab, k=rng.randint(1, 4))),) for _ in range(n)]
 
 

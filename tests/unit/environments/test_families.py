@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -346,3 +347,52 @@ def test_math_largest_asks_for_the_largest_listed_number_and_pays_only_for_it():
     prompts = [weighted.reset(seed=s)[0][-1]["content"] for s in range(300)]
     share = sum(p.startswith("Which is the largest") for p in prompts) / len(prompts)
     assert 0.58 < share < 0.75  # a name listed twice is drawn twice as often
+
+
+# -- answers that do no work ------------------------------------------------------------------------
+def _passes(tests: list[str], name: str, fn) -> int:
+    passed = 0
+    for test in tests:
+        try:
+            exec(test, {name: fn})  # noqa: S102 - our own generated asserts
+            passed += 1
+        except AssertionError:
+            pass
+    return passed
+
+
+def test_no_generated_task_is_passed_whole_by_an_answer_that_does_no_work():
+    """max2's four pairs all had a >= b in 15% of instances (`return a` passed), is_prime's five
+    numbers were all composite in 23% (`return False`), count_char's letter was 'i' in 20% and no
+    word held one (`return 0`)."""
+    from environments.code_tasks import TEMPLATES
+
+    lazy = [lambda *a, c=c: c for c in (0, 1, -1, True, False, None, "", [], ())]
+    lazy += [lambda *a, i=i: a[i] for i in range(2)]
+    for template in TEMPLATES:
+        for seed in range(150):
+            spec = template.build(random.Random(seed))
+            for fn in lazy:
+                try:
+                    passed = _passes(spec["tests"], spec["name"], fn)
+                except IndexError:  # a one-argument function has no a[1]
+                    continue
+                assert passed < len(spec["tests"]), (template.name, seed, spec["tests"])
+
+
+def test_partial_credit_pays_only_above_an_answer_that_does_no_work():
+    env = environments.make("estuary/code", templates=["max2"], partial_credit=True)
+    for seed in range(6):  # `return a` earned 0.46 a task here before: the tests it happens to pass
+        env.reset(seed=seed)
+        _, reward, _, _, info = env.step("```python\ndef max2(a, b):\n    return a\n```")
+        assert reward == 0.0 and 0 < info["tests_passed"] < info["tests_total"]
+    env = environments.make("estuary/code", templates=["add_k"], partial_credit=True)
+    paid = []
+    for seed in range(12):  # an honest answer that is right for part of the inputs is still paid
+        env.reset(seed=seed)
+        k = int(env.task.answer.rsplit("+", 1)[1])
+        _, reward, _, _, info = env.step(f"```python\ndef add_k(x):\n    return abs(x) + {k}\n```")
+        share, floor = info["tests_passed"] / info["tests_total"], env.task.data["trivial_share"]
+        assert reward == pytest.approx(max(0.0, (share - floor) / (1 - floor)) if share < 1 else 1.0)
+        paid.append(reward)
+    assert any(0 < r < 1 for r in paid)

@@ -37,7 +37,6 @@ import contextlib
 import fcntl
 import os
 import queue
-import shutil
 import signal
 import stat
 import subprocess
@@ -50,7 +49,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from environments.sandbox_channel import Channel, wait_exit
-from environments.sandbox_folders import held_pool_folder, sweep_dead_pool_folders
+from environments.sandbox_folders import (
+    LOCK,
+    held_pool_folder,
+    remove_tree,
+    sweep_dead_pool_folders,
+)
 from environments.sandbox_spawn import ForkedChild, ForkServer
 
 IS_ROOT = os.geteuid() == 0
@@ -289,8 +293,9 @@ class SandboxPool:
         """A slot, and a fresh folder with `code` as main.py plus `files`, owned by the slot's uid."""
         slot = self._slots.get()
         uid = self.uids[slot] if self.isolated_uid else None
-        workdir = Path(tempfile.mkdtemp(prefix="estuary-sbx-", dir=self.base))
+        workdir = None
         try:
+            workdir = Path(tempfile.mkdtemp(prefix="estuary-sbx-", dir=self.base))
             prelude = "" if uid is not None else _BLOCK_SOCKETS
             (workdir / "main.py").write_text(prelude + code)
             for name, text in files.items():
@@ -304,9 +309,12 @@ class SandboxPool:
             # folder and could swap the files for forged output.
             with open(out_path, "w+b") as out, open(err_path, "w+b") as err:
                 yield slot, workdir, uid, out, err
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-            self._slots.put(slot)
+        finally:  # the slot goes back whatever the run left (remove_tree never raises, either)
+            try:
+                if workdir is not None:
+                    remove_tree(str(workdir))
+            finally:
+                self._slots.put(slot)
 
     def _spawn(self, slot: int, workdir: Path, out, err, limits: Limits, uid: int | None,
                fds: tuple[int, ...] = ()) -> ForkedChild:
@@ -319,10 +327,12 @@ class SandboxPool:
 def _close(servers: list[ForkServer], base: str, owner: int, lock: int) -> None:
     if os.getpid() != owner:  # a forked copy of the process that made the pool: not its to close
         return
-    for server in servers:
-        server.close()
-    shutil.rmtree(base, ignore_errors=True)
-    os.close(lock)
+    try:
+        for server in servers:
+            server.close()
+    finally:  # the lock file goes last: a folder that could not be emptied keeps it for a sweep
+        remove_tree(base, last=LOCK)
+        os.close(lock)
 
 
 def _finish(proc: ForkedChild, uid: int | None, out, err, limits: Limits, start: float,

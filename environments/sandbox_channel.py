@@ -15,7 +15,7 @@ import os
 import select
 import subprocess
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     from environments.sandbox import ExecResult
@@ -25,6 +25,8 @@ EXIT_GRACE_S = 0.5  # how long a program that closed its channel may take to exi
 # wall time runs out) has exited, but its fork server reports the exit a moment later. Without
 # the floor such a run was read as one that closed its channel and kept running ("exited").
 EXIT_REPORT_S = 0.25
+# Past the deadline a channel still takes what is ready without waiting, for this long.
+LATE_READ_S = 0.1
 
 
 class ChannelError(Exception):
@@ -53,6 +55,7 @@ class Channel:
         self.deadline, self.max_line = deadline, max_line
         self.buffer = b""
         self.timed_out = False
+        self.late_until: float | None = None  # LATE_READ_S after the first look past the deadline
         self.exited_itself = False
         """Whether the program had ended before the channel was closed (else it was killed)."""
         self.result: ExecResult | None = None
@@ -89,12 +92,28 @@ class Channel:
         return line
 
     def _wait(self, fd: int, event: int) -> None:
-        remaining = self.deadline - time.monotonic()
+        """Until `fd` is ready, or the deadline. Past the deadline a reply that is there already
+        is still read (a busy parent may get to it late, though it came in time), but without
+        waiting, and only for LATE_READ_S from the first late look: a program that keeps
+        trickling bytes cannot stretch its time. Nothing is sent past the deadline."""
+        now = time.monotonic()
+        remaining = self.deadline - now
+        late = remaining <= 0
+        if late:
+            if self.late_until is None:
+                self.late_until = now + LATE_READ_S
+            if event != select.POLLIN or now > self.late_until:
+                self._time_out()
         poller = select.poll()  # poll, not select: a busy parent may hold descriptors past 1024
         poller.register(fd, event | select.POLLHUP | select.POLLERR)
-        if remaining <= 0 or not poller.poll(remaining * 1000):
-            self.timed_out = True
-            raise ChannelError("timeout", "wall-time limit exceeded")
+        ready = poller.poll(max(0.0, remaining) * 1000)
+        # Late, only bytes count: a pipe closed by then is a run that ran out of time, as before.
+        if not ready or (late and not ready[0][1] & select.POLLIN):
+            self._time_out()
+
+    def _time_out(self) -> NoReturn:
+        self.timed_out = True
+        raise ChannelError("timeout", "wall-time limit exceeded")
 
     def close(self) -> None:
         """Close both ends; give the program a moment to exit by itself (EOF ends a worker loop)."""

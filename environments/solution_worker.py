@@ -28,6 +28,11 @@ import types
 
 MAX_DEPTH = 48
 MAX_ITEMS = 100_000  # iterator results are materialised up to this many items
+# Keys of one set or dict that may share a hash. Building a set of n keys with one hash costs n**2
+# comparisons, holding the GIL: a reply of 40,000 multiples of 2**61 - 1 (ints that all hash to 0)
+# froze the trusted process for 11 s. A 1 MiB reply at this bound costs it under 0.1 s, and honest
+# values come nowhere near it (-1 and -2 share a hash; 2**k ints share one per 61 values of k).
+MAX_SAME_HASH = 256
 _DICTS = (dict, collections.OrderedDict, collections.defaultdict, collections.Counter)
 _ITERATORS = (types.GeneratorType, map, filter, zip, enumerate, reversed, type(iter([])),
               type(iter(())), type(iter("")), type(iter(range(0))), type({}.items().__iter__()))
@@ -98,12 +103,25 @@ def decode(obj, depth: int = 0):
         if tag == "iter":
             return iter(items)
         if tag in ("set", "frozenset"):
+            _few_collisions(items, tag)
             return (set if tag == "set" else frozenset)(items)
         if tag == "dict":
-            return {k: val for k, val in (_pair(p) for p in items)}
+            pairs = [_pair(p) for p in items]
+            _few_collisions([k for k, _ in pairs], tag)
+            return dict(pairs)
     except (TypeError, IndexError, OverflowError, AttributeError) as e:
         raise ValueError(f"malformed {tag!r} value: {e}") from None
     raise ValueError(f"unknown tag {tag!r}")
+
+
+def _few_collisions(keys: list, tag: str) -> None:
+    """ValueError when more than MAX_SAME_HASH of `keys` share a hash (a hash-flooding value);
+    TypeError for a key that has none. Linear: a hash per key, and no comparisons."""
+    counts = collections.Counter(map(hash, keys))
+    most = max(counts.values(), default=0)
+    if most > MAX_SAME_HASH:
+        raise ValueError(f"a {tag} of {len(keys)} keys, {most} of them with one hash (more than "
+                         f"{MAX_SAME_HASH}: a hash-collision flood)")
 
 
 def _pair(item):

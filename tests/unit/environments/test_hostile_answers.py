@@ -102,6 +102,13 @@ HACKS: dict[str, tuple[str, set[str]]] = {
     "endless_generator": ("def {fn}(*args):\n    while True:\n        yield 1\n", {"bad_result"}),
     "deep_nesting": ("def {fn}(*args):\n    v = []\n    for _ in range(500):\n        v = [v]\n"
                      "    return v\n", {"bad_result"}),
+    # A reply whose set holds 20,000 ints with one hash: rebuilding it cost the trusted process
+    # n**2 comparisons holding the GIL (3 s here, 11 s for 40,000), stalling every other episode.
+    "hash_flood_reply": ("import os, sys, time\nM = (1 << 61) - 1\n"
+                         "LINE = ('{{\"ok\": {{\"t\": \"set\", \"v\": [' + ', '.join(str(k * M) for k in range(20000))"
+                         " + ']}}}}\\n').encode()\n"
+                         "def {fn}(*args):\n    os.write(int(sys.argv[2]), LINE)\n    time.sleep(30)\n",
+                         {"protocol_violation"}),
     "hangs_in_call": ("def {fn}(*args):\n    while True:\n        pass\n", {"timeout"}),
     # -- combinations -----------------------------------------------------------------------
     "combo_eq_exec_exit": ("import builtins, sys\nclass Yes:\n    __eq__ = lambda s, o: True\n"

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
+import time
 
 import pytest
 
@@ -95,3 +97,21 @@ def test_values_that_are_not_plain_data_do_not_cross():
                    {"t": "bytes", "v": "zz"}, {"t": "tuple", "v": 3}):
         with pytest.raises(ValueError):
             decode(forged)
+
+
+def test_keys_that_share_one_hash_are_refused_before_any_is_compared():
+    """A set of ints that all hash alike (multiples of 2**61 - 1) cost the trusted process n**2
+    comparisons holding the GIL: 40,000 froze it for 11 s. Honest values with a few shared
+    hashes (-1 and -2 share one) still cross."""
+    m = (1 << 61) - 1
+    flood = [k * m for k in range(20_000)]
+    tuples = [{"t": "tuple", "v": list(p)} for p in itertools.product([-1, -2], repeat=12)]
+    for forged in ({"t": "set", "v": flood}, {"t": "frozenset", "v": flood},
+                   {"t": "dict", "v": [[k, 0] for k in flood]}, {"t": "set", "v": tuples}):
+        start = time.monotonic()
+        with pytest.raises(ValueError, match="one hash"):
+            decode(forged)
+        assert time.monotonic() - start < 1.0
+    for honest in ({-1, -2}, set(itertools.product([-1, -2], repeat=8)), {2 ** k for k in range(2000)},
+                   {k * m: k for k in range(200)}):
+        assert decode(json.loads(json.dumps(encode(honest)))) == honest

@@ -172,3 +172,54 @@ def test_pool_runs_two_at_a_time(pool):
     most = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
     assert most == 2
     assert psutil.Process().is_running()
+
+
+# 1200 folders deep, each name 100 long: past Python's recursion limit, and a path (120 kB) past
+# PATH_MAX, so neither a recursive walk nor one by paths can remove it.
+DEEP_TREE = ("import os\nfd = os.open('.', os.O_RDONLY)\nfor _ in range(1200):\n"
+             "    os.mkdir('d' * 100, dir_fd=fd)\n    nfd = os.open('d' * 100, os.O_RDONLY, dir_fd=fd)\n"
+             "    os.close(fd)\n    fd = nfd\nprint('built')")
+
+
+def test_a_run_that_leaves_a_tree_too_deep_to_recurse_gives_its_slot_back():
+    """`shutil.rmtree` recurses once per level: a run's 1200-deep tree raised RecursionError in the
+    parent, the slot never went back, and two such runs left a pool with no slot (grading hung)."""
+    pool = SandboxPool(max_parallel=1)
+    try:
+        for _ in range(2):
+            result = pool.run(DEEP_TREE, LIMITS)
+            assert (result.verdict, result.stdout) == ("ok", "built\n"), result
+            assert _leftover_dirs(pool) == set()
+        assert pool.run("print('next')", LIMITS).stdout == "next\n"
+    finally:
+        pool.close()
+    assert not os.path.exists(pool.base)
+
+
+def test_closing_a_pool_removes_a_tree_too_deep_to_recurse():
+    """What a run left in the pool's folder (one in flight when the trainer stops) goes with it."""
+    import subprocess
+    import sys
+
+    pool = SandboxPool(max_parallel=1)
+    try:
+        subprocess.run([sys.executable, "-c", DEEP_TREE], cwd=pool.base, check=True, capture_output=True)
+    finally:
+        pool.close()
+    assert not os.path.exists(pool.base)
+
+
+def test_a_reply_that_came_in_time_is_read_however_late_the_parent_looks(pool):
+    """A busy parent may get to a reply after the run's deadline: one waiting in the pipe is
+    read, not taken for a time-out; one that is not there times out at once, as before."""
+    from environments.sandbox_channel import ChannelError
+
+    code = "import os, sys, time\nos.write(int(sys.argv[2]), b'answer\\n')\ntime.sleep(30)"
+    with pool.channel(code, Limits(wall_s=1.0, cpu_s=2)) as chan:
+        time.sleep(1.5)  # past the deadline
+        assert chan.read_line() == b"answer"
+        start = time.monotonic()
+        with pytest.raises(ChannelError, match="wall-time"):
+            chan.read_line()
+        assert time.monotonic() - start < 0.5
+    assert chan.result.verdict == "timeout", chan.result

@@ -15,6 +15,22 @@ HOLDER = ("import sys, time\nfrom environments.sandbox_folders import held_pool_
           "print(held_pool_folder(sys.argv[1])[0], flush=True)\ntime.sleep(300)")
 
 
+def _deep_tree(root: str, depth: int, name: str, link_to: str) -> None:
+    """`depth` folders named `name` one in another under `root`, made by descriptor (the path
+    outgrows PATH_MAX), with a file and links out at every 100th level."""
+    fd = os.open(root, os.O_RDONLY)
+    for level in range(depth):
+        os.mkdir(name, dir_fd=fd)
+        if level % 100 == 0:
+            os.close(os.open("f", os.O_CREAT | os.O_WRONLY, dir_fd=fd))
+            os.symlink(link_to, "link", dir_fd=fd)
+            os.symlink("..", "up", dir_fd=fd)
+        down = os.open(name, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = down
+    os.close(fd)
+
+
 def _aged(path: str) -> str:
     os.utime(path, (1, 1))  # as if made long ago: past the sweep's minimum age
     return path
@@ -81,3 +97,18 @@ def test_a_folder_that_cannot_be_emptied_keeps_its_lock_for_a_later_sweep(tmp_pa
     finally:
         stuck.chmod(0o700)
     assert sweep_dead_pool_folders(str(tmp_path), min_age_s=0) == [base]
+
+
+def test_a_dead_pool_folder_too_deep_to_recurse_is_swept(tmp_path):
+    """`shutil.rmtree` recurses once per level: a run's 1200-deep tree, left when its pool was
+    killed, raised RecursionError in every new pool's sweep (so `SandboxPool()` itself failed)."""
+    canary = tmp_path / "canary"
+    canary.mkdir()
+    (canary / "keep").write_text("keep")
+    base, lock = held_pool_folder(str(tmp_path))
+    os.mkdir(os.path.join(base, "estuary-sbx-run"))
+    _deep_tree(os.path.join(base, "estuary-sbx-run"), 1200, "d" * 100, str(canary))
+    os.close(lock)
+    assert sweep_dead_pool_folders(str(tmp_path), min_age_s=0) == [base]
+    assert not os.path.exists(base)
+    assert (canary / "keep").read_text() == "keep"  # links are removed, never followed

@@ -372,6 +372,19 @@ def serve(sock, base, private):
         _empty_private_dirs(private, base)
 
 
+def _preload_builtins():
+    """Load the built-in modules a run may import, once: a run cannot make one itself (the audit
+    hook of `sandbox_guard` replaces `_imp.create_builtin`, which makes one without an audit
+    event) and the guard would otherwise load them in every run (about 1 ms). Never one that the
+    guard refuses: it would not run a program at all (its list, `blocked`, and `_test*`)."""
+    refused = ("_posixsubprocess", "_ctypes", "_ctypes_test", "_xxsubinterpreters", "_xxinterpchannels",
+               "_interpreters", "_interpchannels", "_interpqueues", "_tkinter", "readline", "_curses",
+               "_curses_panel", "_dbm", "_gdbm", "syslog", "spwd")  # spwd: deprecated, warns
+    for name in sys.builtin_module_names:
+        if name not in sys.modules and name not in refused and not name.startswith("_test"):
+            __import__(name)
+
+
 def _freeze():
     """Everything the server holds goes to the collector's permanent generation: a child's
     collections then skip it, and so do not touch (and copy) the pages it shares with the server."""
@@ -386,5 +399,6 @@ if __name__ == "__main__":
     if len(sys.argv) == 4:  # first start: the namespaces, then a fresh interpreter inside them
         _private = _isolate(_base, _mode == "slot-uids")  # (ctypes loaded: it must not reach a child)
         os.execv(sys.executable, [sys.executable, "-I", "-S", "-B", __file__, _fd, _base, _mode, ",".join(_private)])
+    _preload_builtins()
     _freeze()
     _run_main(serve(socket.socket(fileno=int(_fd)), _base, [d for d in sys.argv[4].split(",") if d]))

@@ -150,15 +150,32 @@ def test_a_run_gets_no_system_v_ipc_and_sees_none_of_the_hosts(pool):
 def test_a_run_inherits_no_ctypes_from_the_fork_server(pool):
     from environments.sandbox import guarded
 
-    probe = ("import gc, sys, _ctypes\n"
-             "left = [n for n in sys.modules if 'ctypes' in n and n != '_ctypes']\n"
+    # Unguarded: the guard refuses gc walks and _ctypes itself, and runs nothing if one was loaded.
+    probe = ("import gc, sys\n"
+             "left = [n for n in sys.modules if 'ctypes' in n]\n"
              "objs = [o for o in gc.get_objects() if 'ctypes' in getattr(type(o), '__module__', '')]\n"
+             "import _ctypes\n"
              "subs = _ctypes.CFuncPtr.__subclasses__() + _ctypes._SimpleCData.__subclasses__()\n"
-             "print(left, len(objs), subs)\n"
-             "import ctypes\n")
-    result = pool.run(guarded(probe), LIMITS)
+             "print(left, len(objs), subs)\n")
+    result = pool.run(probe, LIMITS)
     assert result.stdout.strip() == "[] 0 []", result
-    assert result.verdict == "sandbox_violation" and "ctypes.dlopen" in result.stderr, result
+    for module in ("ctypes", "_ctypes"):
+        result = pool.run(guarded(f"import {module}\n"), LIMITS)
+        assert result.verdict == "sandbox_violation", result
+        assert f"import of '{module}' is not allowed in the Estuary sandbox" in result.stderr, result
+
+
+def test_the_guard_runs_nothing_after_an_escape_hatch_was_imported(pool):
+    """A module the guard refuses, imported before it (by the fork server, say), cannot be taken
+    back: the guard stops the program instead. A run itself starts with none of them."""
+    from environments.sandbox import guarded
+
+    for module in ("_posixsubprocess", "_ctypes", "subprocess"):
+        result = pool.run(f"import {module}\n" + guarded("print('ran')"), LIMITS)
+        assert result.verdict != "ok" and "ran" not in result.stdout, result
+        assert "imported before the guard" in result.stderr, result
+    result = pool.run(guarded("print('ran')"), LIMITS)
+    assert result.verdict == "ok" and result.stdout == "ran\n", result
 
 
 def test_pool_runs_two_at_a_time(pool):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from environments.sandbox_folders import held_pool_folder, sweep_dead_pool_folders
+from environments.sandbox_folders import held_pool_folder, remove_tree, sweep_dead_pool_folders
 
 ROOT = Path(__file__).resolve().parents[3]
 HOLDER = ("import sys, time\nfrom environments.sandbox_folders import held_pool_folder\n"
@@ -106,9 +106,12 @@ def test_a_dead_pool_folder_too_deep_to_recurse_is_swept(tmp_path):
     canary.mkdir()
     (canary / "keep").write_text("keep")
     base, lock = held_pool_folder(str(tmp_path))
-    os.mkdir(os.path.join(base, "estuary-sbx-run"))
-    _deep_tree(os.path.join(base, "estuary-sbx-run"), 1200, "d" * 100, str(canary))
-    os.close(lock)
-    assert sweep_dead_pool_folders(str(tmp_path), min_age_s=0) == [base]
-    assert not os.path.exists(base)
-    assert (canary / "keep").read_text() == "keep"  # links are removed, never followed
+    try:
+        os.mkdir(os.path.join(base, "estuary-sbx-run"))
+        _deep_tree(os.path.join(base, "estuary-sbx-run"), 1200, "d" * 100, str(canary))
+        os.close(lock)
+        assert sweep_dead_pool_folders(str(tmp_path), min_age_s=0) == [base]
+        assert not os.path.exists(base)
+        assert (canary / "keep").read_text() == "keep"  # links are removed, never followed
+    finally:  # pytest's own clean-up of old temporary folders recurses: a tree left here would
+        remove_tree(base)  # crash a later session's end

@@ -372,14 +372,24 @@ def serve(sock, base, private):
         _empty_private_dirs(private, base)
 
 
+def _guard_blocked() -> frozenset[str]:
+    """The modules `sandbox_guard` refuses (its `_ESTUARY_BLOCKED`), read from its source: the
+    guard is program text, not a module this process may import (importing it installs it)."""
+    import ast
+
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_guard.py")) as f:
+        for node in ast.parse(f.read()).body:
+            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "_ESTUARY_BLOCKED":
+                return frozenset(ast.literal_eval(node.value))
+    raise RuntimeError("sandbox_guard.py has no _ESTUARY_BLOCKED")
+
+
 def _preload_builtins():
     """Load the built-in modules a run may import, once: a run cannot make one itself (the audit
     hook of `sandbox_guard` replaces `_imp.create_builtin`, which makes one without an audit
     event) and the guard would otherwise load them in every run (about 1 ms). Never one that the
-    guard refuses: it would not run a program at all (its list, `blocked`, and `_test*`)."""
-    refused = ("_posixsubprocess", "_ctypes", "_ctypes_test", "_xxsubinterpreters", "_xxinterpchannels",
-               "_interpreters", "_interpchannels", "_interpqueues", "_tkinter", "readline", "_curses",
-               "_curses_panel", "_dbm", "_gdbm", "syslog", "spwd")  # spwd: deprecated, warns
+    guard refuses: it would not run a program at all."""
+    refused = _guard_blocked() | {"spwd"}  # spwd: deprecated, warns
     for name in sys.builtin_module_names:
         if name not in sys.modules and name not in refused and not name.startswith("_test"):
             __import__(name)

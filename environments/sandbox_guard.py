@@ -36,18 +36,23 @@ Stdlib only, no `from __future__`: this text runs first in `main.py`.
 """
 
 
+# The modules a program may not import, and every `_test*` module (_testcapi, ...). The fork
+# server reads this assignment (`ast.literal_eval`) so that it never loads one of them ahead.
+_ESTUARY_BLOCKED = (
+    "_posixsubprocess", "_ctypes", "ctypes", "_ctypes_test", "_xxsubinterpreters",
+    "_xxinterpchannels", "_interpreters", "_interpchannels", "_interpqueues", "_tkinter",
+    "tkinter",
+    # Files opened in C, without an `open` event (read_history_file reads any file, a line
+    # at a time); syslog writes to the host's log.
+    "readline", "_curses", "_curses_panel", "curses", "_dbm", "_gdbm", "syslog",
+)
+
+
 def _estuary_guard():
     import os
     import sys
 
-    blocked = frozenset((
-        "_posixsubprocess", "_ctypes", "ctypes", "_ctypes_test", "_xxsubinterpreters",
-        "_xxinterpchannels", "_interpreters", "_interpchannels", "_interpqueues", "_tkinter",
-        "tkinter",
-        # Files opened in C, without an `open` event (read_history_file reads any file, a line
-        # at a time); syslog writes to the host's log.
-        "readline", "_curses", "_curses_panel", "curses", "_dbm", "_gdbm", "syslog",
-    ))  # and every `_test*` module (_testcapi, _testinternalcapi, ...)
+    blocked = frozenset(_ESTUARY_BLOCKED)
 
     def is_blocked(name):
         return any(part in blocked or part.startswith("_test") for part in name.split("."))

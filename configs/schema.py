@@ -459,9 +459,10 @@ class SftConfig:
     stated in the system message, the thought cut there and closed with `</think>` (the others get
     a budget drawn from `rollout.budget`, or none)."""
     drill_rows: int = 0
-    """Rows of single-digit arithmetic facts (20 lines of `Compute 7 + 5 = \\boxed{12}` each, trained on the
-    results) added to each SFT batch: what a pretrained model knows and a random-init preset does not
-    (`warmstart/drills.py`; the form `environments.math.kwargs.quote=true` gives the reference thought)."""
+    """Rows of single-digit arithmetic facts (20 lines of `Compute 7 + 5 = \\boxed{12}` each, one in four
+    followed by the answer that repeats its result; trained on the results) added to each SFT batch:
+    what a pretrained model knows and a random-init preset does not (`warmstart/drills.py`; the form
+    `environments.math.kwargs.quote=true` gives the reference thought)."""
     cache: bool = True
     """Reuse a warm start (preset + SFT + MTP heads) cached under `$ESTUARY_CACHE/warm_start`, keyed by
     everything that determines it (`estuary/warm_start.py`); false: always rebuild."""

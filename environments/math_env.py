@@ -6,10 +6,11 @@ word problems and larger equations); `kinds=[...]` picks families by name (`arit
 difficulty 0 that needs only a digit's successor, carries included, and copying; `largest`: the
 largest of 3-5 numbers, comparing place values; a name given twice is drawn twice as often). A dataset
 row has `problem` and `answer` (a GSM8K `... #### 72` answer, a number, or MATH LaTeX, possibly
-`\\boxed{}`) and an optional `solution`. With `quote=true` a sum's reference thought quotes the
-problem and boxes the result (`Compute 5 + 9 = \\boxed{14}` for `5 + 9 = 14`): a tiny policy
-copies operands it has just quoted, and the answer's `\\boxed{` copies the thought's (README,
-"Session 30"); it is the form `sft.drill_rows` drills. The reward is answer equivalence
+`\\boxed{}`) and an optional `solution`. With `quote=true` a one-step sum's reference thought quotes
+the problem and boxes the result (`Compute 5 + 9 = \\boxed{14}` for `5 + 9 = 14`, a word problem's
+sum written the same way): a tiny policy copies operands it has just quoted, and the answer's
+`\\boxed{` copies the thought's (README, "Session 30" and "Session 34"); it is the form
+`sft.drill_rows` drills, so the fact is recalled where it was learned. The reward is answer equivalence
 by math-verify (thread-safe here), 1 or 0; hedged answers (several candidates), unevaluated ones (`5 + 9` for
 a number) and ones that expand to something huge score 0 (`rewards.math`).
 """
@@ -130,8 +131,9 @@ class MathEnv(TextEnv):
                 (_arithmetic, _arithmetic, _word))
         problem, answer, work = kind(rng, self.difficulty)
         if self.quote and (one := _SUM.fullmatch(work)):  # a one-step sum: quoted, its result boxed
-            quoted = "Compute " if problem.startswith("Compute ") else ""
-            work = f"{quoted}{one.group(1)} = \\boxed{{{one.group(2)}}}"
+            # a word problem's sum is written as `Compute` writes it too: the drilled form, where
+            # the policy recalls the fact (its operands are copied from the story instead)
+            work = f"Compute {one.group(1)} = \\boxed{{{one.group(2)}}}"
         return Task(prompt=f"{problem} {INSTRUCTION}", answer=str(answer), data={"work": work})
 
     def check_row(self, row: dict[str, Any], index: int) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 
+ANSWERED_EVERY = 4  # one line in four is a whole reference turn (see `drill_row`)
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b}
 
 
@@ -30,16 +31,37 @@ def fact(rng: random.Random, hi: int = 9) -> tuple[str, str]:
     return f"Compute {a} {op} {b} = \\boxed{{", f"{OPS[op](a, b)}}}"
 
 
-def drill_row(tokenizer, rng: random.Random, facts: int = 20) -> tuple[list[int], list[int]]:
+def _spans(line: str, left: str, right: str, answered: bool) -> list[tuple[int, int]]:
+    """Character spans of `line` to train on: the fact's result, and the answer's copy of it."""
+    start = line.index(left) + len(left)
+    spans = [(start, start + len(right))]
+    if answered:
+        copy = line.rindex("\\boxed{") + len("\\boxed{")
+        spans.append((copy, copy + len(right)))
+    return spans
+
+
+def drill_row(tokenizer, rng: random.Random, facts: int = 20,
+              answered_every: int = ANSWERED_EVERY) -> tuple[list[int], list[int]]:
     """(token ids, mask with 1 on each fact's result, closing brace and line break) of `facts` lines.
 
+    Every `answered_every`-th line is a whole reference turn (`<think>Compute 7 + 5 = \\boxed{12}
+    </think>` and `The answer is \\boxed{12}.`), trained on the answer's result too: drilled
+    alone, a fact's `\\boxed{` means "add the operands before me", and the answer's `\\boxed{`,
+    which has none before it, then guessed (its result repeated the thought's in 44 of 192
+    samples); these lines teach that the answer copies the thought. 0 turns none into a turn.
     Each line is encoded whole, as the thought is: the tokenizer merges `{-` of a negative result
     into one token, which encoding the two parts apart would never show the policy."""
     ids: list[int] = []
     mask: list[int] = []
-    for _ in range(facts):
+    for index in range(facts):
         left, right = fact(rng)
-        line = tokenizer(left + right + "\n", add_special_tokens=False, return_offsets_mapping=True)
-        ids += line["input_ids"]
-        mask += [int(end > len(left)) for _, end in line["offset_mapping"]]  # tokens reaching into the result
+        answered = bool(answered_every) and index % answered_every == answered_every - 1
+        line = (f"<think>{left}{right}</think>\nThe answer is \\boxed{{{right[:-1]}}}." if answered
+                else left + right)
+        spans = _spans(line, left, right, answered)
+        encoded = tokenizer(line + "\n", add_special_tokens=False, return_offsets_mapping=True)
+        ids += encoded["input_ids"]
+        mask += [int(any(end > lo and begin < hi for lo, hi in spans))  # tokens reaching into a result
+                 for begin, end in encoded["offset_mapping"]]
     return ids, mask

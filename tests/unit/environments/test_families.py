@@ -312,12 +312,12 @@ def test_math_quote_quotes_a_sum_and_boxes_its_result_and_changes_nothing_else()
         before = plain.unwrapped.reference_answer()
         after = quoted.unwrapped.reference_answer()
         a, op, b, c = re.fullmatch(r"<think>(\d+) ([+-]) (\d+) = (-?\d+)</think>\n.*", before, re.S).groups()
-        quote = "Compute " if first[-1]["content"].startswith("Compute") else ""
-        assert after == before.replace(f"{a} {op} {b} = {c}", f"{quote}{a} {op} {b} = \\boxed{{{c}}}")
-        forms.add(quote)
+        # a word problem's sum is written as `Compute a op b` too: the form drills teach
+        assert after == before.replace(f"{a} {op} {b} = {c}", f"Compute {a} {op} {b} = \\boxed{{{c}}}")
+        forms.add(first[-1]["content"].startswith("Compute"))
         reward, _, _ = _play(quoted, lambda e: e.reference_answer())
         assert reward == 1.0  # the box in the thought is not graded: the answer after `</think>` is
-    assert forms == {"", "Compute "}  # both arithmetic and word problems were seen
+    assert forms == {True, False}  # both arithmetic and word problems were seen
     for kwargs in ({"kinds": ["algebra"]}, {"kinds": ["largest"]}, {"kinds": ["arithmetic"], "difficulty": 2}):  # no one-step sums
         plain, quoted = environments.make("estuary/math", **kwargs), environments.make("estuary/math", quote=True, **kwargs)
         for seed in range(20):

@@ -132,15 +132,25 @@ def test_drill_rows_state_true_facts_and_train_only_their_results():
     from warmstart.drills import drill_row
 
     tok = build_tokenizer()
-    ids, mask = drill_row(tok, random.Random(3), facts=50)
+    ids, mask = drill_row(tok, random.Random(3), facts=48, answered_every=4)
     lines = tok.decode(ids).strip().split("\n")
-    assert len(lines) == 50 and any("{-" in line for line in lines)  # negative results are drilled too
-    expected, trained = [], []
-    for line in lines:  # written as the quoting math environment's reference thought writes a sum
-        a, op, b, result = re.fullmatch(r"Compute (\d) ([+-]) (\d) = \\boxed\{(-?\d+)\}", line).groups()
+    assert len(lines) == 48 + 12 and any("{-" in line for line in lines)  # negative results are drilled too
+    expected, trained, index = [], [], 0
+    while index < len(lines):  # written as the quoting math environment's reference thought writes a sum
+        line = lines[index]
+        thought = line.removeprefix("<think>").removesuffix("</think>")
+        a, op, b, result = re.fullmatch(r"Compute (\d) ([+-]) (\d) = \\boxed\{(-?\d+)\}", thought).groups()
         assert int(result) == (int(a) + int(b) if op == "+" else int(a) - int(b))
-        assert _arithmetic_thought(int(a), op, int(b)) == line
+        assert _arithmetic_thought(int(a), op, int(b)) == thought
+        item = ("{" if result.startswith("-") else "") + result + "}"  # `{-` is trained whole
+        if line.startswith("<think>"):  # every fourth line: the whole reference turn, its answer a copy
+            answer = lines[index + 1]
+            assert answer == f"The answer is \\boxed{{{result}}}."
+            line, index = f"{line}\n{answer}", index + 1
+            item += item[:-1] + "}."  # the copy's `}.` is one token
         expected += tok.encode(line + "\n", add_special_tokens=False)  # the tokens the thought has (`{-` is one)
-        trained.append(("{" if result.startswith("-") else "") + result + "}")  # `{-` is trained whole
+        trained.append(item)
+        index += 1
     assert ids == expected
-    assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]).strip().split("\n") == trained
+    assert "".join(tok.decode([i for i, m in zip(ids, mask, strict=True) if m])) == "".join(trained)
+    assert sum(line.startswith("<think>") for line in lines) == 12

@@ -332,7 +332,11 @@ class LearnerConfig:
     is_cap: float = 2.0
     """Cap of the importance weight for `truncate`/`mask`."""
     kl_coef: float = 0.0
-    """Weight of the k3 KL to the reference policy (0: no reference model kept)."""
+    """Weight of the KL to the reference policy (0: no reference model kept)."""
+    kl_estimator: str = "k2"
+    """The KL term's form in the loss: `k2` (0.5 (logp - ref)^2: on-policy, its gradient is exactly
+    KL(pi || ref)'s, and bounded by the log-ratio) or `k3` (exp(d) - d - 1: its gradient carries the
+    unbounded ratio ref/pi; `learner/losses.kl_penalty`). The logged `kl` is k3's value either way."""
     max_staleness: int = 4
     """Groups more than this many policy versions old are dropped or down-weighted."""
     stale_policy: str = "drop"
@@ -367,6 +371,7 @@ class LearnerConfig:
         _one_of("learner", "loss_aggregation", self.loss_aggregation, ("token", "sequence"))
         _one_of("learner", "ratio_level", self.ratio_level, ("token", "sequence"))
         _one_of("learner", "is_correction", self.is_correction, ("none", "truncate", "mask"))
+        _one_of("learner", "kl_estimator", self.kl_estimator, ("k2", "k3"))
         _one_of("learner", "stale_policy", self.stale_policy, ("drop", "downweight"))
         _one_of("learner", "placement", self.placement, ("PACK", "SPREAD", "STRICT_SPREAD"))
         _positive("learner", "lr", self.lr)

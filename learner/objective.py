@@ -14,7 +14,7 @@ the underlying HF model, whose routers and MTP head are tapped. Terms:
   objective the proximal log-probs are `batch.prox_logp` when the trainer recomputed them
   (several optimizer steps per batch), else the current weights' own (one step per batch: the
   proximal policy *is* the current one, so no second forward pass is needed);
-- `kl_coef` * k3 KL to a frozen reference model;
+- `kl_coef` * the KL to a frozen reference model (`kl_estimator`: k2 by default, see `losses.kl_penalty`);
 - `load_balance_coef` * the MoE balance loss over the trunk's routers, on router logits
   recomputed from detached inputs (`RouterTap.balance_logits`): it moves the routers only;
 - `mtp_coef` * the MTP heads' cross-entropy on policy tokens. The policy's hidden states are

@@ -85,7 +85,7 @@ def objective_from(cfg: LearnerConfig, mtp_coef: float = 0.0, temperature: float
     """The learner's objective; `temperature`, `top_p`, `top_k` are the sampler's (rollout.sampling)."""
     loss = LossConfig(clip_low=cfg.clip_low, clip_high=cfg.clip_high, aggregation=cfg.loss_aggregation,
                       ratio_level=cfg.ratio_level, is_correction=cfg.is_correction, is_cap=cfg.is_cap,
-                      kl_coef=cfg.kl_coef)
+                      kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator)
     return Objective(loss=loss, decoupled=cfg.decoupled, load_balance_coef=cfg.load_balance_coef,
                      mtp_coef=mtp_coef, routing_replay=cfg.routing_replay, temperature=temperature,
                      top_p=top_p, top_k=top_k, logprob_chunk=cfg.logprob_chunk)

@@ -108,12 +108,43 @@ def test_k3_kl():
     assert k3_kl(torch.tensor(0.0), torch.tensor(0.0)).item() == 0.0
     d = -0.5  # ref - logp
     assert k3_kl(torch.tensor(0.5), torch.tensor(0.0)).item() == pytest.approx(math.exp(d) - d - 1)
-    cfg = LossConfig(is_correction="none", kl_coef=0.1)
+    cfg = LossConfig(is_correction="none", kl_coef=0.1, kl_estimator="k3")
     lp = torch.tensor([[0.0]], requires_grad=True)
     loss, stats = policy_loss(lp, torch.zeros(1, 1), torch.tensor([0.0]), torch.ones(1, 1), cfg,
                               ref_logp=torch.tensor([[-1.0]]))
     assert loss.item() == pytest.approx(0.1 * (math.exp(-1) + 1 - 1))
     assert stats["kl"] == pytest.approx(math.exp(-1))
+
+
+def _kl_grad(estimator: str, logp: float, ref: float) -> float:
+    """d(loss)/d(logp) of the KL term alone (zero advantage) for one token."""
+    lp = torch.tensor([[logp]], requires_grad=True)
+    loss, _ = policy_loss(lp, torch.tensor([[logp]]), torch.tensor([0.0]), torch.ones(1, 1),
+                          LossConfig(is_correction="none", kl_coef=1.0, kl_estimator=estimator),
+                          ref_logp=torch.tensor([[ref]]))
+    loss.backward()
+    return lp.grad.item()
+
+
+def test_k2_kl_gradient_is_the_log_ratio_and_stays_bounded_where_k3s_explodes():
+    # a token the reference gives 0.37 and RL pushed to 3e-7, sampled all the same
+    far = dict(logp=-15.0, ref=-1.0)
+    assert _kl_grad("k2", **far) == pytest.approx(-14.0)  # (logp - ref): pushes it back up, linearly
+    assert _kl_grad("k3", **far) == pytest.approx(1 - math.exp(14.0))  # ~ -1.2e6: one token owns the step
+    for logp, ref in ((-1.0, -1.05), (-2.0, -1.97), (-0.5, -0.5)):  # near the reference they agree
+        assert _kl_grad("k2", logp, ref) == pytest.approx(_kl_grad("k3", logp, ref), abs=2e-3)
+    with pytest.raises(ValueError, match="unknown KL estimator 'k1'; choose k2 or k3"):
+        _kl_grad("k1", 0.0, 0.0)
+
+
+def test_k2_kl_value_is_half_the_squared_log_ratio_and_kl_stat_stays_k3():
+    lp = torch.tensor([[0.0, -3.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.0]])
+    loss, stats = policy_loss(lp, lp.detach(), torch.tensor([0.0]), torch.ones(1, 2),
+                              LossConfig(is_correction="none", kl_coef=0.1), ref_logp=ref)
+    assert loss.item() == pytest.approx(0.1 * (0.5 * 1.0 + 0.5 * 4.0) / 2)
+    assert stats["kl"] == pytest.approx(k3_kl(lp.detach(), ref).mean().item())
+
 
 
 def test_a_per_sequence_kl_coefficient_weighs_each_row_alone():
@@ -133,7 +164,7 @@ def test_a_per_sequence_kl_coefficient_weighs_each_row_alone():
     lp = logp.clone().requires_grad_(True)
     loss, _ = policy_loss(lp, zeros, torch.zeros(2), torch.ones(2, 1), LossConfig(is_correction="none"),
                           ref_logp=ref, kl_coef=torch.tensor([0.3, 0.0]))
-    assert loss.item() == pytest.approx(0.3 * math.exp(-1) / 2)
+    assert loss.item() == pytest.approx(0.3 * 0.5 * 1.0 / 2)  # k2: half the squared log-ratio, over 2 tokens
 
 
 def test_masked_tokens_do_not_count():

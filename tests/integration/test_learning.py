@@ -47,7 +47,7 @@ def demo_path_config(tmp_path: Path, sft_steps: int = SFT_STEPS, rl_steps: int =
     raw["rollout"]["sampling"].update(max_new_tokens=48)
     raw["stream"].update(max_unread=0)
     code["concurrency"] = tool["concurrency"] = 8
-    raw["sft"].update(steps=sft_steps, cache=False, copy_steps=0)
+    raw["sft"].update(steps=sft_steps, cache=False, copy_steps=0, drill_rows=0)  # no math here: no drills
     # Only code is asserted on: tool_use's held-out evaluation would add a minute and says nothing here.
     raw["eval"].update(instances=256, budgets=[], every_steps=0, environments=["code"])
     raw["learner"].update(checkpoint_every=0)

@@ -43,7 +43,7 @@ def _spans(line: str, left: str, right: str, answered: bool) -> list[tuple[int, 
 
 def drill_row(tokenizer, rng: random.Random, facts: int = 20,
               answered_every: int = ANSWERED_EVERY) -> tuple[list[int], list[int]]:
-    """(token ids, mask with 1 on each fact's result, closing brace and line break) of `facts` lines.
+    """(token ids, mask with 1 on each fact's result and closing brace) of `facts` lines.
 
     Every `answered_every`-th line is a whole reference turn (`<think>Compute 7 + 5 = \\boxed{12}
     </think>` and `The answer is \\boxed{12}.`), trained on the answer's result too: drilled

@@ -146,7 +146,6 @@ def test_k2_kl_value_is_half_the_squared_log_ratio_and_kl_stat_stays_k3():
     assert stats["kl"] == pytest.approx(k3_kl(lp.detach(), ref).mean().item())
 
 
-
 def test_a_per_sequence_kl_coefficient_weighs_each_row_alone():
     """Per-environment `kl_coef`: a row with 0 gets no pull toward the reference, even when the
     config's coefficient is not 0; a row with c is pulled as a config coefficient of c would."""

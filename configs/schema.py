@@ -212,7 +212,10 @@ class EnvironmentConfig:
     id: str = MISSING
     """Registered environment id, e.g. `estuary/math` (see `estuary envs`)."""
     weight: float = 1.0
-    """Relative share of prompts drawn from this environment."""
+    """Relative share of RL's prompts drawn from this environment (`rollout.mix`)."""
+    sft_weight: float | None = None
+    """Relative share of the SFT warm start's reference conversations; None: `weight`. Set it to
+    change RL's mix without changing (and rebuilding) the warm start."""
     concurrency: int = 8
     """Most episodes of this environment running at once in one worker."""
     timeout_s: float = 30.0
@@ -229,6 +232,8 @@ class EnvironmentConfig:
 
     def __post_init__(self) -> None:
         _positive("environments", "weight", self.weight, allow_zero=True)
+        if self.sft_weight is not None:
+            _positive("environments", "sft_weight", self.sft_weight, allow_zero=True)
         _positive("environments", "concurrency", self.concurrency)
         _positive("environments", "timeout_s", self.timeout_s)
         if self.kl_coef is not None:

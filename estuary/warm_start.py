@@ -26,10 +26,10 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from configs.schema import Config
+from configs.schema import Config, EnvironmentConfig
 
 # Source whose change changes the warm start (folders are hashed file by file, sorted).
 _SOURCES = ("models", "environments", "rewards", "warmstart", "rollout")
@@ -51,12 +51,19 @@ def source_digest() -> str:
     return digest.hexdigest()
 
 
+def sft_environments(cfg: Config) -> dict[str, EnvironmentConfig]:
+    """The environments as SFT sees them: each weighted by its `sft_weight` where set (RL's
+    `weight` otherwise), so that RL's mix can change while the warm start stays."""
+    return {name: replace(env, weight=env.weight if env.sft_weight is None else env.sft_weight, sft_weight=None)
+            for name, env in cfg.environments.items()}
+
+
 def warm_start_key(cfg: Config) -> str:
     """A digest of everything that determines the warm-started policy."""
     inputs = {
         "preset": cfg.model.preset, "dtype": cfg.model.dtype, "seed": cfg.run.seed,
         "sft": asdict(cfg.sft), "budget": asdict(cfg.rollout.budget),
-        "environments": {name: asdict(env) for name, env in sorted(cfg.environments.items())},
+        "environments": {name: asdict(env) for name, env in sorted(sft_environments(cfg).items())},
         "mtp": bool(cfg.model.mtp_steps), "seed_offset": cfg.eval.seed_offset,
         "source": source_digest(),
     }
@@ -64,6 +71,7 @@ def warm_start_key(cfg: Config) -> str:
     for env in inputs["environments"].values():  # the learner's settings for an environment's groups
         env.pop("kl_coef", None)
         env.pop("max_staleness", None)
+        env.pop("sft_weight", None)  # folded into `weight` above
     blob = json.dumps(inputs, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
 
@@ -123,7 +131,7 @@ def _build(cfg: Config, out: Path, say) -> None:
         from rollout.worker import budget_range
         from warmstart.sft import run_sft
 
-        result = run_sft(out, cfg.sft, cfg.environments, seed=cfg.run.seed, seed_limit=cfg.eval.seed_offset,
+        result = run_sft(out, cfg.sft, sft_environments(cfg), seed=cfg.run.seed, seed_limit=cfg.eval.seed_offset,
                          budget=budget_range(cfg.rollout.budget),
                          unbudgeted=cfg.rollout.budget.unbudgeted_fraction)
         say(f"sft: {cfg.sft.steps} steps on {result.examples} reference conversations, "

@@ -7,7 +7,7 @@ import json
 from safetensors.torch import load_file
 
 from configs.loader import load_config
-from estuary.warm_start import BUILT_ON, machine, warm_start, warm_start_key
+from estuary.warm_start import BUILT_ON, machine, sft_environments, warm_start, warm_start_key
 
 
 def _cfg(*extra: str):
@@ -44,6 +44,10 @@ def test_any_input_that_changes_the_policy_changes_the_key(tmp_path, monkeypatch
     assert warm_start_key(_cfg("sft.cache=false")) == base  # whether to cache is not an input
     # nor are the learner's settings for an environment's groups
     assert warm_start_key(_cfg("environments.math.kl_coef=0", "environments.math.max_staleness=1")) == base
+    # RL's mix may change apart from SFT's: with `sft_weight` at the old weight the key stays
+    assert warm_start_key(_cfg("environments.math.weight=3", "environments.math.sft_weight=1")) == base
+    assert warm_start_key(_cfg("environments.math.weight=3")) != base  # no sft_weight: SFT's mix changed
+    assert warm_start_key(_cfg("environments.math.sft_weight=3")) != base
     said: list[str] = []
     warm_start(_cfg("sft.cache=false"), tmp_path / "c" / "policy", said.append)
     assert not any("cache" in s for s in said) and not (tmp_path / "cache").exists()
@@ -57,3 +61,11 @@ def test_a_damaged_build_record_does_not_stop_a_reuse(tmp_path):
     (tmp_path / BUILT_ON).write_text(json.dumps({"cpu": "Some CPU"}))
     assert _built_on(tmp_path) == "Some CPU"
     assert _built_on(tmp_path / "missing") == ""
+
+
+def test_sft_draws_by_sft_weight_where_set_and_by_weight_otherwise():
+    cfg = load_config("tiny_cpu", ["environments.math.weight=3", "environments.math.sft_weight=0.5",
+                                   "environments.code.weight=2"])
+    envs = sft_environments(cfg)
+    assert envs["math"].weight == 0.5 and envs["code"].weight == 2 and envs["tool_use"].weight == 1
+    assert cfg.environments["math"].weight == 3  # RL's mix is untouched

@@ -68,9 +68,10 @@ def warm_start_key(cfg: Config) -> str:
         "source": source_digest(),
     }
     inputs["sft"].pop("cache", None)  # whether to cache does not change what is built
-    for env in inputs["environments"].values():  # the learner's settings for an environment's groups
+    for env in inputs["environments"].values():  # RL's settings for an environment's groups
         env.pop("kl_coef", None)
         env.pop("max_staleness", None)
+        env.pop("rewards", None)  # shaping terms: SFT imitates reference turns, it is never scored
         env.pop("sft_weight", None)  # folded into `weight` above
     blob = json.dumps(inputs, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]

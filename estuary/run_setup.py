@@ -43,6 +43,13 @@ def check_run_config(cfg: Config) -> None:
             f"stream.max_len={cfg.stream.max_len} is too small: the learner holds up to {held} unacknowledged "
             f"groups between checkpoints (groups_per_step x checkpoint_every); set stream.max_len >= {2 * held} "
             "or checkpoint more often")
+    if not any(env.weight > 0 for env in cfg.environments.values()):
+        raise ConfigError("every environment has weight 0: RL would draw no prompt; give one a weight > 0")
+    from estuary.warm_start import sft_environments
+
+    if cfg.sft.steps and not any(env.weight > 0 for env in sft_environments(cfg).values()):
+        raise ConfigError(f"sft.steps={cfg.sft.steps} but every environment's sft_weight is 0: the warm start "
+                          "would have no reference conversation; give one an sft_weight > 0 (or set sft.steps=0)")
     unknown = sorted(set(cfg.eval.environments) - set(cfg.environments))
     if unknown:
         raise ConfigError(f"eval.environments names {unknown}, which are not under environments; "

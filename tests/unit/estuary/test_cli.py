@@ -64,3 +64,18 @@ def test_what_estuary_train_cannot_run_is_refused_up_front(override, message):
     check_run_config(load_config("tiny_cpu", []))
     with pytest.raises(ConfigError, match=message):
         check_run_config(load_config("tiny_cpu", [override]))
+
+
+def test_a_mix_with_nothing_to_draw_is_refused_up_front():
+    from configs import load_config
+    from configs.errors import ConfigError
+    from estuary.run_setup import check_run_config
+
+    names = ("math", "code", "tool_use", "long_context")
+    with pytest.raises(ConfigError, match="every environment has weight 0"):
+        check_run_config(load_config("tiny_cpu", [f"environments.{n}.weight=0" for n in names]))
+    no_sft = [f"environments.{n}.sft_weight=0" for n in names]
+    with pytest.raises(ConfigError, match="every environment's sft_weight is 0"):
+        check_run_config(load_config("tiny_cpu", no_sft))
+    check_run_config(load_config("tiny_cpu", [*no_sft, "sft.steps=0"]))  # no SFT: nothing to draw from
+    check_run_config(load_config("tiny_cpu", [f"environments.{n}.weight=0" for n in names[1:]]))

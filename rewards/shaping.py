@@ -1,4 +1,5 @@
-"""Built-in shaping rewards: format, length, DAPO's soft overlong penalty, a thinking-budget cost."""
+"""Built-in shaping rewards: format, a code block's form, length, DAPO's soft overlong penalty,
+a thinking-budget cost."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ _THINK = re.compile(r"<think>.*?</think>", re.S)
 _BOXED = re.compile(r"\\boxed\{")
 
 FORMAT_BONUS = 0.1
+MALFORMED_ANSWER = -0.1
+# One fenced python block and nothing else after the thinking (the form the code prompt asks for).
+_CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.S)
+# Other tasks' markup: a tiny policy trained on four environments leaks it into code answers.
+_FOREIGN = ("<think>", "</think>", "<tool_call>", "</tool_call>", "\\boxed")
 
 
 @register_reward("format")
@@ -27,6 +33,25 @@ def boxed_reward(ctx: RewardContext) -> float:
     """+0.1 when the answer after the thinking is given in \\boxed{...}."""
     after = ctx.response.split("</think>", 1)[-1]
     return FORMAT_BONUS if _BOXED.search(after) else 0.0
+
+
+@register_reward("code_block")
+def code_block_form(ctx: RewardContext) -> float:
+    """-0.1 unless the answer after one closed thinking block is a single ```python block.
+
+    Why: code's all-fail groups are dropped by dynamic sampling, so nothing pushed down the other
+    tasks' text (`\\boxed{20}`, `<tool_call>`, a second `</think>`) that took over code answers in
+    about one run in four. With this term, a group of wrong answers that differ in form is kept,
+    with advantages on the 0.1 scale, and the malformed ones are the ones pushed down.
+    """
+    text = ctx.response
+    if text.count("</think>") != 1 or text.count("<think>") > 1:
+        return MALFORMED_ANSWER
+    after = text.split("</think>", 1)[1].strip()
+    match = _CODE_BLOCK.fullmatch(after)
+    if match is None or after.count("```") != 2 or any(tag in match.group(1) for tag in _FOREIGN):
+        return MALFORMED_ANSWER
+    return 0.0
 
 
 @register_reward("length")

@@ -27,6 +27,29 @@ def test_format_and_boxed():
     assert boxed(RewardContext("<think>\\boxed{3}</think> 3")) == 0.0
 
 
+def test_code_block_form_flags_answers_that_are_not_one_clean_python_block():
+    form = get_reward("code_block")
+    good = "<think>Write the function.</think>\n```python\ndef f(x):\n    return x + 3\n```"
+    assert form(RewardContext(good)) == 0.0
+    assert form(RewardContext(good.replace("x + 3", "x + 4"))) == 0.0  # wrong but well formed
+    malformed = [
+        "<think>Write</think>\ndef f(x):\n    return x\n",  # no fence
+        good + "\nThe answer is 4.",  # text after it
+        good + "\n```python\nprint(1)\n```",  # two blocks
+        good.replace("x + 3", "x }</think>\nThe answer is 3"),  # a second </think>
+        good.replace("x + 3", "x {\"<tool_call>"),  # tool_use's markup
+        good.replace("x + 3", "\\boxed{20}"),  # math's
+        "<think>Write</think>}</tool_call> a</think>\n```python\ndef f(x):\n    return x\n```",
+        "```python\ndef f(x):\n    return x\n```",  # no thinking
+        "<think>Write the function.</think>\n```python\ndef f(x):\n    return x",  # cut off
+    ]
+    for text in malformed:
+        assert form(RewardContext(text)) == pytest.approx(-0.1), text
+    # a penalty, not a bonus: a hack verdict's zeroing of bonuses leaves it, and it never pays
+    total, parts = combine(["code_block"], RewardContext(good, correct=1.0))
+    assert (total, parts["code_block"]) == (1.0, 0.0)
+
+
 def test_budget_cost_pays_only_correct_answers_under_budget():
     budget = get_reward("budget")
     assert budget(RewardContext("", correct=1.0, thinking_tokens=25, thinking_budget=100)) == pytest.approx(0.15)

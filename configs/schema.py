@@ -350,6 +350,13 @@ class LearnerConfig:
     """Drop groups whose rewards are all equal (zero advantage) and wait for others."""
     overlong_filter: bool = False
     """Mask samples cut at `max_new_tokens` out of the loss."""
+    kl_anchor_groups: int = 0
+    """Where the policy term is silent the KL term still pulls toward the reference: up to this
+    many groups a step that dynamic sampling would drop (all rewards equal), from environments
+    with a KL coefficient, train with zero advantage for the KL term alone, and the overlong
+    filter leaves a cut sample's KL term in (its policy term stays out). 0: off. Why: a prompt
+    whose samples all fail gets no gradient at all, so drift that other prompts' updates carry
+    into it (other tasks' words in a code answer, a looping signature) is never pulled back."""
     freeze_router: bool = True
     """Keep MoE router weights fixed (Nemotron 3 Nano's RL recipe)."""
     load_balance_coef: float = 0.0

@@ -15,7 +15,9 @@ What one step does, in order:
    (and counted) when it is staler than `max_staleness` versions (per environment where the
    environment sets its own; `stale_policy: downweight` scales its advantages instead) or, with
    dynamic sampling, when all its rewards are equal (zero advantage: no signal). A group whose
-   rewards differ only by shaping is kept: its advantages stay on the shaping's scale.
+   rewards differ only by shaping is kept: its advantages stay on the shaping's scale. With
+   `kl_anchor_groups`, up to that many of the zero-variance groups join the step with zero
+   advantage for the KL term alone (they do not count towards `groups_per_step`).
 2. Advantages per group, from the task reward (the `correct` part) with the shaping terms
    (every other part) added on their own scale (`task_and_shaping_advantages`); samples cut
    at the length limit are left out with `overlong_filter` (no token of theirs would train);
@@ -216,11 +218,13 @@ class LearnerWorker:
         """Usable groups for one step, or None if they did not arrive within `timeout_s` (0: take
         what the stream holds now, without waiting: sync mode, whose rollouts are done)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        anchors: list[Entry] = []  # zero-variance groups that may train for the KL term alone
         while len(self._kept) < self.cfg.groups_per_step:
             left_ms = 200 if deadline is None else min(200, int((deadline - time.monotonic()) * 1000))
             entries = self.stream.read(count=self.cfg.groups_per_step - len(self._kept),
                                        block_ms=left_ms if left_ms > 0 else None)  # None: no wait
             if not entries and deadline is not None and time.monotonic() >= deadline:
+                self.stream.drop(anchors, "zero_variance")  # no step to join
                 return None
             dropped: dict[str, list[Entry]] = {}
             for entry in entries:
@@ -228,6 +232,8 @@ class LearnerWorker:
                 usable, scale, staleness, why = self._admit(entry.group)
                 if usable:
                     self._kept.append((entry, scale, staleness))
+                elif why == "zero_variance" and self._anchors_kl(entry.group):
+                    anchors.append(entry)
                 else:
                     dropped.setdefault(why, []).append(entry)
             # A dropped group changes no weights, and a resumed learner would drop it again, so it
@@ -235,8 +241,17 @@ class LearnerWorker:
             # groups trained since the last checkpoint (producers wait when the stream is full).
             for why, settled in dropped.items():
                 self.stream.drop(settled, why)
+            if len(anchors) > self.cfg.kl_anchor_groups:  # the newest are kept: the oldest go stale first
+                self.stream.drop(anchors[: -self.cfg.kl_anchor_groups], "zero_variance")
+                anchors = anchors[-self.cfg.kl_anchor_groups:]
         kept, self._kept = self._kept[: self.cfg.groups_per_step], self._kept[self.cfg.groups_per_step:]
-        return kept
+        self.counters["kl_anchor_groups"] += len(anchors)
+        # zero advantage (scale 0): the group trains its KL term alone
+        return kept + [(entry, 0.0, self.version - max(entry.group.min_version, 0)) for entry in anchors]
+
+    def _anchors_kl(self, group: TrajectoryGroup) -> bool:
+        """Whether a zero-variance group may join a step for its KL term (`kl_anchor_groups`)."""
+        return self.cfg.kl_anchor_groups > 0 and self.env_kl_coef.get(group.env_id, self.cfg.kl_coef) > 0
 
     def _groups(self, kept) -> list[tuple[list[Trajectory], list[float], str]]:
         """Each kept group's (samples, advantages, env id), advantages from the whole group. With the
@@ -251,7 +266,9 @@ class LearnerWorker:
             for sample, a in zip(group.samples, adv.tolist(), strict=True):
                 if self.cfg.overlong_filter and sample.finish_reason == "length":
                     self.counters["overlong_masked"] += 1
-                    continue
+                    if not self._anchors_kl(group):
+                        continue
+                    a = 0.0  # its KL term alone (`kl_anchor_groups`)
                 samples.append(sample)
                 advantages.append(a)
             if samples:

@@ -118,6 +118,62 @@ def test_downweighted_stale_groups_and_overlong_filter(tmp_path):
         assert samples == [mixed.samples[i] for i in (0, 2, 3)] and advantages == [full[i] for i in (0, 2, 3)]
 
 
+def test_kl_anchor_groups_train_zero_variance_groups_for_the_kl_alone(tmp_path):
+    """`kl_anchor_groups`: all-equal groups of environments with a KL join the step, at most that
+    many and with zero advantage; the rest are dropped as before, and every joined group is
+    committed like a trained one."""
+    with EmbeddedRedis() as server:
+        producer = TrajectoryStream(server.url, consumer="rollout")
+        flat = (0.0, 0.0, 0.0, 0.0)
+        groups = [make_group(0), make_group(1, rewards=flat), make_group(2, rewards=flat, env="estuary/nokl"),
+                  make_group(3, rewards=flat), make_group(4, rewards=flat, finish="length"), make_group(5)]
+        for g in groups:
+            producer.publish(g)
+        cfg = _cfg(kl_coef=0.1, kl_anchor_groups=2, overlong_filter=True, checkpoint_every=0)
+        stream = TrajectoryStream(server.url, consumer="l")
+        worker = LearnerWorker(cfg, init_policy("tiny-attention", seed=0), stream, tmp_path,
+                               env_kl_coef={"estuary/nokl": 0.0})
+        kept = worker.collect(timeout_s=10)
+        # two informative groups, then the two newest anchors (g1 is the oldest of three: dropped)
+        assert [(e.group.group_id, scale) for e, scale, _ in kept] == [
+            ("g0-0", 1.0), ("g5-0", 1.0), ("g3-0", 0.0), ("g4-0", 0.0)]
+        assert stream.dropped() == {"g1-0": "zero_variance", "g2-0": "zero_variance"}
+        trained = worker._groups(kept)
+        # the cut samples of g4 stay, for their KL term: every anchor row has advantage 0
+        assert [len(s) for s, _, _ in trained] == [4, 4, 4, 4]
+        assert all(a == 0.0 for _, adv, _ in trained[2:] for a in adv)
+        assert any(a != 0.0 for a in trained[0][1])
+        assert worker.counters["kl_anchor_groups"] == 2
+        # without a KL term there is nothing to anchor: the cut samples leave the loss as before
+        assert worker._anchors_kl(groups[2]) is False
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
+def test_anchor_rows_move_the_policy_by_the_kl_alone(kl_coef):
+    """Rows of zero advantage, a policy that has drifted from its reference: without a KL term
+    the step changes no weight; with one, every step brings the policy back toward the reference."""
+    from learner.batching import pack
+    from learner.trainer import Trainer, TrainerOptions
+    from learner.worker import objective_from
+
+    policy = init_policy("tiny-attention", seed=0)
+    trainer = Trainer(policy.model, TrainerOptions(backend="torch", lr=3e-3, weight_decay=0.0,
+                                                   keep_reference=True))
+    with torch.no_grad():  # drift: the policy is no longer its reference
+        for p in policy.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    group = make_group(7, rewards=(0.0,) * 4)
+    batches = pack(group.samples, [0.0] * 4, 256, 0)
+    objective = objective_from(_cfg(kl_coef=kl_coef, kl_anchor_groups=2))
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    kls = [trainer.train(batches, objective)[0].get("kl", 0.0) for _ in range(4)]
+    moved = any(not torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
+    if kl_coef == 0.0:
+        assert not moved
+    else:
+        assert moved and kls[-1] < kls[0], kls
+
+
 @pytest.mark.parametrize("aggregation", ["token", "sequence"])
 def test_a_row_without_policy_tokens_changes_no_step(aggregation):
     """Leaving a cut sample out equals training it with its loss mask cleared: the same update."""

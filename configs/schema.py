@@ -227,6 +227,9 @@ class EnvironmentConfig:
     kl_coef: float | None = None
     """Override of `learner.kl_coef` for this environment's samples (0: no pull toward the
     reference for them; a reference model is kept when any environment's coefficient is > 0)."""
+    overlong_filter: bool | None = None
+    """Override of `learner.overlong_filter` for this environment's samples. A cut code answer is
+    a failed one (a signature looping to the limit), not a long answer that may be right."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for `environments.make` (difficulty, dataset, ...)."""
 

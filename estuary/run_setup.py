@@ -92,8 +92,9 @@ def weight_channel(cfg: Config, run_dir: Path) -> Iterator[SyncChannel]:
 def learner_spec(cfg: Config, run_dir: Path, policy_dir: Path, redis_url: str, channel: SyncChannel) -> LearnerSpec:
     staleness = {env.id: env.max_staleness for env in cfg.environments.values() if env.max_staleness is not None}
     kl = {env.id: env.kl_coef for env in cfg.environments.values() if env.kl_coef is not None}
+    overlong = {env.id: env.overlong_filter for env in cfg.environments.values() if env.overlong_filter is not None}
     return LearnerSpec(cfg.learner, cfg.model, str(policy_dir), str(run_dir), redis_url, cfg.stream,
-                       channel, staleness, cfg.rollout.sampling, env_kl_coef=kl)
+                       channel, staleness, cfg.rollout.sampling, env_kl_coef=kl, env_overlong_filter=overlong)
 
 
 def rollout_specs(cfg: Config, policy_dir: Path, redis_url: str, channel: SyncChannel) -> list[RolloutSpec]:

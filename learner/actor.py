@@ -36,6 +36,8 @@ class LearnerSpec:
     """The rollout's sampler settings (`rollout.sampling`): the learner's log-probs use the same."""
     env_kl_coef: dict[str, float] = field(default_factory=dict)
     """Per-environment overrides of `learner.kl_coef` (`environments.<name>.kl_coef`), by env id."""
+    env_overlong_filter: dict[str, bool] = field(default_factory=dict)
+    """Per-environment overrides of `learner.overlong_filter`, by env id."""
     cpus: int = 1
     """Torch threads of this learner (`learner.threads`, else its placement bundle's CPUs)."""
     rank: int = 0
@@ -75,7 +77,8 @@ def build_learner(spec: LearnerSpec):
     mtp = spec.model.mtp_loss_coef if getattr(policy.model, "mtp", None) is not None else 0.0
     return LearnerWorker(spec.learner, policy, stream, spec.run_dir, sync=sync,
                          env_staleness=spec.env_staleness, mtp_coef=mtp, temperature=spec.sampling.temperature,
-                         top_p=spec.sampling.top_p, top_k=spec.sampling.top_k, env_kl_coef=spec.env_kl_coef)
+                         top_p=spec.sampling.top_p, top_k=spec.sampling.top_k, env_kl_coef=spec.env_kl_coef,
+                         env_overlong_filter=spec.env_overlong_filter)
 
 
 @ray.remote

@@ -120,11 +120,13 @@ class LearnerWorker:
     def __init__(self, cfg: LearnerConfig, policy: Policy, stream: TrajectoryStream, run_dir: str | Path,
                  sync=None, env_staleness: dict[str, int] | None = None, mtp_coef: float = 0.0,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 env_kl_coef: dict[str, float] | None = None) -> None:
+                 env_kl_coef: dict[str, float] | None = None,
+                 env_overlong_filter: dict[str, bool] | None = None) -> None:
         self.cfg, self.policy, self.stream, self.sync = cfg, policy, stream, sync
         self.run_dir = Path(run_dir)
         self.env_staleness = env_staleness or {}
         self.env_kl_coef = env_kl_coef or {}  # per-environment overrides of cfg.kl_coef
+        self.env_overlong_filter = env_overlong_filter or {}  # ... and of cfg.overlong_filter
         # The engines' sampler settings: the learner's log-probs must be of the same distribution.
         self.objective = objective_from(cfg, mtp_coef, temperature, top_p, top_k)
         self.trainer = Trainer(policy.model, TrainerOptions(
@@ -264,7 +266,7 @@ class LearnerWorker:
             adv = task_and_shaping_advantages(*task_and_shaping(group), self.cfg.advantage)[0] * scale
             samples, advantages = [], []
             for sample, a in zip(group.samples, adv.tolist(), strict=True):
-                if self.cfg.overlong_filter and sample.finish_reason == "length":
+                if sample.finish_reason == "length" and self.env_overlong_filter.get(group.env_id, self.cfg.overlong_filter):
                     self.counters["overlong_masked"] += 1
                     if not self._anchors_kl(group):
                         continue

@@ -116,6 +116,12 @@ def test_downweighted_stale_groups_and_overlong_filter(tmp_path):
         (samples, advantages, _env), = worker._groups([(Entry("2-0", mixed), 1.0, 0)])
         full = worker._groups([(Entry("2-0", make_group(2, rewards=(1.0, 0.0, 0.0, 0.0))), 1.0, 0)])[0][1]
         assert samples == [mixed.samples[i] for i in (0, 2, 3)] and advantages == [full[i] for i in (0, 2, 3)]
+        # an environment may keep its cut samples (`environments.<name>.overlong_filter: false`)
+        worker.env_overlong_filter = {"estuary/code": False}
+        code = make_group(2, rewards=(1.0, 0.0, 0.0, 0.0), env="estuary/code")
+        code.samples[1].finish_reason = "length"
+        (samples, advantages, _env), = worker._groups([(Entry("3-0", code), 1.0, 0)])
+        assert samples == code.samples and advantages == full  # trained, its advantage negative
 
 
 def test_kl_anchor_groups_train_zero_variance_groups_for_the_kl_alone(tmp_path):
@@ -248,7 +254,8 @@ def test_the_learner_takes_the_samplers_temperature_and_top_p_from_the_config(tm
 
     cfg = load_config("tiny_cpu", ["rollout.sampling.temperature=0.7", "rollout.sampling.top_p=0.9",
                                    "learner.backend=torch", "model.mtp_loss_coef=0",
-                                   "environments.long_context.kl_coef=0"])
+                                   "environments.long_context.kl_coef=0",
+                                   "environments.code.overlong_filter=false"])
     write_preset("tiny-attention", tmp_path / "policy")
     with EmbeddedRedis() as server:
         channel = sync_channel(cfg, tmp_path / "run")
@@ -256,6 +263,7 @@ def test_the_learner_takes_the_samplers_temperature_and_top_p_from_the_config(tm
         worker.sync.close()
     assert (worker.objective.temperature, worker.objective.top_p, worker.objective.top_k) == (0.7, 0.9, 0)
     assert worker.env_kl_coef == {"estuary/long_context": 0.0}  # `environments.<name>.kl_coef`, by env id
+    assert worker.env_overlong_filter == {"estuary/code": False}  # and `.overlong_filter`
     with pytest.raises(ConfigError, match="kl_coef"):
         load_config("tiny_cpu", ["environments.math.kl_coef=-0.1"])
 

@@ -344,7 +344,9 @@ class LearnerConfig:
     kl_estimator: str = "k2"
     """The KL term's form in the loss: `k2` (0.5 (logp - ref)^2: on-policy, its gradient is exactly
     KL(pi || ref)'s, and bounded by the log-ratio) or `k3` (exp(d) - d - 1: its gradient carries the
-    unbounded ratio ref/pi; `learner/losses.kl_penalty`). The logged `kl` is k3's value either way."""
+    unbounded ratio ref/pi; `learner/losses.kl_penalty`) or `full` (the exact KL of each position's
+    whole next-token distribution, `learner/losses.full_kl`: it also sees mass moving to tokens no
+    sample wrote; needs `logprob_chunk: 0`). The logged `kl` is k3's value on the sampled tokens."""
     max_staleness: int = 4
     """Groups more than this many policy versions old are dropped or down-weighted."""
     stale_policy: str = "drop"
@@ -386,7 +388,10 @@ class LearnerConfig:
         _one_of("learner", "loss_aggregation", self.loss_aggregation, ("token", "sequence"))
         _one_of("learner", "ratio_level", self.ratio_level, ("token", "sequence"))
         _one_of("learner", "is_correction", self.is_correction, ("none", "truncate", "mask"))
-        _one_of("learner", "kl_estimator", self.kl_estimator, ("k2", "k3"))
+        _one_of("learner", "kl_estimator", self.kl_estimator, ("k2", "k3", "full"))
+        if self.kl_estimator == "full" and self.logprob_chunk:
+            raise ConfigError("learner.kl_estimator=full reads every position's logits, which "
+                              f"learner.logprob_chunk={self.logprob_chunk} never holds at once: set it to 0")
         _one_of("learner", "stale_policy", self.stale_policy, ("drop", "downweight"))
         _one_of("learner", "placement", self.placement, ("PACK", "SPREAD", "STRICT_SPREAD"))
         _positive("learner", "lr", self.lr)

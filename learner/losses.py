@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class LossConfig:
     is_correction: str = "truncate"  # none | truncate | mask
     is_cap: float = 2.0
     kl_coef: float = 0.0
-    kl_estimator: str = "k2"  # k2 | k3: the KL term's per-token form in the loss (see `kl_penalty`)
+    kl_estimator: str = "k2"  # k2 | k3 | full: the KL term's per-token form (`kl_penalty`, `full_kl`)
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -60,6 +61,19 @@ def k2_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return 0.5 * (logp - ref_logp) ** 2
 
 
+def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """logits, ref_logits (B, T, V) -> (B, T): the exact KL(pi || ref) of each position's whole
+    next-token distribution (logits / `temperature`, no top-p/top-k truncation), aligned as
+    `logprobs_from_logits` (position t holds the distribution that predicted token t; 0 at 0).
+
+    Unlike k2 and k3, which see only the sampled token, it sees a token that every sample writes
+    (probability ~1, so its advantages cancel and k2's gradient is 0) losing mass to one no sample
+    has written yet: the form code's collapses took in the quick start (README, session 36)."""
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # (B, T-1, V)
+    ref = torch.log_softmax(ref_logits[:, :-1].float() / temperature, dim=-1)
+    return F.pad((logp.exp() * (logp - ref)).sum(-1), (1, 0))  # (B, T)
+
+
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
     """(B, T) KL term of the loss.
 
@@ -79,9 +93,10 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> to
 
 def policy_loss(logp: torch.Tensor, behav: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
                 cfg: LossConfig, prox: torch.Tensor | None = None,
-                ref_logp: torch.Tensor | None = None, kl_coef: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Returns (scalar loss, statistics)."""
+                ref_logp: torch.Tensor | None = None, kl_coef: torch.Tensor | None = None,
+                kl_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Returns (scalar loss, statistics). `kl_tokens` (B, T): the KL term per position computed
+    elsewhere (`full_kl`), used instead of `kl_estimator` on `ref_logp`."""
     mask = mask.float()
     anchor = behav if prox is None else prox
     log_ratio = logp - anchor  # (B, T)
@@ -107,7 +122,8 @@ def policy_loss(logp: torch.Tensor, behav: torch.Tensor, adv: torch.Tensor, mask
     per_token = per_token * weights
     if ref_logp is not None and (kl_coef is not None or cfg.kl_coef):
         coef = cfg.kl_coef if kl_coef is None else kl_coef.to(per_token.dtype)[:, None]  # scalar or (B, 1)
-        per_token = per_token + coef * kl_penalty(logp, ref_logp, cfg.kl_estimator)
+        kl = kl_tokens if kl_tokens is not None else kl_penalty(logp, ref_logp, cfg.kl_estimator)
+        per_token = per_token + coef * kl
     loss = aggregate(per_token, mask, cfg.aggregation)
     with torch.no_grad():
         n = mask.sum().clamp(min=1)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from learner.batching import MicroBatch
 from learner.logprobs import chunked_logprobs, logprobs_from_logits
-from learner.losses import LossConfig, load_balance_loss, policy_loss
+from learner.losses import LossConfig, full_kl, load_balance_loss, policy_loss
 from models.routing import RouterTap
 
 __all__ = ["Objective", "forward", "logprobs_from_logits", "microbatch_loss", "policy_logprobs", "reference_logprobs"]
@@ -127,6 +127,11 @@ def _shared_prompt_forward(module, model, batch: MicroBatch, chunked: bool = Fal
 def policy_logprobs(module, model, batch: MicroBatch, objective: Objective, hidden: bool = False):
     """(log-probs (B, T), entropy (B, T), hidden window or None, RouterTap, s) under the sampler's
     processing; positions before s (prompt tokens when the prompt is shared) get 0."""
+    return policy_outputs(module, model, batch, objective, hidden)[1:]
+
+
+def policy_outputs(module, model, batch: MicroBatch, objective: Objective, hidden: bool = False):
+    """`policy_logprobs` with the logits (B, T-s, V) in front (None when chunked)."""
     logits, states, tap, start = forward(module, model, batch, objective, hidden=hidden)
     ids, sampler = batch.input_ids[:, start:], (objective.temperature, objective.top_p, objective.top_k)
     if logits is None:  # chunked: from the hidden states, a chunk of positions at a time
@@ -135,7 +140,7 @@ def policy_logprobs(module, model, batch: MicroBatch, objective: Objective, hidd
         logp, entropy = logprobs_from_logits(logits, ids, *sampler)  # (B, T-s) each
     if start:
         logp, entropy = F.pad(logp, (start, 0)), F.pad(entropy, (start, 0))
-    return logp, entropy, states, tap, start
+    return logits, logp, entropy, states, tap, start
 
 
 @torch.no_grad()
@@ -143,6 +148,18 @@ def reference_logprobs(model, batch: MicroBatch, objective: Objective) -> torch.
     """(B, T) log-probs under `model` without gradients (the proximal or reference policy); `model`
     may be a DeepSpeed engine (a ZeRO-3 sharded reference), which runs the forward pass."""
     return policy_logprobs(model, getattr(model, "module", model), batch, objective)[0]
+
+
+def _full_kl(ref_model, batch: MicroBatch, objective: Objective, logits: torch.Tensor | None,
+             start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference log-probs (B, T), exact KL(pi || ref) per position (B, T)) for `kl_estimator:
+    full`: the reference's whole distributions against the policy's `logits` (positions s..T-1)."""
+    if logits is None:
+        raise ValueError("learner.kl_estimator=full needs the logits: set learner.logprob_chunk=0")
+    with torch.no_grad():
+        ref_logits, ref, *_ = policy_outputs(ref_model, getattr(ref_model, "module", ref_model), batch, objective)
+    kl = full_kl(logits, ref_logits, objective.temperature)  # (B, T-s)
+    return ref, F.pad(kl, (start, 0)) if start else kl
 
 
 def _within_nucleus(mask: torch.Tensor, *logps: torch.Tensor | None):
@@ -173,16 +190,21 @@ def _needs_reference(ref_model, batch: MicroBatch, objective: Objective) -> bool
 def microbatch_loss(module, model, batch: MicroBatch, objective: Objective, ref_model=None
                     ) -> tuple[torch.Tensor, dict[str, float]]:
     want_mtp = objective.mtp_coef > 0 and getattr(model, "mtp", None) is not None
-    logp, entropy, hidden, tap, start = policy_logprobs(module, model, batch, objective, hidden=want_mtp)
+    logits, logp, entropy, hidden, tap, start = policy_outputs(module, model, batch, objective, hidden=want_mtp)
     prox = None
     if objective.decoupled:
         prox = batch.prox_logp if batch.prox_logp is not None else logp.detach()
-    ref = reference_logprobs(ref_model, batch, objective) if _needs_reference(ref_model, batch, objective) else None
+    ref = kl_tokens = None
+    if _needs_reference(ref_model, batch, objective):
+        if objective.loss.kl_estimator == "full":
+            ref, kl_tokens = _full_kl(ref_model, batch, objective, logits, start)
+        else:
+            ref = reference_logprobs(ref_model, batch, objective)
     mask, trained = batch.loss_mask, batch.loss_mask
     if objective.truncates:
         trained, (logp, prox, ref) = _within_nucleus(mask, logp, prox, ref)
     loss, stats = policy_loss(logp, batch.behav_logp, batch.advantages, trained, objective.loss,
-                              prox=prox, ref_logp=ref, kl_coef=batch.kl_coef)
+                              prox=prox, ref_logp=ref, kl_coef=batch.kl_coef, kl_tokens=kl_tokens)
     n = mask.sum().clamp(min=1)
     if objective.truncates:
         stats["outside_nucleus"] = float((mask - trained).sum() / n)

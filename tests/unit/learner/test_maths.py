@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from learner.advantages import group_advantages, informative_groups, task_and_shaping_advantages
-from learner.losses import LossConfig, aggregate, k3_kl, policy_loss
+from learner.losses import LossConfig, aggregate, k2_kl, k3_kl, policy_loss
 
 
 def test_advantages_hand_computed():
@@ -144,6 +144,30 @@ def test_k2_kl_value_is_half_the_squared_log_ratio_and_kl_stat_stays_k3():
                               LossConfig(is_correction="none", kl_coef=0.1), ref_logp=ref)
     assert loss.item() == pytest.approx(0.1 * (0.5 * 1.0 + 0.5 * 4.0) / 2)
     assert stats["kl"] == pytest.approx(k3_kl(lp.detach(), ref).mean().item())
+
+
+def test_full_kl_is_each_positions_exact_kl_and_sees_mass_no_sample_wrote():
+    from learner.losses import full_kl
+
+    torch.manual_seed(0)
+    logits, ref_logits = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    kl = full_kl(logits, ref_logits, temperature=0.7)
+    p, r = (logits / 0.7).softmax(-1), (ref_logits / 0.7).softmax(-1)
+    exact = (p * (p.log() - r.log())).sum(-1)  # (2, 5): position t predicts token t + 1
+    assert kl.shape == (2, 5) and torch.all(kl[:, 0] == 0)
+    assert torch.allclose(kl[:, 1:], exact[:, :-1], atol=1e-5)
+    assert full_kl(logits, logits).abs().max().item() < 1e-6
+    # Every sample writes token 0 (the reference's 0.999); the policy has moved 0.1 of its mass
+    # to token 1, which no sample wrote. The pull on token 1's logit: k2 sees it only through the
+    # sampled token's small log-ratio, the whole-distribution KL through token 1's own (~4.6).
+    ref = torch.log(torch.tensor([[[0.999, 0.0005, 0.0005]] * 2]))
+    pol = torch.log(torch.tensor([[[0.9, 0.0995, 0.0005]] * 2])).requires_grad_(True)
+    full_kl(pol, ref)[0, 1].backward()
+    full_grad = pol.grad[0, 0, 1].item()
+    pol.grad = None
+    logp = torch.log_softmax(pol, -1)[0, 0, 0]  # the sampled token's log-prob
+    k2_kl(logp, ref[0, 0, 0]).backward()
+    assert full_grad > 0.4 and 0 < pol.grad[0, 0, 1].item() < full_grad / 20  # both push it down
 
 
 def test_a_per_sequence_kl_coefficient_weighs_each_row_alone():

@@ -130,11 +130,12 @@ def test_minibatches_recompute_the_proximal_policy_so_the_clip_acts_on_later_ste
     assert any(abs(s["ratio_mean"] - 1.0) > 1e-4 for s in stats[1:])  # later steps moved away
 
 
-def test_kl_to_the_reference_is_zero_at_start_and_grows():
+@pytest.mark.parametrize("estimator", ["k2", "full"])
+def test_kl_to_the_reference_is_zero_at_start_and_grows(estimator):
     policy = init_policy("tiny-attention", seed=0)
     batch = _batch(policy)
     trainer = Trainer(policy.model, TrainerOptions(backend="torch", lr=5e-3, keep_reference=True))
-    objective = Objective(loss=LossConfig(is_correction="none", kl_coef=0.1))
+    objective = Objective(loss=LossConfig(is_correction="none", kl_coef=0.1, kl_estimator=estimator))
     first = trainer.step([batch], objective)
     later = [trainer.step([batch], objective) for _ in range(3)]
     assert first["kl"] == pytest.approx(0.0, abs=1e-7) and later[-1]["kl"] > 1e-4

@@ -154,8 +154,8 @@ def test_kl_anchor_groups_train_zero_variance_groups_for_the_kl_alone(tmp_path):
         assert worker._anchors_kl(groups[2]) is False
 
 
-@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
-def test_anchor_rows_move_the_policy_by_the_kl_alone(kl_coef):
+@pytest.mark.parametrize(("kl_coef", "estimator"), [(0.0, "k2"), (0.1, "k2"), (0.1, "full")])
+def test_anchor_rows_move_the_policy_by_the_kl_alone(kl_coef, estimator):
     """Rows of zero advantage, a policy that has drifted from its reference: without a KL term
     the step changes no weight; with one, every step brings the policy back toward the reference."""
     from learner.batching import pack
@@ -170,7 +170,7 @@ def test_anchor_rows_move_the_policy_by_the_kl_alone(kl_coef):
             p.add_(0.05 * torch.randn_like(p))
     group = make_group(7, rewards=(0.0,) * 4)
     batches = pack(group.samples, [0.0] * 4, 256, 0)
-    objective = objective_from(_cfg(kl_coef=kl_coef, kl_anchor_groups=2))
+    objective = objective_from(_cfg(kl_coef=kl_coef, kl_anchor_groups=2, kl_estimator=estimator))
     before = {k: v.clone() for k, v in policy.model.state_dict().items()}
     kls = [trainer.train(batches, objective)[0].get("kl", 0.0) for _ in range(4)]
     moved = any(not torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
@@ -266,6 +266,8 @@ def test_the_learner_takes_the_samplers_temperature_and_top_p_from_the_config(tm
     assert worker.env_overlong_filter == {"estuary/code": False}  # and `.overlong_filter`
     with pytest.raises(ConfigError, match="kl_coef"):
         load_config("tiny_cpu", ["environments.math.kl_coef=-0.1"])
+    with pytest.raises(ConfigError, match="logprob_chunk=64 never holds"):
+        load_config("tiny_cpu", ["learner.kl_estimator=full", "learner.logprob_chunk=64"])
 
 
 def test_a_resumed_learner_completes_the_commit_record_and_does_not_rewrite_its_checkpoint(tmp_path):

@@ -47,7 +47,8 @@ def test_any_input_that_changes_the_policy_changes_the_key(tmp_path, monkeypatch
                                "environments.math.rewards=[length]", "environments.code.overlong_filter=false")) == base
     # RL's mix may change apart from SFT's: with `sft_weight` at the old weight the key stays
     assert warm_start_key(_cfg("environments.math.weight=3", "environments.math.sft_weight=1")) == base
-    assert warm_start_key(_cfg("environments.math.weight=3")) != base  # no sft_weight: SFT's mix changed
+    assert warm_start_key(_cfg("environments.math.weight=3")) == base  # the config sets math's sft_weight
+    assert warm_start_key(_cfg("environments.code.weight=3")) != base  # no sft_weight: SFT's mix changed
     assert warm_start_key(_cfg("environments.math.sft_weight=3")) != base
     said: list[str] = []
     warm_start(_cfg("sft.cache=false"), tmp_path / "c" / "policy", said.append)

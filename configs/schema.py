@@ -362,6 +362,15 @@ class LearnerConfig:
     filter leaves a cut sample's KL term in (its policy term stays out). 0: off. Why: a prompt
     whose samples all fail gets no gradient at all, so drift that other prompts' updates carry
     into it (other tasks' words in a code answer, a looping signature) is never pulled back."""
+    reference_kl_coef: float = 0.0
+    """Weight of the KL to the warm start on the environments' reference answers (teacher-forced,
+    the whole next-token distribution at each answer position, `learner/reference_kl.py`). 0: off.
+    Unlike `kl_coef`'s term it reaches contexts the policy no longer samples well, in every step:
+    a skeleton token of an answer losing its mass is pulled back even once that environment's
+    groups all fail and leave the loss. Reference conversations of the environments with a KL
+    coefficient (training seeds), `reference_kl_rows` a step; logged per environment."""
+    reference_kl_rows: int = 6
+    """Reference conversations a step for `reference_kl_coef`, round-robin over the environments."""
     freeze_router: bool = True
     """Keep MoE router weights fixed (Nemotron 3 Nano's RL recipe)."""
     load_balance_coef: float = 0.0
@@ -403,6 +412,8 @@ class LearnerConfig:
         _positive("learner", "publish_every", self.publish_every)
         _positive("learner", "minibatches", self.minibatches)
         _positive("learner", "epochs", self.epochs)
+        _positive("learner", "reference_kl_coef", self.reference_kl_coef, allow_zero=True)
+        _positive("learner", "reference_kl_rows", self.reference_kl_rows)
 
 
 @dataclass

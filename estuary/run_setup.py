@@ -94,7 +94,29 @@ def learner_spec(cfg: Config, run_dir: Path, policy_dir: Path, redis_url: str, c
     kl = {env.id: env.kl_coef for env in cfg.environments.values() if env.kl_coef is not None}
     overlong = {env.id: env.overlong_filter for env in cfg.environments.values() if env.overlong_filter is not None}
     return LearnerSpec(cfg.learner, cfg.model, str(policy_dir), str(run_dir), redis_url, cfg.stream,
-                       channel, staleness, cfg.rollout.sampling, env_kl_coef=kl, env_overlong_filter=overlong)
+                       channel, staleness, cfg.rollout.sampling, env_kl_coef=kl, env_overlong_filter=overlong,
+                       reference_rows=reference_rows_of(cfg, policy_dir))
+
+
+# Reference conversations in `learner.reference_kl_coef`'s pool, per environment: a step draws a
+# few (`reference_kl_rows`), so each is seen several times over a quick start's ~250 steps.
+REFERENCE_POOL = 64
+
+
+def reference_rows_of(cfg: Config, policy_dir: Path) -> list:
+    """The pool for `learner.reference_kl_coef` (empty when off): the environments RL draws from,
+    less those that set their own `kl_coef` to 0 (no pull toward the warm start wanted there)."""
+    if cfg.learner.reference_kl_coef <= 0:
+        return []
+    from transformers import AutoTokenizer
+
+    from rollout.worker import budget_range
+    from warmstart.sft import reference_rows
+
+    envs = {name: env for name, env in cfg.environments.items() if env.weight > 0 and env.kl_coef != 0}
+    return reference_rows(AutoTokenizer.from_pretrained(policy_dir), envs, REFERENCE_POOL, cfg.run.seed,
+                          cfg.eval.seed_offset, cfg.sft.cut_fraction, budget_range(cfg.rollout.budget),
+                          cfg.rollout.budget.unbudgeted_fraction)
 
 
 def rollout_specs(cfg: Config, policy_dir: Path, redis_url: str, channel: SyncChannel) -> list[RolloutSpec]:

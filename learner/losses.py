@@ -69,9 +69,18 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float =
     Unlike k2 and k3, which see only the sampled token, it sees a token that every sample writes
     (probability ~1, so its advantages cancel and k2's gradient is 0) losing mass to one no sample
     has written yet: the form code's collapses took in the quick start (README, session 36)."""
-    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # (B, T-1, V)
-    ref = torch.log_softmax(ref_logits[:, :-1].float() / temperature, dim=-1)
-    return F.pad((logp.exp() * (logp - ref)).sum(-1), (1, 0))  # (B, T)
+    z = logits[:, :-1].float() / temperature  # (B, T-1, V)
+    logp = torch.log_softmax(z, dim=-1)
+    gap = logp - torch.log_softmax(ref_logits[:, :-1].float() / temperature, dim=-1)  # (B, T-1, V)
+    p = logp.exp()
+    kl = (p * gap).sum(-1)  # (B, T-1)
+    # Its gradient in z is p (gap - kl), taken here in closed form: autograd through p * gap adds
+    # p (1 - sum p), float rounding that is not 0 where pi == ref, and Adam's per-weight scaling
+    # turns such a gradient into moves of a tenth of the learning rate.
+    with torch.no_grad():
+        direction = p * (gap - kl[..., None])
+    surrogate = (direction * z).sum(-1)
+    return F.pad(kl.detach() + surrogate - surrogate.detach(), (1, 0))  # (B, T)
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:

@@ -179,9 +179,9 @@ class Trainer:
             group["lr"] = base * factor
 
     def train(self, batches: list[MicroBatch], objective: Objective, minibatches: int = 1,
-              epochs: int = 1) -> list[dict[str, float]]:
+              epochs: int = 1, extra=None) -> list[dict[str, float]]:
         """`epochs` passes of `minibatches` optimizer steps over `batches` (PPO-style); one statistics
-        dict per step.
+        dict per step. `extra`: a loss every optimizer step adds (see `step`).
 
         With the decoupled objective and more than one step, the proximal log-probs (the weights
         before the first step) are recomputed for every micro-batch first: every later step's
@@ -194,7 +194,7 @@ class Trainer:
             for batch in batches:
                 batch.prox_logp = reference_logprobs(self.model, batch.to(self.device), objective)
         chunks = [batches[i::minibatches] for i in range(minibatches)]
-        return [self.step(chunk, objective) for _ in range(epochs) for chunk in chunks]
+        return [self.step(chunk, objective, extra) for _ in range(epochs) for chunk in chunks]
 
     def full_state_dict(self, bucket_bytes: int = 256 << 20) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on rank 0 (None on others); a collective call under ZeRO-3.
@@ -232,14 +232,28 @@ class Trainer:
         state = self.full_state_dict()
         return self.average.applied(state) if state is not None and self.average is not None else state
 
+    def _extra(self, extra, module) -> dict[str, float]:
+        """Back-propagate `extra`'s loss as the step's last gradient (the accumulation boundary)."""
+        loss, stats = extra(module, self.model, self.reference, self.device)
+        if self.engine is not None:
+            self.engine.set_gradient_accumulation_boundary(True)
+            self.engine.backward(loss)
+        else:
+            loss.backward()
+        return stats
+
     def barrier(self) -> None:
         if self.world_size > 1:
             import torch.distributed as dist
 
             dist.barrier()
 
-    def step(self, batches: list[MicroBatch], objective: Objective | LossConfig) -> dict[str, float]:
-        """One optimizer step over `batches`; returns token-weighted statistics."""
+    def step(self, batches: list[MicroBatch], objective: Objective | LossConfig, extra=None) -> dict[str, float]:
+        """One optimizer step over `batches`; returns token-weighted statistics.
+
+        `extra(module, model, reference, device) -> (loss, stats)`: a term of its own scale added to
+        the step (`learner.reference_kl`), back-propagated after the micro-batches, on every rank.
+        """
         if isinstance(objective, LossConfig):  # the plain clipped loss against the behaviour policy
             objective = Objective(loss=objective, decoupled=False)
         local = sum(b.n_tokens for b in batches)
@@ -247,7 +261,9 @@ class Trainer:
         if self.world_size > 1:
             total, = all_reduce([local], "sum")
             n_micro = int(all_reduce([len(batches)], "max")[0])
-        if total == 0:  # nothing to train anywhere (every sample cut and filtered, say): the
+        if total == 0 and extra is not None:
+            n_micro = 0  # no policy token anywhere: the step trains the extra term alone
+        elif total == 0:  # nothing to train anywhere (every sample cut and filtered, say): the
             # weights stay as they are, but the step counts, so the version moves on with it
             self.scheduler.step()
             self._counted()
@@ -265,7 +281,7 @@ class Trainer:
             # mean over every rank's tokens.
             share = batch.n_tokens / total * self.world_size
             if self.engine is not None:
-                self.engine.set_gradient_accumulation_boundary(i == n_micro - 1)
+                self.engine.set_gradient_accumulation_boundary(i == n_micro - 1 and extra is None)
                 self.engine.backward(loss * share)
             else:
                 (loss * share).backward()
@@ -274,6 +290,8 @@ class Trainer:
                 weights[key] = weights.get(key, 0) + batch.n_tokens
         # token-weighted over the micro-batches that report a statistic (`kl` only where a row has the term)
         sums = {key: value / max(weights[key], 1) for key, value in sums.items()}
+        if extra is not None:
+            sums.update(self._extra(extra, module))
         if self.engine is not None:
             self.engine.step()
             sums["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)

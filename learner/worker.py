@@ -52,6 +52,7 @@ from learner.checkpoint import latest_checkpoint, record_commit, restore_checkpo
 from learner.collectives import gather_to_all, scatter_from_rank0
 from learner.losses import LossConfig
 from learner.objective import Objective
+from learner.reference_kl import ReferenceSet
 from learner.trainer import Trainer, TrainerOptions
 from models.policy import Policy
 from streams.redis_stream import Entry, TrajectoryStream
@@ -121,7 +122,8 @@ class LearnerWorker:
                  sync=None, env_staleness: dict[str, int] | None = None, mtp_coef: float = 0.0,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  env_kl_coef: dict[str, float] | None = None,
-                 env_overlong_filter: dict[str, bool] | None = None) -> None:
+                 env_overlong_filter: dict[str, bool] | None = None,
+                 reference_rows: list | None = None) -> None:
         self.cfg, self.policy, self.stream, self.sync = cfg, policy, stream, sync
         self.run_dir = Path(run_dir)
         self.env_staleness = env_staleness or {}
@@ -132,9 +134,13 @@ class LearnerWorker:
         self.trainer = Trainer(policy.model, TrainerOptions(
             backend=cfg.backend, zero_stage=cfg.zero_stage, lr=cfg.lr, weight_decay=cfg.weight_decay,
             warmup_steps=cfg.warmup_steps, lr_decay_to=cfg.lr_decay_to, max_grad_norm=cfg.max_grad_norm, freeze_router=cfg.freeze_router,
-            keep_reference=max([cfg.kl_coef, *self.env_kl_coef.values()]) > 0,
+            keep_reference=max([cfg.kl_coef, cfg.reference_kl_coef, *self.env_kl_coef.values()]) > 0,
             activation_checkpointing=cfg.activation_checkpointing, ema_decay=cfg.ema_decay,
             scan_chunk=cfg.scan_chunk))
+        self.reference_set = None  # `reference_kl_coef`: reference answers whose KL to the warm start trains
+        if cfg.reference_kl_coef > 0:
+            self.reference_set = ReferenceSet(reference_rows or [], cfg.reference_kl_rows, seed=self.trainer.rank,
+                                              pad=policy.tokenizer.pad_token_id or 0)
         if self.trainer.rank != 0:
             # Rank 0 alone reads the stream and hands each rank its share: no rank can claim
             # another's uncommitted entries, and the stream's consumer is the same as one learner's.
@@ -296,6 +302,11 @@ class LearnerWorker:
                         kl_coefs=per_row)
         return pack_groups([(s, a) for s, a, _ in groups], self.cfg.micro_batch_tokens, pad, kl_coefs=kl)
 
+    def _reference_term(self, module, model, reference, device) -> tuple[torch.Tensor, dict[str, float]]:
+        """`reference_kl_coef` x the KL to the warm start on a few reference answers (`learner.reference_kl`)."""
+        loss, stats = self.reference_set.loss(module, model, reference, self.objective.temperature, device)
+        return self.cfg.reference_kl_coef * loss, stats
+
     def _over_ranks(self, stats: dict[str, float]) -> dict[str, float]:
         """One rank's step statistics merged with every other's: tokens summed, time the slowest
         rank's, per-token means weighted by each rank's tokens (grad_norm and lr are global)."""
@@ -331,7 +342,8 @@ class LearnerWorker:
         kept = kept if kept is not None else mine  # rank 0 commits and reports the whole step
         start = time.perf_counter()
         batches = self._pack(self._groups(mine))
-        per_step = self.trainer.train(batches, self.objective, self.cfg.minibatches, self.cfg.epochs)
+        extra = self._reference_term if self.reference_set is not None else None
+        per_step = self.trainer.train(batches, self.objective, self.cfg.minibatches, self.cfg.epochs, extra)
         self.version = self.trainer.steps
         stats = {k: float(np.mean([s.get(k, 0.0) for s in per_step])) for k in per_step[-1]}
         stats["trained_tokens"] = float(sum(s.get("trained_tokens", 0) for s in per_step))

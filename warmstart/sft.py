@@ -102,6 +102,21 @@ def reference_conversation(env, tokenizer, seed: int, rng: random.Random, cut: f
     return ids, mask
 
 
+def reference_rows(tokenizer, envs: dict[str, EnvironmentConfig], per_env: int, seed: int, seed_limit: int,
+                   cut: float = 0.0, budget: tuple[int, int] | None = None,
+                   unbudgeted: float = 0.0) -> list[tuple[list[int], list[int], str]]:
+    """`per_env` reference conversations of each environment (training seeds, budgets as SFT
+    shows them): (token ids, mask with 1 on assistant tokens, env id) for `learner.reference_kl`."""
+    rng = random.Random(f"reference-kl-{seed}")
+    rows = []
+    for env_cfg in envs.values():
+        env = env_factory(env_cfg)()
+        for _ in range(per_env):
+            ids, mask = reference_conversation(env, tokenizer, rng.randrange(seed_limit), rng, cut, budget, unbudgeted)
+            rows.append((ids, mask, env_cfg.id))
+    return rows
+
+
 def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)

@@ -227,6 +227,9 @@ class EnvironmentConfig:
     kl_coef: float | None = None
     """Override of `learner.kl_coef` for this environment's samples (0: no pull toward the
     reference for them; a reference model is kept when any environment's coefficient is > 0)."""
+    reference_kl_coef: float | None = None
+    """Override of `learner.reference_kl_coef` for this environment's reference answers (0: none of
+    them in the pool; > 0: in it, with this weight)."""
     overlong_filter: bool | None = None
     """Override of `learner.overlong_filter` for this environment's samples. A cut code answer is
     a failed one (a signature looping to the limit), not a long answer that may be right."""
@@ -241,6 +244,8 @@ class EnvironmentConfig:
         _positive("environments", "timeout_s", self.timeout_s)
         if self.kl_coef is not None:
             _positive("environments", "kl_coef", self.kl_coef, allow_zero=True)
+        if self.reference_kl_coef is not None:
+            _positive("environments", "reference_kl_coef", self.reference_kl_coef, allow_zero=True)
 
 
 @dataclass
@@ -367,8 +372,9 @@ class LearnerConfig:
     the whole next-token distribution at each answer position, `learner/reference_kl.py`). 0: off.
     Unlike `kl_coef`'s term it reaches contexts the policy no longer samples well, in every step:
     a skeleton token of an answer losing its mass is pulled back even once that environment's
-    groups all fail and leave the loss. Reference conversations of the environments with a KL
-    coefficient (training seeds), `reference_kl_rows` a step; logged per environment."""
+    groups all fail and leave the loss. Reference conversations (training seeds) of each
+    environment whose coefficient (this, or its `environments.<name>.reference_kl_coef`) is > 0,
+    `reference_kl_rows` a step round-robin; logged per environment."""
     reference_kl_rows: int = 6
     """Reference conversations a step for `reference_kl_coef`, round-robin over the environments."""
     freeze_router: bool = True

@@ -14,6 +14,7 @@ from pathlib import Path
 from configs.runtime import SyncChannel, sync_channel
 from configs.schema import Config
 from learner.actor import LearnerSpec
+from learner.reference_kl import ReferenceSource
 from rollout.actor import RolloutSpec
 
 
@@ -93,9 +94,10 @@ def learner_spec(cfg: Config, run_dir: Path, policy_dir: Path, redis_url: str, c
     staleness = {env.id: env.max_staleness for env in cfg.environments.values() if env.max_staleness is not None}
     kl = {env.id: env.kl_coef for env in cfg.environments.values() if env.kl_coef is not None}
     overlong = {env.id: env.overlong_filter for env in cfg.environments.values() if env.overlong_filter is not None}
+    anchor = {env.id: env.reference_kl_coef for env in cfg.environments.values() if env.reference_kl_coef is not None}
     return LearnerSpec(cfg.learner, cfg.model, str(policy_dir), str(run_dir), redis_url, cfg.stream,
                        channel, staleness, cfg.rollout.sampling, env_kl_coef=kl, env_overlong_filter=overlong,
-                       reference_rows=reference_rows_of(cfg, policy_dir))
+                       env_reference_kl_coef=anchor, reference=reference_source(cfg))
 
 
 # Reference conversations in `learner.reference_kl_coef`'s pool, per environment: a step draws a
@@ -103,20 +105,20 @@ def learner_spec(cfg: Config, run_dir: Path, policy_dir: Path, redis_url: str, c
 REFERENCE_POOL = 64
 
 
-def reference_rows_of(cfg: Config, policy_dir: Path) -> list:
-    """The pool for `learner.reference_kl_coef` (empty when off): the environments RL draws from,
-    less those that set their own `kl_coef` to 0 (no pull toward the warm start wanted there)."""
-    if cfg.learner.reference_kl_coef <= 0:
-        return []
-    from transformers import AutoTokenizer
+def reference_source(cfg: Config) -> ReferenceSource | None:
+    """The pool for `learner.reference_kl_coef` (None when off): the environments RL draws from
+    whose coefficient (`environments.<name>.reference_kl_coef`, else the learner's) is > 0;
+    budgets and cuts as the warm start's SFT showed them."""
+    def coef(env) -> float:
+        return cfg.learner.reference_kl_coef if env.reference_kl_coef is None else env.reference_kl_coef
 
+    envs = {name: env for name, env in cfg.environments.items() if env.weight > 0 and coef(env) > 0}
+    if not envs:
+        return None
     from rollout.worker import budget_range
-    from warmstart.sft import reference_rows
 
-    envs = {name: env for name, env in cfg.environments.items() if env.weight > 0 and env.kl_coef != 0}
-    return reference_rows(AutoTokenizer.from_pretrained(policy_dir), envs, REFERENCE_POOL, cfg.run.seed,
-                          cfg.eval.seed_offset, cfg.sft.cut_fraction, budget_range(cfg.rollout.budget),
-                          cfg.rollout.budget.unbudgeted_fraction)
+    return ReferenceSource(envs, REFERENCE_POOL, cfg.run.seed, cfg.eval.seed_offset, cfg.sft.cut_fraction,
+                           budget_range(cfg.rollout.budget), cfg.rollout.budget.unbudgeted_fraction)
 
 
 def rollout_specs(cfg: Config, policy_dir: Path, redis_url: str, channel: SyncChannel) -> list[RolloutSpec]:

@@ -72,6 +72,7 @@ def warm_start_key(cfg: Config) -> str:
         env.pop("kl_coef", None)
         env.pop("max_staleness", None)
         env.pop("overlong_filter", None)
+        env.pop("reference_kl_coef", None)
         env.pop("rewards", None)  # shaping terms: SFT imitates reference turns, it is never scored
         env.pop("sft_weight", None)  # folded into `weight` above
     blob = json.dumps(inputs, sort_keys=True, default=str).encode()

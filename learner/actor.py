@@ -17,6 +17,7 @@ import ray
 
 from configs.runtime import SyncChannel
 from configs.schema import LearnerConfig, ModelConfig, SamplingConfig, StreamConfig
+from learner.reference_kl import ReferenceSource
 
 if TYPE_CHECKING:
     from learner.worker import StepReport
@@ -38,8 +39,10 @@ class LearnerSpec:
     """Per-environment overrides of `learner.kl_coef` (`environments.<name>.kl_coef`), by env id."""
     env_overlong_filter: dict[str, bool] = field(default_factory=dict)
     """Per-environment overrides of `learner.overlong_filter`, by env id."""
-    reference_rows: list = field(default_factory=list)
-    """Reference conversations (token ids, answer mask, env id) for `learner.reference_kl_coef`."""
+    env_reference_kl_coef: dict[str, float] = field(default_factory=dict)
+    """Per-environment overrides of `learner.reference_kl_coef`, by env id."""
+    reference: ReferenceSource | None = None
+    """Where `learner.reference_kl_coef`'s reference conversations come from (None: off)."""
     cpus: int = 1
     """Torch threads of this learner (`learner.threads`, else its placement bundle's CPUs)."""
     rank: int = 0
@@ -80,7 +83,9 @@ def build_learner(spec: LearnerSpec):
     return LearnerWorker(spec.learner, policy, stream, spec.run_dir, sync=sync,
                          env_staleness=spec.env_staleness, mtp_coef=mtp, temperature=spec.sampling.temperature,
                          top_p=spec.sampling.top_p, top_k=spec.sampling.top_k, env_kl_coef=spec.env_kl_coef,
-                         env_overlong_filter=spec.env_overlong_filter, reference_rows=spec.reference_rows)
+                         env_overlong_filter=spec.env_overlong_filter,
+                         env_reference_kl_coef=spec.env_reference_kl_coef,
+                         reference_rows=spec.reference.rows(policy.tokenizer) if spec.reference else None)
 
 
 @ray.remote

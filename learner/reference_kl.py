@@ -1,13 +1,13 @@
 """The KL to the warm start on the environments' reference answers (`learner.reference_kl_coef`).
 
-    rows = reference_rows(...)                      # warmstart.sft: (ids, mask, env id), built once
-    anchor = ReferenceSet(rows, per_step=6, seed=0)
+    rows = source.rows(tokenizer)                   # ReferenceSource: (ids, mask, env id), built once
+    anchor = ReferenceSet(rows, per_step=6, coefs={"estuary/code": 0.3}, seed=0)
     loss, stats = anchor.loss(module, model, reference, temperature=1.0, device="cpu")
 
 Every step a few reference conversations (training seeds, drawn round-robin over the
 environments) are teacher-forced through the policy and the frozen reference, and the loss adds
-`reference_kl_coef` x the exact KL(pi || ref) of the next-token distribution at each answer
-position, averaged over those positions (`learner.losses.full_kl`).
+the exact KL(pi || ref) of the next-token distribution at each answer position, weighted by its
+environment's `reference_kl_coef`, averaged over those positions (`learner.losses.full_kl`).
 
 Why, when the on-policy KL term exists: that term only reaches the contexts the policy samples
 now, in the groups that train. In the quick start code collapsed by one near-certain token of the
@@ -23,12 +23,42 @@ is also the run's monitor of that drift (`learner/reference_kl/<env>` in MLflow)
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import torch
 
+from configs.schema import EnvironmentConfig
 from learner.losses import full_kl
 
 Row = tuple[list[int], list[int], str]  # (token ids, 1 on the answer's tokens, env id)
+
+
+@dataclass(frozen=True)
+class ReferenceSource:
+    """Where the pool comes from: built by the learner itself (a few thousand token ids per
+    environment would make its actor's arguments too big to pass inline, and Ray may then fail
+    to restart it)."""
+
+    envs: dict[str, EnvironmentConfig]
+    """The environments whose reference conversations form the pool."""
+    per_env: int
+    """Conversations of each environment in the pool."""
+    seed: int
+    """Seeds the pool's draw of training seeds and budgets."""
+    seed_limit: int
+    """Training seeds stay below it (`eval.seed_offset`: the held-out seeds start there)."""
+    cut: float = 0.0
+    """Share of conversations whose thought is cut by a budget below its length (`sft.cut_fraction`)."""
+    budget: tuple[int, int] | None = None
+    """The rollouts' thinking-budget range (None: no budgets)."""
+    unbudgeted: float = 0.0
+    """Share of conversations stated without a budget."""
+
+    def rows(self, tokenizer) -> list[Row]:
+        from warmstart.sft import reference_rows
+
+        return reference_rows(tokenizer, self.envs, self.per_env, self.seed, self.seed_limit, self.cut,
+                              self.budget, self.unbudgeted)
 
 
 def collate(rows: list[Row], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,25 +72,29 @@ def collate(rows: list[Row], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def reference_kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor,
-                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits, ref_logits (B, T, V), mask (B, T) -> (mean KL over the masked positions (scalar),
-    each row's mean (B,)). Position t is the distribution that predicted token t."""
+def reference_kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
+                 coefs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits, ref_logits (B, T, V), mask (B, T), coefs (B,) or None (1s) -> (the coefficient-
+    weighted mean KL over the masked positions (scalar), each row's plain mean (B,)). Position t
+    is the distribution that predicted token t."""
     kl = full_kl(logits, ref_logits, temperature) * mask  # (B, T)
     per_row = kl.sum(1) / mask.sum(1).clamp(min=1)  # (B,)
-    return kl.sum() / mask.sum().clamp(min=1), per_row
+    weighted = kl.sum(1) if coefs is None else kl.sum(1) * coefs  # (B,)
+    return weighted.sum() / mask.sum().clamp(min=1), per_row
 
 
 class ReferenceSet:
     """A fixed pool of reference conversations, `per_step` of them drawn for each optimizer step."""
 
-    def __init__(self, rows: list[Row], per_step: int, seed: int = 0, pad: int = 0) -> None:
-        if not rows:
-            raise ValueError("learner.reference_kl_coef > 0 needs reference conversations: no environment "
-                             "with a KL coefficient and a weight > 0 gave one")
+    def __init__(self, rows: list[Row], per_step: int, coefs: dict[str, float], seed: int = 0, pad: int = 0) -> None:
+        self.coefs = coefs  # env id -> its reference_kl_coef; an environment at 0 is left out
         self.by_env: dict[str, list[Row]] = {}
         for row in rows:
-            self.by_env.setdefault(row[2], []).append(row)
+            if coefs.get(row[2], 0.0) > 0:
+                self.by_env.setdefault(row[2], []).append(row)
+        if not self.by_env:
+            raise ValueError("learner.reference_kl_coef > 0 needs reference conversations: no environment "
+                             "with a weight > 0 and a reference_kl_coef > 0 gave one")
         self.envs = sorted(self.by_env)
         self.per_step, self.pad = per_step, pad
         self.rng = random.Random(seed)
@@ -81,12 +115,14 @@ class ReferenceSet:
         rows = self.draw()
         ids, mask = collate(rows, self.pad)
         ids, mask = ids.to(device), mask.to(device)
+        coefs = torch.tensor([self.coefs[r[2]] for r in rows], device=device)
         logits = module(ids).logits  # (B, T, V)
         with torch.no_grad():
             ref_logits = reference(ids).logits
-        loss, per_row = reference_kl(logits, ref_logits, mask, temperature)
-        stats = {"reference_kl": float(loss.detach())}
+        loss, per_row = reference_kl(logits, ref_logits, mask, temperature, coefs)
+        per_row = per_row.detach()
+        stats = {"reference_kl": float((per_row * mask.sum(1)).sum() / mask.sum().clamp(min=1))}
         for env in {r[2] for r in rows}:
-            chosen = [float(k) for k, r in zip(per_row.detach(), rows, strict=True) if r[2] == env]
+            chosen = [float(k) for k, r in zip(per_row, rows, strict=True) if r[2] == env]
             stats[f"reference_kl/{env.rsplit('/', 1)[-1]}"] = sum(chosen) / len(chosen)
         return loss, stats

@@ -123,24 +123,31 @@ class LearnerWorker:
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  env_kl_coef: dict[str, float] | None = None,
                  env_overlong_filter: dict[str, bool] | None = None,
+                 env_reference_kl_coef: dict[str, float] | None = None,
                  reference_rows: list | None = None) -> None:
         self.cfg, self.policy, self.stream, self.sync = cfg, policy, stream, sync
         self.run_dir = Path(run_dir)
         self.env_staleness = env_staleness or {}
         self.env_kl_coef = env_kl_coef or {}  # per-environment overrides of cfg.kl_coef
         self.env_overlong_filter = env_overlong_filter or {}  # ... and of cfg.overlong_filter
+        # `reference_kl_coef` per environment of the reference rows (`learner/reference_kl.py`)
+        overrides = env_reference_kl_coef or {}
+        anchor_coefs = {row[2]: overrides.get(row[2], cfg.reference_kl_coef) for row in reference_rows or []}
+        if cfg.reference_kl_coef > 0 and not reference_rows:
+            raise ValueError("learner.reference_kl_coef > 0 needs reference conversations: no environment "
+                             "with a weight > 0 and a reference_kl_coef > 0 gave one")
         # The engines' sampler settings: the learner's log-probs must be of the same distribution.
         self.objective = objective_from(cfg, mtp_coef, temperature, top_p, top_k)
         self.trainer = Trainer(policy.model, TrainerOptions(
             backend=cfg.backend, zero_stage=cfg.zero_stage, lr=cfg.lr, weight_decay=cfg.weight_decay,
             warmup_steps=cfg.warmup_steps, lr_decay_to=cfg.lr_decay_to, max_grad_norm=cfg.max_grad_norm, freeze_router=cfg.freeze_router,
-            keep_reference=max([cfg.kl_coef, cfg.reference_kl_coef, *self.env_kl_coef.values()]) > 0,
+            keep_reference=max([cfg.kl_coef, *self.env_kl_coef.values(), *anchor_coefs.values()]) > 0,
             activation_checkpointing=cfg.activation_checkpointing, ema_decay=cfg.ema_decay,
             scan_chunk=cfg.scan_chunk))
         self.reference_set = None  # `reference_kl_coef`: reference answers whose KL to the warm start trains
-        if cfg.reference_kl_coef > 0:
-            self.reference_set = ReferenceSet(reference_rows or [], cfg.reference_kl_rows, seed=self.trainer.rank,
-                                              pad=policy.tokenizer.pad_token_id or 0)
+        if any(c > 0 for c in anchor_coefs.values()):
+            self.reference_set = ReferenceSet(reference_rows, cfg.reference_kl_rows, anchor_coefs,
+                                              seed=self.trainer.rank, pad=policy.tokenizer.pad_token_id or 0)
         if self.trainer.rank != 0:
             # Rank 0 alone reads the stream and hands each rank its share: no rank can claim
             # another's uncommitted entries, and the stream's consumer is the same as one learner's.
@@ -303,9 +310,9 @@ class LearnerWorker:
         return pack_groups([(s, a) for s, a, _ in groups], self.cfg.micro_batch_tokens, pad, kl_coefs=kl)
 
     def _reference_term(self, module, model, reference, device) -> tuple[torch.Tensor, dict[str, float]]:
-        """`reference_kl_coef` x the KL to the warm start on a few reference answers (`learner.reference_kl`)."""
-        loss, stats = self.reference_set.loss(module, model, reference, self.objective.temperature, device)
-        return self.cfg.reference_kl_coef * loss, stats
+        """The KL to the warm start on a few reference answers, each weighted by its environment's
+        `reference_kl_coef` (`learner.reference_kl`)."""
+        return self.reference_set.loss(module, model, reference, self.objective.temperature, device)
 
     def _over_ranks(self, stats: dict[str, float]) -> dict[str, float]:
         """One rank's step statistics merged with every other's: tokens summed, time the slowest

@@ -49,17 +49,21 @@ def test_reference_kl_is_the_mean_of_the_exact_kl_over_answer_positions():
     assert loss.item() == pytest.approx(float((kl * mask).sum() / 7), rel=1e-6)
     assert per_row.tolist() == pytest.approx([float(kl[0, 2:5].mean()), float(kl[1, 3:].mean())], rel=1e-6)
     assert reference_kl(logits, logits, mask)[0].item() == pytest.approx(0.0, abs=1e-6)
+    # per-environment coefficients weigh each row's sum; the plain per-row means are reported
+    weighted, same = reference_kl(logits, ref, mask, 0.8, coefs=torch.tensor([0.5, 0.0]))
+    assert weighted.item() == pytest.approx(float(0.5 * kl[0, 2:5].sum() / 7), rel=1e-6)
+    assert torch.equal(same, per_row)
 
 
 def test_draws_come_round_every_environment_and_pad_on_the_right():
     rows = _rows(6, envs=("a", "b", "c"))
-    pool = ReferenceSet(rows, per_step=2, seed=0)
+    pool = ReferenceSet(rows, per_step=2, coefs={"a": 1.0, "b": 0.5, "c": 0.1, "d": 0.0}, seed=0)
     drawn = [row[2] for _ in range(3) for row in pool.draw()]
     assert drawn == ["a", "b", "c", "a", "b", "c"]
     ids, mask = collate([(list(range(1, 4)), [0, 1, 1], "a"), (list(range(1, 6)), [0, 0, 1, 1, 1], "b")], pad=0)
     assert ids.tolist() == [[1, 2, 3, 0, 0], [1, 2, 3, 4, 5]] and mask.sum().item() == 5
     with pytest.raises(ValueError, match="reference conversations"):
-        ReferenceSet([], per_step=2)
+        ReferenceSet(rows, per_step=2, coefs={"d": 1.0})  # no row of an environment with a coefficient
 
 
 def _weights(model) -> torch.Tensor:
@@ -79,7 +83,7 @@ def test_at_the_warm_start_the_term_moves_nothing_and_a_flipped_answer_token_com
         hidden = policy.model.model(ids).last_hidden_state[0, position - 1]
         policy.model.lm_head.weight[token] += 30 * hidden / hidden.norm() ** 2
     trainer = Trainer(policy.model, TrainerOptions(backend="torch", lr=1e-3, weight_decay=0.0, keep_reference=True))
-    pool = ReferenceSet(rows, per_step=4, seed=0)
+    pool = ReferenceSet(rows, per_step=4, coefs={"estuary/code": 1.0, "estuary/math": 1.0}, seed=0)
     objective = objective_from(LearnerConfig(backend="torch", kl_coef=0.0))
 
     def extra(module, model, reference, device):
@@ -110,6 +114,8 @@ def _pack_zero_advantage():
 
 
 def test_the_learner_logs_the_term_per_environment_and_config_checks_it(tmp_path):
+    from dataclasses import replace
+
     cfg = LearnerConfig(backend="torch", lr=1e-3, groups_per_step=1, micro_batch_tokens=256, checkpoint_every=0,
                         reference_kl_coef=0.1, reference_kl_rows=2)
     with EmbeddedRedis() as server:
@@ -121,5 +127,35 @@ def test_the_learner_logs_the_term_per_environment_and_config_checks_it(tmp_path
     assert {"reference_kl", "reference_kl/code", "reference_kl/math"} <= set(report.stats)
     with pytest.raises(ValueError, match="reference conversations"):
         LearnerWorker(cfg, init_policy("tiny-attention", seed=0), None, tmp_path / "none")
+    # an environment's own coefficient: only its rows, with the learner's coefficient at 0
+    code_only = LearnerWorker(replace(cfg, reference_kl_coef=0.0), init_policy("tiny-attention", seed=0), None,
+                              tmp_path / "code", env_reference_kl_coef={"estuary/code": 0.3}, reference_rows=_rows(4))
+    assert code_only.reference_set.envs == ["estuary/code"] and code_only.trainer.reference is not None
     with pytest.raises(ConfigError, match="reference_kl_coef"):
         LearnerConfig(reference_kl_coef=-1.0)
+
+
+def test_the_pool_is_the_reference_answers_of_environments_with_a_coefficient():
+    """`reference_source`: the environments whose coefficient (theirs, else the learner's) is > 0, and
+    each row's mask covers the assistant's reference answer and nothing of the prompt."""
+    from dataclasses import replace
+
+    from configs.loader import load_config
+    from estuary.run_setup import reference_source
+
+    cfg = load_config("configs/tiny_cpu.yaml", ["learner.reference_kl_coef=0.1",
+                                                "environments.long_context.reference_kl_coef=0"])
+    source = reference_source(cfg)
+    assert sorted(source.envs) == ["code", "math", "tool_use"] and source.seed_limit == cfg.eval.seed_offset
+    only = reference_source(load_config("configs/tiny_cpu.yaml", ["learner.reference_kl_coef=0",
+                                                                  "environments.code.reference_kl_coef=0.3"]))
+    assert sorted(only.envs) == ["code"]
+    assert reference_source(load_config("configs/tiny_cpu.yaml", ["learner.reference_kl_coef=0",
+                                                                  "environments.code.reference_kl_coef=0"])) is None
+    tokenizer = init_policy("tiny-attention", seed=0).tokenizer
+    rows = replace(source, envs={"math": source.envs["math"]}, per_env=3).rows(tokenizer)
+    assert len(rows) == 3 and {r[2] for r in rows} == {"estuary/math"}
+    for ids, mask, _ in rows:
+        answer = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m], skip_special_tokens=True)
+        prompt = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if not m])
+        assert "\\boxed{" in answer and prompt.rstrip().endswith("assistant"), (prompt, answer)

@@ -51,6 +51,10 @@ def check_run_config(cfg: Config) -> None:
     if cfg.sft.steps and not any(env.weight > 0 for env in sft_environments(cfg).values()):
         raise ConfigError(f"sft.steps={cfg.sft.steps} but every environment's sft_weight is 0: the warm start "
                           "would have no reference conversation; give one an sft_weight > 0 (or set sft.steps=0)")
+    if cfg.learner.reference_kl_coef > 0 and reference_source(cfg) is None:
+        raise ConfigError(f"learner.reference_kl_coef={cfg.learner.reference_kl_coef} but no environment with a "
+                          "weight > 0 keeps a reference_kl_coef > 0: the term would have no reference answers; "
+                          "set learner.reference_kl_coef=0 or give an environment a coefficient")
     unknown = sorted(set(cfg.eval.environments) - set(cfg.environments))
     if unknown:
         raise ConfigError(f"eval.environments names {unknown}, which are not under environments; "

@@ -152,6 +152,11 @@ def test_the_pool_is_the_reference_answers_of_environments_with_a_coefficient():
     assert sorted(only.envs) == ["code"]
     assert reference_source(load_config("configs/tiny_cpu.yaml", ["learner.reference_kl_coef=0",
                                                                   "environments.code.reference_kl_coef=0"])) is None
+    from estuary.run_setup import check_run_config
+
+    off = [f"environments.{n}.reference_kl_coef=0" for n in ("math", "code", "tool_use", "long_context")]
+    with pytest.raises(ConfigError, match="no environment"):
+        check_run_config(load_config("configs/tiny_cpu.yaml", ["learner.reference_kl_coef=0.1", *off]))
     tokenizer = init_policy("tiny-attention", seed=0).tokenizer
     rows = replace(source, envs={"math": source.envs["math"]}, per_env=3).rows(tokenizer)
     assert len(rows) == 3 and {r[2] for r in rows} == {"estuary/math"}

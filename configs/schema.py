@@ -469,6 +469,9 @@ class EvalConfig:
     """Extra thinking budgets to evaluate at (beside no budget), each stated in the prompts."""
     environments: list[str] = field(default_factory=list)
     """The environments evaluated, by their key under `environments` (empty: every one)."""
+    cache_start: bool = True
+    """Reuse the starting policy's evaluation from an earlier run with the same weights and settings
+    (`estuary/start_eval.py`; only where the warm start itself is cached: a tiny preset, `sft.cache`)."""
 
     def __post_init__(self) -> None:
         _positive("eval", "instances", self.instances)

@@ -43,6 +43,7 @@ def train(cfg: Config, on_step=None) -> TrainResult:
     from estuary.plan import plan_run
     from estuary.run_log import RunLog
     from estuary.services import Services
+    from estuary.start_eval import start_evaluation
     from models.policy import load_policy
 
     quiet_libraries()
@@ -58,8 +59,12 @@ def train(cfg: Config, on_step=None) -> TrainResult:
         evaluator, timeline = load_policy(policy_dir, dtype=cfg.model.dtype), []
 
         def held_out(version: int, label: str) -> dict:
-            results = evaluate(evaluator, cfg.environments, cfg.eval, cfg.rollout, cfg.run.seed,
-                               only=cfg.eval.environments or None)
+            def compute() -> dict:
+                return evaluate(evaluator, cfg.environments, cfg.eval, cfg.rollout, cfg.run.seed,
+                                only=cfg.eval.environments or None)
+
+            # the warm start's scores are a function of its weights: a re-run reuses them
+            results = start_evaluation(cfg, policy_dir, compute, log.say) if label == "start" else compute()
             log.evaluation(results, version, label)
             timeline.append((time.monotonic() - started, version, _rewards(results)))
             return results

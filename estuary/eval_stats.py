@@ -55,6 +55,14 @@ def summarise(rewards: np.ndarray, correct: np.ndarray, k: int) -> dict[str, flo
     return out
 
 
+def never_right(results: dict[str, dict[str, float]]) -> list[str]:
+    """Environments (budgeted variants left out) where not one evaluated sample was right.
+
+    RL sharpens what a policy sometimes does: where the warm start never succeeds, a run has only
+    shaping rewards to learn from there, and its pass rate is unlikely to rise."""
+    return [n for n, r in results.items() if ":budget" not in n and r["pass_at_1"] == 0.0]
+
+
 def plus_minus(mean: float, se: float) -> str:
     """`0.42±0.03` (the error left out when it is unknown)."""
     return f"{mean:.2f}" if math.isnan(se) else f"{mean:.2f}±{se:.2f}"

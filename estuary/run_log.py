@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from estuary.eval_stats import comparison, plus_minus
+from estuary.eval_stats import comparison, never_right, plus_minus
 
 
 def eval_summary(r: dict[str, float]) -> str:
@@ -114,6 +114,11 @@ class RunLog:
         self.mlflow.log_dict(results, f"eval/{label}.json")
         table = "; ".join(f"{env} {eval_summary(r)}" for env, r in results.items())
         self.say(f"eval ({label}, step {step}): {table}")
+        if label == "start":  # before RL's minutes are spent: say where it has nothing to sharpen
+            for env in never_right(results):
+                self.say(f"eval (start): {env}: none of {results[env]['samples']:.0f} held-out samples right; "
+                         "RL sharpens what the policy sometimes does, so expect little rise there "
+                         "(README, 'Session 39': a warm start's skills differ by seed and machine)")
 
     def samples(self, rows: list[dict]) -> None:
         if rows:

@@ -10,16 +10,22 @@ from estuary.run_log import RunLog
 
 
 def test_the_start_evaluation_names_an_environment_with_nothing_to_sharpen(tmp_path, capsys):
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # named, not the default: an earlier test may leave another store's experiment active
+    experiment = mlflow.set_experiment("run-log-test").experiment_id
     never = summarise(np.full((4, 1), -0.01), np.zeros((4, 1), dtype=bool), k=1)
     sometimes = summarise(np.zeros((4, 1)), np.array([[True], [False], [False], [False]]), k=1)
     results = {"tool_use": never, "tool_use:budget8": never, "code": sometimes}
-    with mlflow.start_run() as run:
-        log = RunLog(run, "run: {}\n", {"run": {"seed": 0}}, tmp_path, max_steps=1)
-        log.evaluation(results, 0, "start")
-        start = capsys.readouterr().out
-        log.evaluation(results, 1, "end")  # after RL the comparison says it: no second warning
-        end = capsys.readouterr().out
+    try:
+        with mlflow.start_run(experiment_id=experiment) as run:
+            log = RunLog(run, "run: {}\n", {"run": {"seed": 0}}, tmp_path, max_steps=1)
+            log.evaluation(results, 0, "start")
+            start = capsys.readouterr().out
+            log.evaluation(results, 1, "end")  # after RL the comparison says it: no second warning
+            end = capsys.readouterr().out
+    finally:
+        mlflow.set_tracking_uri(previous)
     assert "eval (start): tool_use: none of 4 held-out samples right" in start
     assert "code: none" not in start and "budget8: none" not in start
     assert "none of" not in end

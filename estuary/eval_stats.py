@@ -55,12 +55,13 @@ def summarise(rewards: np.ndarray, correct: np.ndarray, k: int) -> dict[str, flo
     return out
 
 
-def never_right(results: dict[str, dict[str, float]]) -> list[str]:
-    """Environments (budgeted variants left out) where not one evaluated sample was right.
+def rarely_right(results: dict[str, dict[str, float]], below: float = 0.01) -> list[str]:
+    """Environments (budgeted variants left out) whose pass@1 is under `below` (1 in 100).
 
-    RL sharpens what a policy sometimes does: where the warm start never succeeds, a run has only
-    shaping rewards to learn from there, and its pass rate is unlikely to rise."""
-    return [n for n, r in results.items() if ":budget" not in n and r["pass_at_1"] == 0.0]
+    RL sharpens what a policy sometimes does: where the warm start almost never succeeds, a run
+    has little but shaping rewards to learn from there (tool_use at 1 of 512 rose +0.0 standard
+    errors in session 39's g2), and its pass rate is unlikely to rise."""
+    return [n for n, r in results.items() if ":budget" not in n and r["pass_at_1"] < below]
 
 
 def plus_minus(mean: float, se: float) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from estuary.eval_stats import comparison, never_right, plus_minus
+from estuary.eval_stats import comparison, plus_minus, rarely_right
 
 
 def eval_summary(r: dict[str, float]) -> str:
@@ -115,9 +115,10 @@ class RunLog:
         table = "; ".join(f"{env} {eval_summary(r)}" for env, r in results.items())
         self.say(f"eval ({label}, step {step}): {table}")
         if label == "start":  # before RL's minutes are spent: say where it has nothing to sharpen
-            for env in never_right(results):
-                self.say(f"eval (start): {env}: none of {results[env]['samples']:.0f} held-out samples right; "
-                         "RL sharpens what the policy sometimes does, so expect little rise there "
+            for env in rarely_right(results):
+                r = results[env]
+                self.say(f"eval (start): {env}: {r['pass_at_1'] * r['samples']:.0f} of {r['samples']:.0f} held-out "
+                         "samples right; RL sharpens what the policy sometimes does, so expect little rise there "
                          "(README, 'Session 39': a warm start's skills differ by seed and machine)")
 
     def samples(self, rows: list[dict]) -> None:

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from estuary.eval_stats import mean_and_se, never_right, pass_at_k, plus_minus, summarise
+from estuary.eval_stats import mean_and_se, pass_at_k, plus_minus, rarely_right, summarise
 
 
 def test_pass_at_k_hand_values():
@@ -69,10 +69,11 @@ def test_the_end_of_run_comparison_shows_each_change_in_standard_errors():
     assert lines[-1] == "mean reward (2 environments) 0.310 -> 0.365 (+5.5 points)"
 
 
-def test_never_right_names_the_environments_without_one_right_sample():
+def test_rarely_right_names_the_environments_under_one_right_sample_in_a_hundred():
     none = summarise(np.array([[-0.1, 0.3], [0.0, 0.0]]), np.zeros((2, 2), dtype=bool), k=1)
-    one = summarise(np.zeros((2, 2)), np.array([[False, False], [True, False]]), k=1)
-    results = {"tool_use": none, "tool_use:budget8": none, "code": one}
+    one_in_200 = summarise(np.zeros((200, 1)), np.arange(200)[:, None] == 0, k=1)
+    two_in_200 = summarise(np.zeros((200, 1)), np.arange(200)[:, None] < 2, k=1)
+    results = {"tool_use": none, "tool_use:budget8": none, "math": one_in_200, "code": two_in_200}
     # shaping rewards alone do not count as right; budgeted variants are not named twice
-    assert never_right(results) == ["tool_use"]
-    assert never_right({"code": one}) == []
+    assert rarely_right(results) == ["tool_use", "math"]
+    assert rarely_right({"code": two_in_200}) == []

@@ -12,8 +12,9 @@ from estuary.run_log import RunLog
 def test_the_start_evaluation_names_an_environment_with_almost_nothing_to_sharpen(tmp_path, capsys):
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    # named, not the default: an earlier test may leave another store's experiment active
-    experiment = mlflow.set_experiment("run-log-test").experiment_id
+    # its own, not the default: an earlier test may leave another store's experiment active, and
+    # the default artifact location is ./mlruns in the working directory (the checkout)
+    experiment = mlflow.create_experiment("run-log-test", artifact_location=(tmp_path / "artifacts").as_uri())
     rarely = summarise(np.full((200, 1), -0.01), np.arange(200)[:, None] == 0, k=1)  # 1 of 200
     sometimes = summarise(np.zeros((4, 1)), np.array([[True], [False], [False], [False]]), k=1)
     results = {"tool_use": rarely, "tool_use:budget8": rarely, "code": sometimes}

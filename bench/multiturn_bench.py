@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch
 
 from configs.schema import EnvironmentConfig, SftConfig
 from environments import env_factory
+from estuary.warm_start import estuary_cache
 from rollout.episodes import Prompt, run_groups
 from rollout.scheduler import TurnScheduler
 from rollout.torch_engine import TorchEngine
@@ -61,8 +61,7 @@ def sft_policy(env: EnvironmentConfig, steps: int, fresh: bool = False) -> Path:
     digest = hashlib.sha256(f"{env}|{steps}".encode())
     for name in SFT_SOURCES:
         digest.update((ROOT / name).read_bytes())
-    cache = Path(os.environ.get("ESTUARY_CACHE", Path.home() / ".cache" / "estuary"))
-    out = cache / "bench" / f"multiturn-{digest.hexdigest()[:16]}"
+    out = estuary_cache() / "bench" / f"multiturn-{digest.hexdigest()[:16]}"
     if (out / "config.json").exists() and not fresh:
         print(f"policy: cached SFT ({steps} steps) at {out}")
         return out

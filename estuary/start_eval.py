@@ -5,8 +5,8 @@
 The evaluation is a pure function of the weights it scores, the evaluation's settings, the
 environments and the sampler (`estuary.evaluate`: every environment and budget gets a fresh
 engine seeded by `run.seed`), so a re-run from the same cached warm start would spend its first
-minute recomputing numbers it already has (at 512 instances per environment about 50 s on 2
-cores). The result is kept under `$ESTUARY_CACHE/start_eval/<key>.json`, keyed by the weights'
+minute recomputing numbers it already has (at 512 instances per environment the first RL step
+came 69-76 s into runs that computed it, 10 s into one that reused it, on 2 cores). The result is kept under `$ESTUARY_CACHE/start_eval/<key>.json`, keyed by the weights'
 bytes (not the config that built them: a restarted run keeps the policy it started from whatever
 its config says now), every setting the evaluation reads, the source of the code that computes
 it and the machine (float sums differ by CPU and kernels: README, "What the quick start shows
@@ -27,16 +27,18 @@ from pathlib import Path
 from configs.schema import Config
 
 Results = dict[str, dict[str, float]]
+_ROOT = Path(__file__).resolve().parent.parent
 # Code the numbers come from beyond what `warm_start.source_digest` covers (the engine, the
 # environments and their rewards are in it).
 _SOURCES = ("estuary/evaluate.py", "estuary/eval_stats.py")
 # An environment's settings that shape RL's groups only: the evaluation never reads them.
-_ROOT = Path(__file__).resolve().parent.parent
 _RL_ONLY = ("weight", "sft_weight", "kl_coef", "max_staleness", "overlong_filter", "reference_kl_coef")
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("ESTUARY_CACHE", Path.home() / ".cache" / "estuary")) / "start_eval"
+    from estuary.warm_start import estuary_cache
+
+    return estuary_cache() / "start_eval"
 
 
 def start_eval_key(cfg: Config, policy_dir: Path) -> str | None:

@@ -36,8 +36,13 @@ _SOURCES = ("models", "environments", "rewards", "warmstart", "rollout")
 _ROOT = Path(__file__).resolve().parent.parent
 
 
+def estuary_cache() -> Path:
+    """Where Estuary keeps what it builds once per machine: `$ESTUARY_CACHE`, else ~/.cache/estuary."""
+    return Path(os.environ.get("ESTUARY_CACHE", Path.home() / ".cache" / "estuary"))
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get("ESTUARY_CACHE", Path.home() / ".cache" / "estuary")) / "warm_start"
+    return estuary_cache() / "warm_start"
 
 
 def source_digest() -> str:

@@ -508,6 +508,13 @@ class SftConfig:
     followed by the answer that repeats its result; trained on the results) added to each SFT batch:
     what a pretrained model knows and a random-init preset does not (`warmstart/drills.py`; the form
     `environments.math.kwargs.quote=true` gives the reference thought)."""
+    copy_rows: int = 0
+    """Copy-pretraining sequences (`sft.copy_length` random tokens shown twice, trained on the second
+    showing) added to each SFT batch, so SFT keeps the copying copy pretraining formed (`warmstart/sft.py`)."""
+    answer_rows: int = 0
+    """Rows of answer drills (8 lines of `<think>random words 3076.</think>\\boxed{3076}` each, trained on
+    the answer's copy of the value; `warmstart/drills.py`) added to each SFT batch: the copy into a new
+    slot every environment's answer makes, which SFT on reference answers formed in some builds only."""
     cache: bool = True
     """Reuse a warm start (preset + SFT + MTP heads) cached under `$ESTUARY_CACHE/warm_start`, keyed by
     everything that determines it (`estuary/warm_start.py`); false: always rebuild."""
@@ -518,6 +525,8 @@ class SftConfig:
         _positive("sft", "copy_length", self.copy_length)
         _positive("sft", "copy_lr", self.copy_lr)
         _positive("sft", "drill_rows", self.drill_rows, allow_zero=True)
+        _positive("sft", "copy_rows", self.copy_rows, allow_zero=True)
+        _positive("sft", "answer_rows", self.answer_rows, allow_zero=True)
 
 
 @dataclass

@@ -19,6 +19,7 @@ steps: attention without positions needs a second layer to match what came befor
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +37,23 @@ class CopyResult:
     seconds: float
 
 
+def writable_ids(tokenizer) -> list[int]:
+    """The ids the policy can write: every id but the special tokens'."""
+    special = set(tokenizer.all_special_ids)
+    return [i for i in range(len(tokenizer)) if i not in special]
+
+
 def copy_batch(vocab: torch.Tensor, batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
     """(batch, 2 * length) token ids: `length` random tokens from `vocab`, then the same again."""
     seq = vocab[torch.randint(len(vocab), (batch, length), generator=gen)]  # (B, L)
     return torch.cat([seq, seq], dim=1)
+
+
+def copy_row(vocab: list[int], length: int, rng: random.Random) -> tuple[list[int], list[int]]:
+    """(token ids, mask) of one copy sequence for an SFT batch (`sft.copy_rows`): `length` random
+    ids from `vocab` shown twice, trained on the second showing after its unknowable first token."""
+    seq = [rng.choice(vocab) for _ in range(length)]
+    return seq + seq, [0] * (length + 1) + [1] * (length - 1)
 
 
 def copy_loss(model, ids: torch.Tensor, length: int) -> tuple[torch.Tensor, float]:
@@ -61,8 +75,7 @@ def run_copy_pretraining(policy_dir: str | Path, steps: int, length: int = 24, l
     start = time.perf_counter()
     policy = load_policy(policy_dir)
     model, tok = policy.model, policy.tokenizer
-    special = set(tok.all_special_ids)
-    vocab = torch.tensor([i for i in range(len(tok)) if i not in special])  # ids the policy can write
+    vocab = torch.tensor(writable_ids(tok))
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()

@@ -65,3 +65,44 @@ def drill_row(tokenizer, rng: random.Random, facts: int = 20,
         mask += [int(any(end > lo and begin < hi for lo, hi in spans))  # tokens reaching into a result
                  for begin, end in encoded["offset_mapping"]]
     return ids, mask
+
+
+# Where an answer may copy a value into: the grader's box, a JSON string (its key random), a parenthesis.
+ANSWER_SLOTS = (("\\boxed{", "}"), ("\\boxed{", "}"), ('{"KEY": "', '"}'), (" (", ")"))
+
+
+def _word(rng: random.Random, lo: int, hi: int) -> str:
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(lo, hi)))
+
+
+def answer_line(rng: random.Random) -> tuple[str, str, str]:
+    """(line, the answer's slot opening, the trained value and closing) of one answer drill:
+    `<think>random words 3076.</think>\\boxed{3076}`, the value a number or a capitalised word."""
+    value = str(rng.randint(1, 99999)) if rng.random() < 0.6 else _word(rng, 4, 8).capitalize()
+    opening, closing = rng.choice(ANSWER_SLOTS)
+    opening = opening.replace("KEY", _word(rng, 2, 7))
+    words = " ".join(_word(rng, 2, 7) for _ in range(rng.randint(2, 8)))
+    # Half the slots come after other words, as a call's title comes after its tool's name.
+    separator = rng.choice(("", "\n")) + " ".join(_word(rng, 2, 7) for _ in range(rng.choice((0, 0, 1, 2, 3))))
+    return f"<think>{words} {value}.</think>{separator}{opening}{value}{closing}", opening, value + closing
+
+
+def answer_row(tokenizer, rng: random.Random, lines: int = 8) -> tuple[list[int], list[int]]:
+    """(token ids, mask with 1 on each answer's copy of its value) of `lines` answer drills.
+
+    The answer copies the value its thought ended on: the skill every environment's answer needs
+    (a needle's number into `\\boxed{}`, a looked-up name into a call) and the one SFT formed in
+    some builds only, for it is not induction: the token before the copy (`{`) never preceded the
+    value before, so copying heads keyed on the previous token cannot find it, and a warm start
+    without it boxed the thought's number 2 times in 100 (teacher-forced first digit). The words
+    are random letters, the values random: no task's text. Earlier lines' values stand in the
+    context too, so the copy must take the latest thought's."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for _ in range(lines):
+        line, opening, trained = answer_line(rng)
+        start = line.rindex(opening) + len(opening)
+        encoded = tokenizer(line + "\n", add_special_tokens=False, return_offsets_mapping=True)
+        ids += encoded["input_ids"]
+        mask += [int(end > start and begin < start + len(trained)) for begin, end in encoded["offset_mapping"]]
+    return ids, mask

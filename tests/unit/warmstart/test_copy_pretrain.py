@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 
 from models.policy import load_policy, write_preset
-from warmstart.copy_pretrain import copy_batch, copy_loss, run_copy_pretraining
+from models.tokenizer import build_tokenizer
+from warmstart.copy_pretrain import (
+    copy_batch,
+    copy_loss,
+    copy_row,
+    run_copy_pretraining,
+    writable_ids,
+)
 
 
 def test_a_copy_batch_shows_random_tokens_from_the_vocabulary_twice():
@@ -39,6 +46,19 @@ def test_the_loss_covers_the_second_showing_after_its_unknowable_first_token():
     scrambled = ids.clone()
     scrambled[:, length + 1:] = torch.roll(scrambled[:, length + 1:], 1, dims=0)
     assert copy_loss(_Oracle(40, length), scrambled, length)[1] < 0.5  # a wrong second showing is scored
+
+
+def test_a_copy_row_for_sft_trains_what_copy_loss_scores():
+    import random
+
+    tok = build_tokenizer()
+    vocab = writable_ids(tok)
+    assert set(tok.all_special_ids).isdisjoint(vocab) and len(vocab) > 50
+    ids, mask = copy_row(vocab, 10, random.Random(0))
+    assert len(ids) == len(mask) == 20 and ids[:10] == ids[10:] and set(ids) <= set(vocab)
+    # SFT's loss at position t predicts ids[t] from ids[:t] (`sft_loss` reads mask[1:]): the same
+    # tokens as `copy_loss`, the second showing after its first token
+    assert [t for t, m in enumerate(mask) if m] == list(range(11, 20))
 
 
 def test_run_copy_pretraining_trains_the_policy_in_place(tmp_path):

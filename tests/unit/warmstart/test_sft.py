@@ -82,6 +82,16 @@ def test_sft_lowers_the_loss_and_saves_the_policy(tmp_path):
     assert (tmp_path / "p/model.safetensors").read_bytes() != before
 
 
+def test_copy_rows_join_every_sft_batch(tmp_path):
+    envs = {"math": EnvironmentConfig(id="estuary/math", kwargs={"difficulty": 0})}
+    weights = {}
+    for rows in (0, 4):
+        write_preset("tiny-hybrid-moe", tmp_path / str(rows), seed=0)
+        run_sft(tmp_path / str(rows), SftConfig(steps=2, lr=3e-3, batch_size=2, copy_rows=rows), envs)
+        weights[rows] = (tmp_path / str(rows) / "model.safetensors").read_bytes()
+    assert weights[0] != weights[4]  # same seed and reference rows: only the copy rows differ
+
+
 def test_length_sorted_micro_batches_give_the_one_batch_gradient():
     policy = init_policy("tiny-hybrid-moe", seed=0)
     model, tok = policy.model, policy.tokenizer
@@ -154,3 +164,24 @@ def test_drill_rows_state_true_facts_and_train_only_their_results():
     assert ids == expected
     assert "".join(tok.decode([i for i, m in zip(ids, mask, strict=True) if m])) == "".join(trained)
     assert sum(line.startswith("<think>") for line in lines) == 12
+
+
+def test_answer_rows_train_only_the_answers_copy_of_the_thoughts_last_value():
+    from warmstart.drills import ANSWER_SLOTS, answer_row
+
+    tok = build_tokenizer()
+    ids, mask = answer_row(tok, random.Random(5), lines=40)
+    lines = re.findall(r"<think>(.*?) (\w+)\.</think>\n?(.*)", tok.decode(ids))
+    assert len(lines) == 40
+    trained, gaps = [], 0
+    for words, value, answer in lines:
+        opening, closing = next((o, c) for o, c in ANSWER_SLOTS if answer.endswith(value + c)
+                                and re.search(re.escape(o).replace("KEY", "[a-z]+") + "$", answer[:-len(value + c)]))
+        gap = re.sub(re.escape(opening).replace("KEY", "[a-z]+") + "$", "", answer.removesuffix(value + closing))
+        assert re.fullmatch(r"[a-z ]*", words + gap)  # random letters: no task's text
+        gaps += bool(gap.strip())
+        trained.append(value + closing)
+    assert gaps > 10  # some slots come after other words, as a call's title does
+    assert len({value for _, value, _ in lines}) == 40  # random values, numbers and words alike
+    assert any(v.isdigit() for _, v, _ in lines) and any(v.isalpha() for _, v, _ in lines)
+    assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]) == "".join(trained)

@@ -82,7 +82,7 @@ def answer_line(rng: random.Random) -> tuple[str, str, str]:
     opening, closing = rng.choice(ANSWER_SLOTS)
     opening = opening.replace("KEY", _word(rng, 2, 7))
     words = " ".join(_word(rng, 2, 7) for _ in range(rng.randint(2, 8)))
-    # Half the slots come after other words, as a call's title comes after its tool's name.
+    # Three slots in five come after other words, as a call's title comes after its tool's name.
     separator = rng.choice(("", "\n")) + " ".join(_word(rng, 2, 7) for _ in range(rng.choice((0, 0, 1, 2, 3))))
     return f"<think>{words} {value}.</think>{separator}{opening}{value}{closing}", opening, value + closing
 

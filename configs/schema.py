@@ -493,10 +493,17 @@ class SftConfig:
     `model.path` policy)."""
     copy_length: int = 24
     """Tokens per copy-pretraining sequence (each shown twice)."""
+    answer_steps: int = 0
+    """Answer-pretraining steps after copy pretraining, at `sft.copy_lr` (`warmstart/answer_pretrain.py`):
+    batches of answer drills and copy sequences, so the answer's copy of a value into a new slot forms
+    before SFT, as the copy circuit does (0: skip; like `sft.copy_steps`, only with SFT and a preset)."""
     copy_lr: float = 1e-3
     """Copy-pretraining learning rate (3e-3 never forms the copying circuit on the tiny presets)."""
     lr: float = 1e-3
-    """SFT learning rate."""
+    """SFT learning rate (peak: after `sft.warmup_steps` it decays linearly to a tenth)."""
+    warmup_steps: int = 0
+    """SFT steps over which the learning rate rises linearly from lr/warmup_steps to lr (0: none). A
+    fresh AdamW's first steps move every weight by about lr, whatever the gradient's size."""
     batch_size: int = 16
     """Examples per SFT step."""
     cut_fraction: float = 0.3
@@ -527,6 +534,8 @@ class SftConfig:
         _positive("sft", "drill_rows", self.drill_rows, allow_zero=True)
         _positive("sft", "copy_rows", self.copy_rows, allow_zero=True)
         _positive("sft", "answer_rows", self.answer_rows, allow_zero=True)
+        _positive("sft", "warmup_steps", self.warmup_steps, allow_zero=True)
+        _positive("sft", "answer_steps", self.answer_steps, allow_zero=True)
 
 
 @dataclass

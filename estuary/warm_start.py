@@ -113,6 +113,25 @@ def _built_on(policy: Path) -> str:
         return ""
 
 
+def _pretrain(cfg: Config, out: Path, say) -> None:
+    """What a pretrained model has and a tiny preset lacks: copying from the context, then copying
+    a value into a new slot (each stage skipped at 0 steps)."""
+    if cfg.sft.copy_steps:
+        from warmstart.copy_pretrain import run_copy_pretraining
+
+        copied = run_copy_pretraining(out, cfg.sft.copy_steps, cfg.sft.copy_length, cfg.sft.copy_lr,
+                                      seed=cfg.run.seed)
+        say(f"copy pretraining: {cfg.sft.copy_steps} steps, loss {copied.loss_start:.2f} -> "
+            f"{copied.loss_end:.2f}, copy accuracy {copied.accuracy:.2f} in {copied.seconds:.0f}s")
+    if cfg.sft.answer_steps:
+        from warmstart.answer_pretrain import run_answer_pretraining
+
+        answered = run_answer_pretraining(out, cfg.sft.answer_steps, cfg.sft.copy_lr, cfg.sft.copy_length,
+                                          seed=cfg.run.seed)
+        say(f"answer pretraining: {cfg.sft.answer_steps} steps, loss {answered.loss_start:.2f} -> "
+            f"{answered.loss_end:.2f}, first copied token right {answered.accuracy:.2f} in {answered.seconds:.0f}s")
+
+
 def _build(cfg: Config, out: Path, say) -> None:
     """Write the starting policy into `out`: the preset or `model.path`, SFT, MTP heads."""
     from models.mtp import MTP_FILE
@@ -128,13 +147,8 @@ def _build(cfg: Config, out: Path, say) -> None:
 
         write_preset(cfg.model.preset, out, seed=cfg.run.seed)
         say(f"policy: tiny preset {cfg.model.preset} (seed {cfg.run.seed})")
-        if cfg.sft.copy_steps and cfg.sft.steps:  # part of the warm start: `sft.steps=0` skips both
-            from warmstart.copy_pretrain import run_copy_pretraining
-
-            copied = run_copy_pretraining(out, cfg.sft.copy_steps, cfg.sft.copy_length, cfg.sft.copy_lr,
-                                          seed=cfg.run.seed)
-            say(f"copy pretraining: {cfg.sft.copy_steps} steps, loss {copied.loss_start:.2f} -> "
-                f"{copied.loss_end:.2f}, copy accuracy {copied.accuracy:.2f} in {copied.seconds:.0f}s")
+        if cfg.sft.steps:  # part of the warm start: `sft.steps=0` skips the pretraining stages too
+            _pretrain(cfg, out, say)
     if cfg.sft.steps:
         from rollout.worker import budget_range
         from warmstart.sft import run_sft

@@ -14,7 +14,9 @@ in-context copying that stage formed: without them, copy accuracy on fresh seque
 0.97 to 0.00-0.06 over SFT in every build measured, and the builds differed in which of the
 tasks' copies (a name into a lookup, a number into the answer) survived. `sft.answer_rows` adds
 answer drills (`warmstart/drills.py`): a thought of random words ending on a value, and an answer
-that copies it into a slot, the copy every environment's answer makes and no induction makes.
+that copies it into a slot, the copy every environment's answer makes and no induction makes;
+answer pretraining (`warmstart/answer_pretrain.py`, `sft.answer_steps`) forms that copy before SFT,
+and these rows keep it.
 
 Thinking budgets are shown as rollouts show them: a conversation's budget is stated in its system
 message (`rollout.budget.with_budget`) and every thought longer than it is cut there and closed
@@ -160,6 +162,14 @@ def accumulate(model, rows: list[tuple[list[int], list[int]]], pad: int, micro_r
     return total
 
 
+def sft_lr(cfg: SftConfig, step: int) -> float:
+    """The learning rate at `step`: a linear warm-up over `cfg.warmup_steps` (Adam's first steps are
+    sign-like, so each moves every weight by about lr), then a linear decay to 10% at the last step
+    (the last steps settle the policy)."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    return cfg.lr * warm * (1 - 0.9 * step / max(1, cfg.steps))
+
+
 def run_sft(policy_dir: str | Path, cfg: SftConfig, envs: dict[str, EnvironmentConfig], seed: int = 0,
             seed_limit: int = 1_000_000, budget: tuple[int, int] | None = None,
             unbudgeted: float = 0.0) -> SftResult:
@@ -187,8 +197,8 @@ def run_sft(policy_dir: str | Path, cfg: SftConfig, envs: dict[str, EnvironmentC
         batch += [drill_row(tok, rng) for _ in range(cfg.drill_rows)]
         batch += [copy_row(vocab, cfg.copy_length, rng) for _ in range(cfg.copy_rows)]
         batch += [answer_row(tok, rng) for _ in range(cfg.answer_rows)]
-        for group in opt.param_groups:  # linear decay to 10%: the last steps settle the policy
-            group["lr"] = cfg.lr * (1 - 0.9 * step / max(1, cfg.steps))
+        for group in opt.param_groups:
+            group["lr"] = sft_lr(cfg, step)
         opt.zero_grad(set_to_none=True)
         losses.append(accumulate(model, batch, tok.pad_token_id, MICRO_ROWS))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

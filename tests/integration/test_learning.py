@@ -51,7 +51,8 @@ def demo_path_config(tmp_path: Path, sft_steps: int = SFT_STEPS, rl_steps: int =
     code["concurrency"] = tool["concurrency"] = 8
     # No math here: no drills. Calibrated without the demo's copy and answer rows too (with them
     # the start's code pass@1 was 0.08, under the band this test needs).
-    raw["sft"].update(steps=sft_steps, cache=False, copy_steps=0, drill_rows=0, copy_rows=0, answer_rows=0)
+    raw["sft"].update(steps=sft_steps, cache=False, copy_steps=0, answer_steps=0, drill_rows=0, copy_rows=0,
+                      answer_rows=0)
     # Only code is asserted on: tool_use's held-out evaluation would add a minute and says nothing here.
     raw["eval"].update(instances=256, budgets=[], every_steps=0, environments=["code"])
     raw["learner"].update(checkpoint_every=0)

@@ -19,7 +19,8 @@ from streams.redis_server import free_port
 def _cfg(tmp_path, *overrides):
     return load_config("tiny_cpu", [
         f"run.output_dir={tmp_path}", "run.max_steps=3", "eval.instances=2", "eval.every_steps=2",
-        "learner.groups_per_step=2", "sft.steps=4", "sft.batch_size=4", "sft.copy_steps=2", "learner.checkpoint_every=2", "rollout.max_concurrent_episodes=16",
+        "learner.groups_per_step=2", "sft.steps=4", "sft.batch_size=4", "sft.copy_steps=2", "sft.answer_steps=2",
+        "learner.checkpoint_every=2", "rollout.max_concurrent_episodes=16",
         "rollout.group_size=4", "environments.tool_use.kwargs.max_turns=2",
         # a 4-step warm start still runs most samples to the length limit; the quick start's overlong
         # filter would then leave a step with no token to train, and this test checks the plumbing

@@ -113,7 +113,7 @@ def test_show_prints_resolved_yaml(capsys):
 
 
 def test_copy_pretraining_settings_are_checked():
-    for bad in ("sft.copy_steps=-1", "sft.copy_length=0", "sft.copy_lr=0"):
+    for bad in ("sft.copy_steps=-1", "sft.copy_length=0", "sft.copy_lr=0", "sft.answer_steps=-1", "sft.warmup_steps=-1"):
         with pytest.raises(ConfigError, match=bad.split("=")[0].split(".")[1]):
             load_config("tiny_cpu", [bad])
 

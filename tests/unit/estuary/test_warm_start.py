@@ -11,7 +11,8 @@ from estuary.warm_start import BUILT_ON, machine, sft_environments, warm_start, 
 
 
 def _cfg(*extra: str):
-    return load_config("tiny_cpu", ["sft.steps=2", "sft.batch_size=2", "sft.copy_steps=2", "model.mtp_steps=0",
+    return load_config("tiny_cpu", ["sft.steps=2", "sft.batch_size=2", "sft.copy_steps=2", "sft.answer_steps=2",
+                                    "model.mtp_steps=0",
                                     "environments={math: {id: estuary/math}}", *extra])
 
 
@@ -24,6 +25,7 @@ def test_second_run_reuses_the_cached_warm_start(tmp_path, monkeypatch):
     said: list[str] = []
     first = warm_start(_cfg(), tmp_path / "a" / "policy", said.append)
     assert any("cached as" in s for s in said) and any(s.startswith("sft:") for s in said)
+    assert any(s.startswith("copy pretraining:") for s in said) and any(s.startswith("answer pretraining:") for s in said)
     said.clear()
     second = warm_start(_cfg(), tmp_path / "b" / "policy", said.append)
     built_on = json.loads((first / BUILT_ON).read_text())
@@ -38,7 +40,8 @@ def test_any_input_that_changes_the_policy_changes_the_key(tmp_path, monkeypatch
     monkeypatch.setenv("ESTUARY_CACHE", str(tmp_path / "cache"))
     base = warm_start_key(_cfg())
     assert warm_start_key(_cfg()) == base
-    for change in ("sft.steps=3", "sft.lr=1e-4", "sft.copy_steps=5", "run.seed=1", "model.preset=tiny-hybrid-dense",
+    for change in ("sft.steps=3", "sft.lr=1e-4", "sft.copy_steps=5", "sft.answer_steps=5", "sft.warmup_steps=3",
+                   "run.seed=1", "model.preset=tiny-hybrid-dense",
                    "environments.math.kwargs={difficulty: 1}", "rollout.budget.max_tokens=48"):
         assert warm_start_key(_cfg(change)) != base, change
     assert warm_start_key(_cfg("sft.cache=false")) == base  # whether to cache is not an input

@@ -185,3 +185,14 @@ def test_answer_rows_train_only_the_answers_copy_of_the_thoughts_last_value():
     assert len({value for _, value, _ in lines}) == 40  # random values, numbers and words alike
     assert any(v.isdigit() for _, v, _ in lines) and any(v.isalpha() for _, v, _ in lines)
     assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]) == "".join(trained)
+
+
+def test_the_sft_rate_warms_up_then_decays_to_a_tenth():
+    from warmstart.sft import sft_lr
+
+    plain = SftConfig(steps=100, lr=1e-3)
+    assert sft_lr(plain, 0) == 1e-3 and abs(sft_lr(plain, 100) - 1e-4) < 1e-12
+    warm = SftConfig(steps=100, lr=1e-3, warmup_steps=10)
+    assert abs(sft_lr(warm, 0) - 1e-4) < 1e-12  # a tenth of the way up
+    assert abs(sft_lr(warm, 9) - sft_lr(plain, 9)) < 1e-12  # warm from step 9 on
+    assert [sft_lr(warm, s) for s in range(10)] == sorted(sft_lr(warm, s) for s in range(10))

@@ -8,8 +8,10 @@ slot's opening (`{`, `"`) never preceded the value before, so a head that copies
 the current token cannot find the value's first token. SFT's answer drills (`sft.answer_rows`)
 formed it in the seed-1 and seed-2 builds and not in seed 0's, whose SFT ended with the drills'
 loss near 1.0 (0.1-0.2 elsewhere) and tool_use at 0 (README, "Session 41"). Like the copy circuit,
-it forms suddenly and at a low learning rate (SFT's 3e-3 did not form it in 400 steps; 1e-3 did in
-600 here), so it gets a stage of its own between copy pretraining and SFT: batches of answer drills
+it forms suddenly and at a low learning rate (SFT's 3e-3 did not form it in seed 0's 400 steps; at
+1e-3 this stage had the first copied token right 0.94-0.95 after 600 steps in one-thread builds,
+and 0.14 in the two-thread quick start's, whose float path reached the sudden step later and whose
+SFT then completed it), so it gets a stage of its own between copy pretraining and SFT: batches of answer drills
 (`warmstart/drills.py`, trained on the copy only) and copy sequences (so the copying it stands on
 stays), at `sft.copy_lr`. It reads no task, prompt or evaluation data.
 """
@@ -25,11 +27,10 @@ import torch
 
 from warmstart.copy_pretrain import copy_row, writable_ids
 from warmstart.drills import answer_row
-from warmstart.sft import _batch, accumulate
+from warmstart.sft import _batch, train_step
 
 ANSWER_DRILLS = 4  # answer drill rows per batch (8 lines each, ~380 tokens)
 COPY_SEQUENCES = 8  # copy pretraining's sequences per batch, so the copy circuit stays
-MICRO_ROWS = 8
 
 
 @dataclass
@@ -70,10 +71,7 @@ def run_answer_pretraining(policy_dir: str | Path, steps: int, lr: float = 1e-3,
     for _ in range(steps):
         batch = [answer_row(tok, rng) for _ in range(ANSWER_DRILLS)]
         batch += [copy_row(vocab, length, rng) for _ in range(COPY_SEQUENCES)]
-        opt.zero_grad(set_to_none=True)
-        losses.append(accumulate(model, batch, tok.pad_token_id, MICRO_ROWS))
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        losses.append(train_step(model, opt, batch, tok.pad_token_id))
     model.eval()
     held = random.Random(f"answer-pretraining-held-{seed}")
     accuracy = first_token_accuracy(model, [answer_row(tok, held) for _ in range(32)], tok.pad_token_id)

@@ -162,6 +162,15 @@ def accumulate(model, rows: list[tuple[list[int], list[int]]], pad: int, micro_r
     return total
 
 
+def train_step(model, opt, rows: list[tuple[list[int], list[int]]], pad: int) -> float:
+    """One optimizer step on `rows` (`accumulate`'s loss, the gradient clipped to norm 1); returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss = accumulate(model, rows, pad, MICRO_ROWS)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
 def sft_lr(cfg: SftConfig, step: int) -> float:
     """The learning rate at `step`: a linear warm-up over `cfg.warmup_steps` (Adam's first steps are
     sign-like, so each moves every weight by about lr), then a linear decay to 10% at the last step
@@ -199,10 +208,7 @@ def run_sft(policy_dir: str | Path, cfg: SftConfig, envs: dict[str, EnvironmentC
         batch += [answer_row(tok, rng) for _ in range(cfg.answer_rows)]
         for group in opt.param_groups:
             group["lr"] = sft_lr(cfg, step)
-        opt.zero_grad(set_to_none=True)
-        losses.append(accumulate(model, batch, tok.pad_token_id, MICRO_ROWS))
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        losses.append(train_step(model, opt, batch, tok.pad_token_id))
     model.eval()
     policy.save(policy_dir)
     head = max(1, len(losses) // 10)

@@ -288,11 +288,12 @@ class LearnerConfig:
     """Recompute each layer's activations in the backward pass instead of keeping them (long
     sequences: activation memory falls from every layer's to one layer's plus the layer inputs)."""
     scan_chunk: int = 16
-    """Chunk length of the Mamba-2 scan in the learner's forward passes on CPU (transformers'
-    torch path; the chunked scan is exact for any length, so only rounding changes). The tiny
-    presets ship 64, for GPU kernels; on CPU the (chunk x chunk) intermediates of 64 cost more
-    than they save (README, "Trajectory stream, learner, weight sync": the demo's learner step
-    1.585 s against 1.78 s). 0: the model's own. Ignored on GPU."""
+    """Chunk length of the Mamba-2 scan in the learner's forward passes on CPU (the chunked scan
+    is exact for any length, so only rounding changes). The tiny presets ship 64, for GPU
+    kernels; on CPU the (chunk x chunk) intermediates of 64 cost more than they save (README,
+    "Trajectory stream, learner, weight sync": with transformers' scan the demo's learner step
+    took 1.585 s against 1.78 s; with `models/mamba_chunked.py` 16 and 32 are alike). 0: the
+    policy's as loaded (`models.mamba_chunked.CHUNK` on CPU). Ignored on GPU."""
     lr: float = 1e-5
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0

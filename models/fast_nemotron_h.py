@@ -14,7 +14,7 @@ update to the HF model is seen at once) and matches its full-sequence logits. Wh
 - `verify`/`rollback`: several tokens per slot in one pass and the state after each, for
   speculative decoding; `mtp_step`: the MTP head's draft step.
 
-The SSM prefill uses transformers' reference chunked scan (`mamba2_chunk_scan`), the decode step
+The SSM prefill uses the learner's chunked scan (`models/mamba_chunked.mixer_scan`), the decode step
 its recurrence; dt is clamped at `time_step_min` as in the full forward the learner trains with.
 On CPU in fp32, decode and verify run the Mamba step, the attention over a slot's cache, the
 routed experts and the residual norms as fused C++ kernels (`models/cpu_kernels.py`): at decode
@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from transformers.activations import ReLUSquaredActivation
-from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
 from models.attention import as_range, attend
 from models.cpu_kernels import kernels
 from models.decode_state import ContextOverflow, DecodeState
+from models.mamba_chunked import mixer_scan
 
 
 @dataclass
@@ -46,7 +46,6 @@ class _Dims:
     conv_dim: int
     kernel: int
     dt_min: float
-    chunk: int
     kv_heads: int = 0
     attn_head_dim: int = 0
     attn_heads: int = 0
@@ -76,7 +75,7 @@ class FastNemotronH:
             heads=c.mamba_num_heads, head_dim=c.mamba_head_dim, groups=c.n_groups,
             d_state=c.ssm_state_size, d_inner=d_inner,
             conv_dim=d_inner + 2 * c.n_groups * c.ssm_state_size, kernel=c.conv_kernel,
-            dt_min=c.time_step_min, chunk=c.chunk_size, kv_heads=c.num_key_value_heads,
+            dt_min=c.time_step_min, kv_heads=c.num_key_value_heads,
             attn_head_dim=c.head_dim, attn_heads=c.num_attention_heads,
             layer_types=list(c.layers_block_type),
         )
@@ -248,13 +247,7 @@ class FastNemotronH:
         xbc_act = F.silu(conv)[0].T[None]  # (1, T, C)
         state.tensors[f"{i}.conv"][slot] = window[:, -(d.kernel - 1):]
         xs, B, C = xbc_act.split([d.d_inner, d.groups * d.d_state, d.groups * d.d_state], dim=-1)
-        y, final = hf.mamba2_chunk_scan(
-            xs.reshape(1, T, d.heads, d.head_dim), dt, -torch.exp(mixer.A_log.float()),
-            B.reshape(1, T, d.groups, d.d_state), C.reshape(1, T, d.groups, d.d_state),
-            chunk_size=d.chunk, D=mixer.D, dt_bias=mixer.dt_bias, dt_softplus=True,
-            initial_states=state.tensors[f"{i}.ssm"][slot:slot + 1], return_final_states=True,
-            dt_limit=(d.dt_min, float("inf")),
-        )
+        y, final = mixer_scan(mixer, xs, dt, B, C, initial=state.tensors[f"{i}.ssm"][slot:slot + 1])
         state.tensors[f"{i}.ssm"][slot] = final[0]
         y = mixer.norm(y.reshape(1, T, d.d_inner), gate)
         return _linear(mixer.out_proj, y.to(x.dtype))

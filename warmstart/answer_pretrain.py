@@ -9,9 +9,9 @@ the current token cannot find the value's first token. SFT's answer drills (`sft
 formed it in the seed-1 and seed-2 builds and not in seed 0's, whose SFT ended with the drills'
 loss near 1.0 (0.1-0.2 elsewhere) and tool_use at 0 (README, "Session 41"). Like the copy circuit,
 it forms suddenly and at a low learning rate (SFT's 3e-3 did not form it in seed 0's 400 steps; at
-1e-3 this stage had the first copied token right 0.94-0.95 after 600 steps in one-thread builds,
-and 0.14 in the two-thread quick start's, whose float path reached the sudden step later and whose
-SFT then completed it), so it gets a stage of its own between copy pretraining and SFT: batches of answer drills
+1e-3 this stage had the first copied token right 0.94-0.95 after 600 steps in one-thread builds;
+in the two-thread quick start 0.14 with transformers' Mamba scan, whose float path reached the
+sudden step later and whose SFT then completed it, and 0.92 with ours), so it gets a stage of its own between copy pretraining and SFT: batches of answer drills
 (`warmstart/drills.py`, trained on the copy only) and copy sequences (so the copying it stands on
 stays), at `sft.copy_lr`. It reads no task, prompt or evaluation data.
 """

@@ -26,6 +26,7 @@ from learner.collectives import all_reduce, control_group, world
 from learner.losses import LossConfig
 from learner.objective import Objective, microbatch_loss, reference_logprobs
 from models.extension_build import extensions_dir, load_deepspeed_shm_comm
+from models.mamba_chunked import set_scan_chunk
 
 
 @dataclass(frozen=True)
@@ -42,17 +43,6 @@ class TrainerOptions:
     activation_checkpointing: bool = False  # recompute layer activations in backward (long sequences)
     ema_decay: float = 0.0  # > 0: rank 0 keeps an average of the weights (`learner/weight_average.py`)
     scan_chunk: int = 16  # the Mamba-2 scan's chunk on CPU (`learner.scan_chunk`); 0: the model's own
-
-
-def set_scan_chunk(model: torch.nn.Module | None, chunk: int) -> int:
-    """Give every Mamba-2 mixer of `model` this scan chunk; returns how many it changed. The chunked
-    scan computes the same sums for any chunk (intra-chunk as a masked (chunk x chunk) product,
-    across chunks as a recurrence), so only the rounding moves."""
-    changed = 0
-    for module in model.modules() if model is not None else ():
-        if type(module).__name__.endswith("Mamba2Mixer") and isinstance(getattr(module, "chunk_size", None), int):
-            module.chunk_size, changed = chunk, changed + 1
-    return changed
 
 
 def _init_process_group() -> None:

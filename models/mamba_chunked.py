@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
+from transformers.models.nemotron_h.modeling_nemotron_h import (
+    NemotronHMamba2Mixer,
+    apply_mask_to_padding_states,
+)
 
 
 def chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -113,8 +116,7 @@ def mixer_forward(mixer, hidden_states: torch.Tensor, cache_params=None, attenti
     if continues and length == 1:
         return NemotronHMamba2Mixer.forward(mixer, hidden_states, cache_params=cache_params,
                                             attention_mask=attention_mask, **kwargs)
-    if attention_mask is not None:  # padding positions contribute nothing (as transformers does)
-        hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
+    hidden_states = apply_mask_to_padding_states(hidden_states, attention_mask)
     gate, xbc, dt = mixer.in_proj(hidden_states).split(
         [mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
     before, initial, k = None, None, mixer.conv_kernel_size
@@ -125,8 +127,7 @@ def mixer_forward(mixer, hidden_states: torch.Tensor, cache_params=None, attenti
     if cache_params is not None:
         cache_params.update_conv_state(xbc.transpose(1, 2), layer, conv_kernel_size=k)
     xbc = mixer.act(causal_conv(xbc, mixer.conv1d.weight, mixer.conv1d.bias, before))   # (b, T, conv_dim)
-    if attention_mask is not None:
-        xbc = (xbc * attention_mask[:, :, None]).to(xbc.dtype)
+    xbc = apply_mask_to_padding_states(xbc, attention_mask)
     groups_n = mixer.n_groups * mixer.ssm_state_size
     x, B, C = xbc.split([mixer.intermediate_size, groups_n, groups_n], dim=-1)
     y, final = mixer_scan(mixer, x, dt, B, C, initial)
@@ -150,9 +151,21 @@ class FastMamba2Mixer(NemotronHMamba2Mixer):
 CHUNK = 32
 
 
+def set_scan_chunk(model: torch.nn.Module | None, chunk: int) -> int:
+    """Give every Mamba-2 mixer of `model` this scan chunk; returns how many it changed. The chunked
+    scan computes the same sums for any chunk (intra-chunk as a masked (chunk x chunk) product,
+    across chunks as a triangular product), so only the rounding moves."""
+    changed = 0
+    for module in model.modules() if model is not None else ():
+        if type(module).__name__.endswith("Mamba2Mixer") and isinstance(getattr(module, "chunk_size", None), int):
+            module.chunk_size, changed = chunk, changed + 1
+    return changed
+
+
 def install_fast_mamba(model) -> None:
     """Route every NemotronH Mamba layer of `model` through `mixer_forward`, in chunks of `CHUNK`
     (in place; the saved config keeps its own `chunk_size`)."""
     for module in model.modules():
         if type(module) is NemotronHMamba2Mixer:
-            module.__class__, module.chunk_size = FastMamba2Mixer, CHUNK
+            module.__class__ = FastMamba2Mixer
+    set_scan_chunk(model, CHUNK)

@@ -12,8 +12,8 @@ import torch
 from configs import ConfigError, load_config
 from learner.batching import pack
 from learner.losses import LossConfig
-from learner.trainer import Trainer, TrainerOptions, set_scan_chunk
-from models.mamba_chunked import CHUNK
+from learner.trainer import Trainer, TrainerOptions
+from models.mamba_chunked import CHUNK, set_scan_chunk
 from models.policy import init_policy
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -3,9 +3,12 @@
     .venv/bin/python -m bench.mtp_bench [--preset hybrid-moe-100m] [--batch 1,4] [--draft-steps 2]
 
 The policy: the preset, a short SFT on the quick start's four environments' reference
-conversations, then MTP heads fitted on its own generations (`warmstart/train_mtp.py`). It is
+conversations, then MTP heads fitted on its own generations (`warmstart/train_mtp.py`: by
+default distilled from the policy's own distributions through both draft steps;
+`--fit-objective tokens` fits the sampled tokens' cross-entropy, first step only, as until
+session 43). It is
 built once and cached under `$ESTUARY_CACHE/bench/` (keyed by the preset, the stages' settings
-and the source), about 20 minutes for `hybrid-moe-100m` on 2 cores. A random-init policy would
+and the source), about 11 minutes for `hybrid-moe-100m` on 2 cores. A random-init policy would
 not do: acceptance on its near-uniform distributions says nothing about a trained one's.
 
 The work: the environments' held-out prompts in turn, one sample each at temperature 1, up to
@@ -45,7 +48,8 @@ from rollout.types import Request, SamplingParams
 
 # The warm start's stages, sized for a 100M policy on 2 cores (~20 s per SFT step of 8 rows).
 SFT = {"steps": 30, "batch_size": 8, "lr": 1e-3, "cut_fraction": 0.3}
-MTP_FIT = {"samples": 192, "steps": 400, "batch_size": 8, "lr": 2e-3, "max_new_tokens": 64}
+MTP_FIT = {"samples": 192, "steps": 400, "batch_size": 8, "lr": 2e-3, "max_new_tokens": 64,
+           "objective": "distill", "unroll": 2}
 NEW_TOKENS = 64
 PROMPTS = 16
 
@@ -69,8 +73,8 @@ def _sources(*names: str) -> str:
 def warm_policy(preset: str, seed: int = 0, say=print) -> Path:
     """The preset after a short SFT, with MTP heads fitted on its own generations.
 
-    Two cached stages under `$ESTUARY_CACHE/bench/`: the SFT'd policy (~14 min for the 100M
-    preset on 2 cores), then the heads (~8 min), each keyed by its settings and its sources.
+    Two cached stages under `$ESTUARY_CACHE/bench/`: the SFT'd policy (~6 min for the 100M
+    preset on 2 cores), then the heads (~6 min), each keyed by its settings and its sources.
     """
     from configs import load_config
     from configs.schema import SftConfig
@@ -157,6 +161,10 @@ def main() -> None:
     parser.add_argument("--draft-steps", type=int, default=2)
     parser.add_argument("--batch", default="1,4", help="comma-separated batch sizes (at most 8 each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a rollout worker has 1 CPU)")
+    parser.add_argument("--fit-objective", default=MTP_FIT["objective"], choices=["distill", "tokens"],
+                        help="the heads' fit (warmstart.train_mtp): the policy's distributions, or the sampled tokens")
+    parser.add_argument("--fit-unroll", type=int, default=None,
+                        help="draft steps the distillation chains (default: --draft-steps)")
     parser.add_argument("--draft-dtype", default="float32,int8",
                         help="comma-separated weights to draft through (model.draft_dtype), each a mode of its own")
     args = parser.parse_args()
@@ -167,6 +175,7 @@ def main() -> None:
     if not set(dtypes) <= {"float32", "int8"}:
         parser.error(f"--draft-dtype {args.draft_dtype}: choose from float32, int8")
     torch.set_num_threads(args.threads)
+    MTP_FIT.update(objective=args.fit_objective, unroll=args.fit_unroll or args.draft_steps)
     start = time.perf_counter()
     policy = load_policy(args.policy or warm_policy(args.preset))
     prompts = env_prompts(policy, PROMPTS)

@@ -50,7 +50,8 @@ def _train_mtp(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()
     result = train_mtp(args.policy_dir, env_ids=args.env or None, samples=args.samples,
-                       steps=args.steps, lr=args.lr, max_new_tokens=args.max_new_tokens, seed=args.seed)
+                       steps=args.steps, lr=args.lr, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                       objective=args.objective, unroll=args.unroll)
     print(f"estuary: trained MTP heads on {result.samples} self-generations in {result.seconds:.0f}s: "
           f"loss {result.loss_start:.3f} -> {result.loss_end:.3f}; saved to {args.policy_dir}/mtp.safetensors")
     return 0
@@ -152,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     mtp.add_argument("--lr", type=float, default=2e-3, help="learning rate")
     mtp.add_argument("--max-new-tokens", type=int, default=64, help="tokens per generated answer")
     mtp.add_argument("--seed", type=int, default=0)
+    mtp.add_argument("--objective", choices=["distill", "tokens"], default="distill",
+                     help="match the policy's own distributions (distill) or its sampled tokens")
+    mtp.add_argument("--unroll", type=int, default=2,
+                     help="chained draft steps the distillation trains (the engine's mtp_steps)")
     mtp.set_defaults(handler=_train_mtp)
 
     run = sub.add_parser("train", help="run asynchronous multi-environment GRPO (local or in a Ray job)")

@@ -162,7 +162,8 @@ def _build(cfg: Config, out: Path, say) -> None:
         from warmstart.train_mtp import train_mtp
 
         env_ids = [(env.id, dict(env.kwargs)) for env in cfg.environments.values()]
-        result = train_mtp(out, env_ids=env_ids, samples=128, steps=100, seed=cfg.run.seed)
+        result = train_mtp(out, env_ids=env_ids, samples=128, steps=100, seed=cfg.run.seed,
+                           unroll=cfg.model.mtp_steps)  # fitted through as many steps as it drafts
         say(f"mtp heads: loss {result.loss_start:.2f} -> {result.loss_end:.2f} in {result.seconds:.0f}s")
     (out / BUILT_ON).write_text(json.dumps(built_on, indent=1))
 

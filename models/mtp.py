@@ -206,3 +206,37 @@ def mtp_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor |
     losses = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), targets.reshape(-1), reduction="none")
     weights = torch.ones_like(targets, dtype=losses.dtype) if mask is None else mask[:, 2:].to(losses.dtype)
     return (losses * weights.reshape(-1)).sum() / weights.sum().clamp(min=1)
+
+
+def mtp_distill_loss(model: nn.Module, input_ids: torch.Tensor, hidden: torch.Tensor,
+                     mask: torch.Tensor | None = None, steps: int = 1) -> torch.Tensor:
+    """KL(policy || head) of `steps` chained draft steps, against the policy's own distributions.
+
+    input_ids (B, T); hidden (B, T, D): the policy's final (normed) hidden states, row t after
+    token t; mask (B, T) marks tokens that count as targets. Draft step k (1..steps) at row t
+    reads token t+k and the previous step's output (step 1: hidden t), as the engine drafts, and
+    predicts token t+k+1, whose distribution under the policy is `lm_head(hidden[t+k])`. Returns
+    the mean over steps of each step's mean KL over counted targets (a scalar).
+
+    Why not `mtp_loss`: a draft is accepted with probability sum_x min(p, q) = 1 - TV(p, q), so
+    the head should match the policy's whole distribution. The sampled token's cross-entropy has
+    the same minimum but estimates it from one draw per position; the policy's distribution is at
+    hand. And the engine feeds a step's output into the next draft step, so training only the first
+    step leaves the second reading hidden states unlike any it was fitted on.
+    """
+    emb, head = model.get_input_embeddings(), model.lm_head
+    with _frozen(emb):
+        embeds = emb(input_ids)  # (B, T, D), no grad
+    with torch.no_grad(), _frozen(head):
+        target = head(hidden).float().log_softmax(-1)  # (B, T, V): row t, the policy's token t+1
+    weights = torch.ones_like(input_ids, dtype=target.dtype) if mask is None else mask.to(target.dtype)
+    h, total = hidden, target.new_zeros(())
+    for k in range(1, steps + 1):
+        h = model.mtp(embeds[:, k:], h[:, :-1])  # (B, T-k, D): row t predicts token t+k+1
+        with _frozen(head):
+            draft = head(h).float().log_softmax(-1)  # grad flows to h only
+        kl = F.kl_div(draft, target[:, k:], log_target=True, reduction="none").sum(-1)  # (B, T-k)
+        # the last row's token is beyond the sequence: not counted
+        w = torch.cat([weights[:, k + 1:], weights.new_zeros(weights.shape[0], 1)], dim=1)  # (B, T-k)
+        total = total + (kl * w).sum() / w.sum().clamp(min=1)
+    return total / steps

@@ -3,9 +3,12 @@
     estuary model train-mtp out/policy --samples 256 --steps 200
 
 The policy (frozen) answers prompts from the registered environments with the torch engine; the
-heads learn to predict each generated token two ahead from the token one ahead and the policy's
-final hidden state (`models.mtp.mtp_loss`, on the generated tokens only). Heads are created if
-the policy has none, and saved beside it (`mtp.safetensors`).
+heads learn, on the generated tokens only, to predict two ahead from the token one ahead and the
+policy's final hidden state. `objective="distill"` (the default) matches the policy's own
+distribution there, through `unroll` chained draft steps as the engine drafts
+(`models.mtp.mtp_distill_loss`); `"tokens"` is the cross-entropy of the sampled tokens, first
+step only (`models.mtp.mtp_loss`; `unroll` does not apply). Heads are created if the policy has none, and saved beside it
+(`mtp.safetensors`).
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from pathlib import Path
 
 import torch
 
-from models.mtp import add_mtp_heads, mtp_logits, mtp_loss, save_mtp_heads
+from models.mtp import add_mtp_heads, mtp_distill_loss, mtp_logits, mtp_loss, save_mtp_heads
 from models.policy import load_policy
+
+OBJECTIVES = ("distill", "tokens")
 
 
 @dataclass
@@ -93,7 +98,11 @@ def _head_batch(rows: list[tuple], pad: int) -> tuple[torch.Tensor, torch.Tensor
 
 def train_mtp(policy_dir: str | Path, env_ids: list[str | tuple[str, dict]] | None = None, samples: int = 256,
               steps: int = 200, batch_size: int = 32, lr: float = 2e-3, max_new_tokens: int = 64,
-              seed: int = 0) -> TrainMTPResult:
+              seed: int = 0, objective: str = "distill", unroll: int = 2) -> TrainMTPResult:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    if unroll < 1:
+        raise ValueError(f"unroll={unroll}: the draft steps to train, at least 1 (the engine's mtp_steps)")
     start = time.perf_counter()
     policy = load_policy(policy_dir)
     model = policy.model
@@ -112,7 +121,10 @@ def train_mtp(policy_dir: str | Path, env_ids: list[str | tuple[str, dict]] | No
     cached = _with_hidden(model, rows, pad)
     for _ in range(steps):
         ids, hidden, mask = _head_batch(rng.sample(cached, min(batch_size, len(cached))), pad)
-        loss = mtp_loss(mtp_logits(model, ids, hidden), ids, mask)
+        if objective == "distill":
+            loss = mtp_distill_loss(model, ids, hidden, mask, steps=unroll)
+        else:
+            loss = mtp_loss(mtp_logits(model, ids, hidden), ids, mask)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from models.mtp import add_mtp_heads, mtp_logits, mtp_loss
+from models.mtp import add_mtp_heads, mtp_distill_loss, mtp_logits, mtp_loss
 from models.policy import init_policy, load_policy
 
 
@@ -71,6 +71,52 @@ def test_mtp_loss_hand_computed_and_masked():
     assert mtp_loss(logits, ids).item() == pytest.approx((loss_row0.item() + uniform.item()) / 2, rel=1e-5)
     mask = torch.tensor([[0, 0, 1, 0]])  # only ids[2] counts
     assert mtp_loss(logits, ids, mask).item() == pytest.approx(loss_row0.item(), rel=1e-5)
+
+
+def _policy_with_heads():
+    policy = init_policy("tiny-hybrid-moe", seed=0)
+    add_mtp_heads(policy.model, seed=1)
+    ids = torch.randint(3, 200, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = policy.model.model(ids).last_hidden_state
+    return policy.model, ids, hidden
+
+
+def test_mtp_distill_loss_is_the_kl_to_the_policys_own_next_distribution():
+    model, ids, hidden = _policy_with_heads()
+    mask = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 1, 1, 0, 0]])
+    with torch.no_grad():
+        draft = mtp_logits(model, ids, hidden).log_softmax(-1)  # (B, T-1, V): row t predicts t+2
+        policy = model.lm_head(hidden).float().log_softmax(-1)  # (B, T, V): row t predicts t+1
+        kl = (policy[:, 1:].exp() * (policy[:, 1:] - draft)).sum(-1)  # (B, T-1)
+        counted = mask[:, 2:].float()  # row t's token t+2; the last row's is past the end
+        expected = (kl[:, :-1] * counted).sum() / counted.sum()
+        assert mtp_distill_loss(model, ids, hidden, mask, steps=1).item() == pytest.approx(expected.item(), rel=1e-5)
+        # the second step reads the first step's output and the token two ahead, as the engine drafts
+        first = model.mtp(model.get_input_embeddings()(ids[:, 1:]), hidden[:, :-1])
+        second = model.lm_head(model.mtp(model.get_input_embeddings()(ids[:, 2:]), first[:, :-1])).log_softmax(-1)
+        kl2 = (policy[:, 2:].exp() * (policy[:, 2:] - second)).sum(-1)  # (B, T-2): row t predicts t+3
+        counted2 = mask[:, 3:].float()
+        expected2 = (expected + (kl2[:, :-1] * counted2).sum() / counted2.sum()) / 2
+        assert mtp_distill_loss(model, ids, hidden, mask, steps=2).item() == pytest.approx(expected2.item(), rel=1e-5)
+
+
+def test_mtp_distill_loss_moves_only_the_heads():
+    model, ids, hidden = _policy_with_heads()
+    for p in model.parameters():
+        p.requires_grad_(True)  # as in the learner: a stray path into the policy would show
+    mtp_distill_loss(model, ids, hidden, steps=2).backward()
+    moved = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert moved and all(n.startswith("mtp.") for n in moved)
+
+
+def test_train_mtp_refuses_an_unknown_objective(tmp_path):
+    from warmstart.train_mtp import train_mtp
+
+    with pytest.raises(ValueError, match="objective='kl'.*distill, tokens"):
+        train_mtp(tmp_path, objective="kl")
+    with pytest.raises(ValueError, match="unroll=0"):
+        train_mtp(tmp_path, unroll=0)
 
 
 def test_heads_learn_to_predict_two_ahead():

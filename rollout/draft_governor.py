@@ -10,13 +10,21 @@ compute-bound and rejected drafts are wasted work): the long tail of a rollout r
 long answers run alone, is where it pays. The crossover depends on the model, the machine and
 the heads' acceptance (which moves as the policy trains), so by default it is measured as the
 engine runs: seconds per emitted token, drafting and not, per batch-size bucket (powers of two),
-as moving averages. Each bucket tries both ways first, then takes the cheaper, and every
-`explore_every`-th step there takes the other way for two steps (the engine measures only steps
-in the same mode as the one before: a switch costs what neither mode does), so a crossover that
-moves is followed.
+as moving averages. Each bucket tries both ways first, then takes the cheaper, and now and then
+takes the other way for two steps (the engine measures only steps in the same mode as the one
+before: a switch costs what neither mode does), so a crossover that moves is followed. How often
+depends on how far apart the two ways are: every `explore_every`-th step while they are within
+`GAP_UNIT` of each other, k times less often at k such units apart (up to `MAX_STRETCH`). A
+check then costs about the same wherever it happens, at most 2 * GAP_UNIT / explore_every of
+the steps' time (0.6%), where checking every 32nd step cost 2 * 0.6 / 32 = 3.7% on a round
+whose drafts cost 1.6x (`bench.draft_round_bench`'s even round, session 43: 0.95-0.97 of drafts
+off), and a crossover far from the batch sizes a round has is seldom re-tried.
 """
 
 from __future__ import annotations
+
+GAP_UNIT = 0.1  # the two ways' costs per token this far apart (10%): explore every `explore_every` steps ...
+MAX_STRETCH = 8  # ... and k times less often at k such units apart, up to this many times
 
 
 def bucket(active: int) -> int:
@@ -45,7 +53,9 @@ class DraftGovernor:
         n = self.steps.get(k, 0)
         self.steps[k] = n + 1
         better = on <= off
-        return (not better) if n % self.explore_every >= self.explore_every - 2 else better
+        gap = max(on, off) / max(min(on, off), 1e-12) - 1.0  # what a step the other way costs extra
+        period = self.explore_every * min(MAX_STRETCH, max(1, round(gap / GAP_UNIT)))
+        return (not better) if n % period >= period - 2 else better
 
     def record(self, active: int, drafted: bool, seconds: float, tokens: int) -> None:
         """One step's cost: `tokens` emitted by `active` sequences in `seconds`."""

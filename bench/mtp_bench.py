@@ -175,7 +175,7 @@ def main() -> None:
     if not set(dtypes) <= {"float32", "int8"}:
         parser.error(f"--draft-dtype {args.draft_dtype}: choose from float32, int8")
     torch.set_num_threads(args.threads)
-    MTP_FIT.update(objective=args.fit_objective, unroll=args.fit_unroll or args.draft_steps)
+    MTP_FIT.update(objective=args.fit_objective, unroll=args.draft_steps if args.fit_unroll is None else args.fit_unroll)
     start = time.perf_counter()
     policy = load_policy(args.policy or warm_policy(args.preset))
     prompts = env_prompts(policy, PROMPTS)

@@ -7,8 +7,8 @@ heads learn, on the generated tokens only, to predict two ahead from the token o
 policy's final hidden state. `objective="distill"` (the default) matches the policy's own
 distribution there, through `unroll` chained draft steps as the engine drafts
 (`models.mtp.mtp_distill_loss`); `"tokens"` is the cross-entropy of the sampled tokens, first
-step only (`models.mtp.mtp_loss`; `unroll` does not apply). Heads are created if the policy has none, and saved beside it
-(`mtp.safetensors`).
+step only (`models.mtp.mtp_loss`; `unroll` does not apply). Heads are created if the policy has
+none, and saved beside it (`mtp.safetensors`).
 """
 
 from __future__ import annotations

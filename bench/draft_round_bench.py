@@ -1,15 +1,20 @@
 """Adaptive MTP drafting on a rollout round: drafts off vs on at every batch vs adaptive.
 
-    .venv/bin/python -m bench.draft_round_bench [--policy DIR] [--draft-steps 2] [--repeats 3]
+    .venv/bin/python -m bench.draft_round_bench [--policy DIR] [--draft-steps 2] [--repeats 3] [--draft-dtype int8]
 
 A round is what a rollout worker's engine serves: groups of 8 samples of a prompt (the quick
 start's four environments in turn, held-out seeds), continuously batched. Two rounds, each timed with the same engine and requests in three modes:
 - `tail`: 32 sequences, 28 of them stop after 16 tokens and 4 run to 256 (a long tail: most of
   the round's wall time is a few sequences running alone, where speculation should pay);
-- `even`: 32 sequences of 64 tokens (no tail: drafting mostly runs at full batch).
-Modes: `off` (no drafts), `always` (`model.draft_max_batch=0`) and `adaptive` (-1: drafting
-while the batch is at or below the crossover the engine measures as it runs; one untimed
-round first, as a rollout worker's engine has served many before).
+- `even`: 32 sequences of 64 tokens (no tail: drafting mostly runs at full batch);
+- `tail1` (`--rounds tail1`): 31 stop after 16 tokens and one runs to 256. On this CPU a
+  verification of 4 sequences is 8-12 rows per weight, past where its projections stop being
+  memory-bound (~6 rows; a GPU's balance point is hundreds), so `tail`'s batch-4 tail is not the
+  regime a GPU's tail is in; one long sequence is.
+Modes: `off` (no drafts), `always` (`model.draft_max_batch=0`: K drafts every step) and
+`adaptive` (-1: each step drafts 0 to K tokens, the depth the engine measures cheapest for the
+active batch's size as it runs; one untimed round first, as a rollout worker's engine has
+served many before). The table shows the depth it chose per batch bucket.
 
 The policy is the quick start's warm start (`configs/tiny_cpu.yaml`: copy pretraining, SFT and
 MTP heads fitted on its own generations; built once, then cached), so acceptance is that of a
@@ -33,7 +38,8 @@ from models.policy import load_policy
 from rollout.torch_engine import TorchEngine
 from rollout.types import Request, SamplingParams
 
-ROUNDS = {"tail": [(16, 28), (256, 4)], "even": [(64, 32)]}  # (tokens, sequences) per round
+# (tokens, sequences) per round; `tail1` only when asked for (--rounds)
+ROUNDS = {"tail": [(16, 28), (256, 4)], "even": [(64, 32)], "tail1": [(16, 31), (256, 1)]}
 
 
 def env_prompts(policy, count: int) -> list[list[int]]:
@@ -56,10 +62,11 @@ def requests(policy, shape: list[tuple[int, int]]) -> list[Request]:
             for p, (tokens, n) in zip(prompts, groups, strict=True)]
 
 
-def round_seconds(policy, shape, mtp_steps: int, draft_max_batch: int, repeats: int) -> tuple[float, TorchEngine]:
+def round_seconds(policy, shape, mtp_steps: int, draft_max_batch: int, repeats: int,
+                  draft_dtype: str = "float32") -> tuple[float, TorchEngine]:
     """Best-of-`repeats` wall time of one round, after one untimed round on the same engine."""
     engine = TorchEngine(policy, max_batch=64, max_len=1024, seed=0, mtp_steps=mtp_steps,
-                         draft_max_batch=draft_max_batch)
+                         draft_max_batch=draft_max_batch, draft_dtype=draft_dtype if mtp_steps else "float32")
     engine.generate(requests(policy, shape))
     engine.stats = {"drafted": 0, "accepted": 0, "steps": 0}
     best = float("inf")
@@ -82,19 +89,27 @@ def main() -> None:
     parser.add_argument("--policy", default=None, help="NemotronH directory with MTP heads (default: the demo's warm start)")
     parser.add_argument("--draft-steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", default="tail,even", help=f"comma-separated, of {', '.join(ROUNDS)}")
+    parser.add_argument("--draft-dtype", default="float32", choices=["float32", "int8"],
+                        help="weights the drafts go through (model.draft_dtype)")
     args = parser.parse_args()
+    rounds = args.rounds.split(",")
+    if not set(rounds) <= set(ROUNDS):
+        parser.error(f"--rounds {args.rounds}: choose from {', '.join(ROUNDS)}")
     torch.set_num_threads(1)  # as a rollout worker runs (rollout.cpus_per_worker: 1)
     with tempfile.TemporaryDirectory() as tmp:
         policy = load_policy(args.policy or warm_start_policy(Path(tmp)))
     results = []
-    print(f"{'round':<6} {'off s':>8} {'always s':>9} {'adaptive s':>11} {'crossover':>10} {'acceptance':>11}")
-    for name, shape in ROUNDS.items():
+    print(f"{'round':<6} {'off s':>8} {'always s':>9} {'adaptive s':>11} {'crossover':>10} {'acceptance':>11}  "
+          "depth by batch bucket")
+    for name in rounds:
+        shape = ROUNDS[name]
         off, _ = round_seconds(policy, shape, 0, 0, args.repeats)
-        always, eng_always = round_seconds(policy, shape, args.draft_steps, 0, args.repeats)
-        adaptive, engine = round_seconds(policy, shape, args.draft_steps, -1, args.repeats)
+        always, eng_always = round_seconds(policy, shape, args.draft_steps, 0, args.repeats, args.draft_dtype)
+        adaptive, engine = round_seconds(policy, shape, args.draft_steps, -1, args.repeats, args.draft_dtype)
         acceptance = eng_always.stats["accepted"] / max(1, eng_always.stats["drafted"])
         print(f"{name:<6} {off:>8.2f} {always:>9.2f} {adaptive:>11.2f} {engine.governor.crossover():>10} "
-              f"{acceptance:>11.3f}")
+              f"{acceptance:>11.3f}  {engine.governor.chosen()}")
         results += [(f"draft_adaptive_round_s_{name}", adaptive, off), (f"draft_always_round_s_{name}", always, off)]
     for label, ours, base in results:
         print(f"RESULT {label} ours={ours:.2f} baseline={base:.2f} ratio={base / ours:.2f}")

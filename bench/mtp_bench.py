@@ -19,8 +19,10 @@ time is the best of three. Decode
 tokens/s takes out the prefill (the same prompts with one new token each, which drafting cannot
 change: ~0.6 s per prompt for the 100M policy, as long as 20 decode steps); tokens/s with the
 prefill is printed beside it. Drafting
-is on at every batch size here (`draft_max_batch=0`): this measures what a draft costs and
-buys, not the adaptive governor (`bench.draft_round_bench` does that).
+is on at every batch size here (`draft_max_batch=0`), K drafts a step: this measures what a draft costs and
+buys. `--adaptive` lets the draft governor pick each step's depth, 0 to K, per batch-size bucket
+as it measures them (`draft_max_batch=-1`, what rollout engines run): the engine's warm-up
+generation and the first timed repeats carry its warm-up.
 
 Why 100M parameters: at batch 1-4 a decode step of ~75M active fp32 parameters streams ~300 MB of
 weights from memory, so verifying K+1 tokens in one pass costs little more than one step, as on a GPU; the
@@ -125,7 +127,8 @@ def _seconds(engine: TorchEngine, reqs: list[Request], batch: int) -> tuple[floa
     return time.perf_counter() - start, tokens
 
 
-def compare(policy, prompts: list[list[int]], batch: int, mtp_steps: int, dtypes: list[str], repeats: int = 3):
+def compare(policy, prompts: list[list[int]], batch: int, mtp_steps: int, dtypes: list[str], repeats: int = 3,
+            draft_max_batch: int = 0):
     """Drafts off and on (through each of `dtypes`' weights), timed in turn (off, on, off, on,
     ...) so that this machine's drift falls on every mode; the fastest of `repeats` each. Returns
     {mode: (decode tok/s, tok/s with prefill)} and {dtype: its drafting engine} (their counters).
@@ -136,7 +139,7 @@ def compare(policy, prompts: list[list[int]], batch: int, mtp_steps: int, dtypes
     engines = {"off": TorchEngine(policy, max_batch=batch, max_len=1024, seed=0, mtp_steps=0)}
     for dtype in dtypes:
         engines[dtype] = TorchEngine(policy, max_batch=batch, max_len=1024, seed=0, mtp_steps=mtp_steps,
-                                     draft_max_batch=0, draft_dtype=dtype)
+                                     draft_max_batch=draft_max_batch, draft_dtype=dtype)
     best = {mode: [float("inf"), float("inf"), 0] for mode in engines}  # prefill s, total s, tokens
     for engine in engines.values():
         engine.generate([Request(p, params) for p in prompts[:batch]])  # warm-up
@@ -165,6 +168,9 @@ def main() -> None:
                         help="the heads' fit (warmstart.train_mtp): the policy's distributions, or the sampled tokens")
     parser.add_argument("--fit-unroll", type=int, default=None,
                         help="draft steps the distillation chains (default: --draft-steps)")
+    parser.add_argument("--adaptive", action="store_true",
+                        help="the draft governor picks each step's depth, 0 to --draft-steps, as it measures "
+                             "(model.draft_max_batch=-1, the default in configs) instead of always --draft-steps")
     parser.add_argument("--draft-dtype", default="float32,int8",
                         help="comma-separated weights to draft through (model.draft_dtype), each a mode of its own")
     args = parser.parse_args()
@@ -181,12 +187,14 @@ def main() -> None:
     prompts = env_prompts(policy, PROMPTS)
     params = sum(p.numel() for name, p in policy.model.named_parameters() if not name.startswith("mtp."))
     print(f"policy ready in {time.perf_counter() - start:.0f}s: {params / 1e6:.1f}M parameters; "
-          f"{PROMPTS} prompts, up to {NEW_TOKENS} tokens, T=1, K={args.draft_steps} drafts, {args.threads} thread(s)")
+          f"{PROMPTS} prompts, up to {NEW_TOKENS} tokens, T=1, "
+          f"{'0 to ' if args.adaptive else ''}K={args.draft_steps} drafts, {args.threads} thread(s)")
     print(f"{'batch':<6} {'drafts':<8} {'decode tok/s on':>16} {'off':>7} {'ratio':>6} {'with prefill on':>16} "
           f"{'off':>7} {'ratio':>6} {'acceptance':>11} {'tokens/verify':>14}")
     results = []
     for batch in batches:
-        rates, engines = compare(policy, prompts, batch, args.draft_steps, dtypes)
+        rates, engines = compare(policy, prompts, batch, args.draft_steps, dtypes,
+                                 draft_max_batch=-1 if args.adaptive else 0)
         off, off_all = rates["off"]
         for dtype, engine in engines.items():
             on, on_all = rates[dtype]
@@ -194,7 +202,9 @@ def main() -> None:
             acceptance = s["accepted"] / max(1, s["drafted"])
             mean_len = s["accepted"] / max(1, s["steps"]) + 1
             print(f"{batch:<6} {dtype:<8} {on:>16.1f} {off:>7.1f} {on / off:>6.2f} {on_all:>16.1f} {off_all:>7.1f} "
-                  f"{on_all / off_all:>6.2f} {acceptance:>11.3f} {mean_len:>14.2f}")
+                  f"{on_all / off_all:>6.2f} {acceptance:>11.3f} {mean_len:>14.2f}"
+                  + (f"   depth by batch bucket: {engine.governor.chosen()}, verifications by depth: "
+                     f"{ {k: s.get(f'steps_k{k}', 0) for k in range(1, args.draft_steps + 1)} }" if args.adaptive else ""))
             tag = "" if dtype == "float32" else f"_{dtype}"
             results += [(f"mtp_drafts{tag}_tok_per_s_b{batch}", f"{on:.1f}", f"{off:.1f}", f"{on / off:.2f}"),
                         (f"mtp_drafts{tag}_with_prefill_tok_per_s_b{batch}", f"{on_all:.1f}", f"{off_all:.1f}",

@@ -97,17 +97,19 @@ class ModelConfig:
     dtype: str = "float32"
     """Parameter dtype for training and generation: float32, bfloat16 or float16."""
     mtp_steps: int = 0
-    """Draft tokens per step from the MTP head (0: no speculative drafting)."""
+    """The deepest draft, in tokens per step from the MTP head (0: no speculative drafting)."""
     draft_max_batch: int = -1
-    """Drafts only while at most this many sequences are active: -1, the crossover measured as the
-    engine runs (`rollout.draft_governor`); 0, at any batch size."""
+    """-1: each step drafts 0 to `mtp_steps` tokens, the depth measured cheapest per active-batch
+    size as the engine runs (`rollout.draft_governor`); N: `mtp_steps` while at most N sequences
+    are active, none above; 0: `mtp_steps` at any batch size."""
     draft_dtype: str = "float32"
     """Weights the torch engine drafts through: `float32` (the MTP head as it is) or `int8` (copies
     with one scale per output row, a quarter of the bytes a draft step reads; decoding stays exact,
     as acceptance uses the draft's own distribution: `models/draft_int8.py`). The vLLM engine
     drafts with its own."""
     mtp_loss_coef: float = 0.0
-    """Weight of the MTP auxiliary loss in the learner (0: heads not trained with the policy)."""
+    """Weight of the MTP auxiliary loss in the learner (0: heads not trained with the policy): the
+    heads' KL from the policy's own distributions through `mtp_steps` draft steps."""
 
     def __post_init__(self) -> None:
         if self.path is None and self.preset is None:

@@ -154,10 +154,17 @@ def _out_of_time(cfg: Config, started: float) -> bool:
 
 
 def _rollout_counters(ray, workers) -> dict[str, float]:
+    return merge_counters(ray.get([w.counters.remote() for w in workers]))
+
+
+def merge_counters(per_worker: list[dict[str, float]]) -> dict[str, float]:
+    """The workers' counters summed, but for a crossover (a batch size) and a draft depth per batch
+    bucket (`mtp/depth_b<k>`): the largest any worker chose."""
     totals: dict[str, float] = {}
-    for counters in ray.get([w.counters.remote() for w in workers]):
-        for key, value in counters.items():  # totals, but a crossover is a batch size: the largest
-            totals[key] = max(totals.get(key, 0), value) if key.endswith("crossover") else totals.get(key, 0) + value
+    for counters in per_worker:
+        for key, value in counters.items():
+            largest = key.endswith("crossover") or key.startswith("mtp/depth_b")
+            totals[key] = max(totals.get(key, 0), value) if largest else totals.get(key, 0) + value
     return totals
 
 

@@ -81,7 +81,8 @@ def build_learner(spec: LearnerSpec):
         sync = spec.sync.open(rank=0, device="cuda" if torch.cuda.is_available() else "cpu")
     mtp = spec.model.mtp_loss_coef if getattr(policy.model, "mtp", None) is not None else 0.0
     return LearnerWorker(spec.learner, policy, stream, spec.run_dir, sync=sync,
-                         env_staleness=spec.env_staleness, mtp_coef=mtp, temperature=spec.sampling.temperature,
+                         env_staleness=spec.env_staleness, mtp_coef=mtp, mtp_steps=max(1, spec.model.mtp_steps),
+                         temperature=spec.sampling.temperature,
                          top_p=spec.sampling.top_p, top_k=spec.sampling.top_k, env_kl_coef=spec.env_kl_coef,
                          env_overlong_filter=spec.env_overlong_filter,
                          env_reference_kl_coef=spec.env_reference_kl_coef,

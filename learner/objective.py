@@ -17,9 +17,11 @@ the underlying HF model, whose routers and MTP head are tapped. Terms:
 - `kl_coef` * the KL to a frozen reference model (`kl_estimator`: k2 by default, see `losses.kl_penalty`);
 - `load_balance_coef` * the MoE balance loss over the trunk's routers, on router logits
   recomputed from detached inputs (`RouterTap.balance_logits`): it moves the routers only;
-- `mtp_coef` * the MTP heads' cross-entropy on policy tokens. The policy's hidden states are
-  detached for it and its embeddings and `lm_head` are used as constants (`models.mtp.mtp_logits`):
-  the heads follow the policy, and the policy gradient stays the RL objective's.
+- `mtp_coef` * the MTP heads' KL from the policy's own next-token distributions on policy tokens,
+  chained through `mtp_steps` draft steps as the engine drafts (`models.mtp.mtp_distill_loss`,
+  as the warm start fits them). The policy's hidden states are detached for it and its
+  embeddings and `lm_head` are used as constants: the heads follow the policy, and the policy
+  gradient stays the RL objective's.
 
 With `routing_replay`, the forward pass uses the experts the engine recorded (`batch.routed`).
 """
@@ -45,6 +47,8 @@ class Objective:
     decoupled: bool = True
     load_balance_coef: float = 0.0
     mtp_coef: float = 0.0
+    mtp_steps: int = 1
+    """Draft steps the MTP term chains (`model.mtp_steps`): each depth the engine may draft is trained."""
     routing_replay: bool = False
     temperature: float = 1.0
     """The sampler's temperature (`rollout.sampling.temperature`); log-probs are of logits / it."""
@@ -221,10 +225,10 @@ def microbatch_loss(module, model, batch: MicroBatch, objective: Objective, ref_
         loss = loss + objective.load_balance_coef * balance
         stats["load_balance"] = float(balance.detach())
     if want_mtp:
-        from models.mtp import mtp_logits, mtp_loss
+        from models.mtp import mtp_distill_loss
 
         ids = batch.input_ids[:, start:]  # hidden covers positions start..T-1
-        draft = mtp_loss(mtp_logits(model, ids, hidden.detach()), ids, mask[:, start:])
+        draft = mtp_distill_loss(model, ids, hidden.detach(), mask[:, start:], steps=objective.mtp_steps)
         loss = loss + objective.mtp_coef * draft
         stats["mtp_loss"] = float(draft.detach())
     return loss, stats

@@ -84,13 +84,13 @@ class StepReport:
 
 
 def objective_from(cfg: LearnerConfig, mtp_coef: float = 0.0, temperature: float = 1.0, top_p: float = 1.0,
-                   top_k: int = 0) -> Objective:
+                   top_k: int = 0, mtp_steps: int = 1) -> Objective:
     """The learner's objective; `temperature`, `top_p`, `top_k` are the sampler's (rollout.sampling)."""
     loss = LossConfig(clip_low=cfg.clip_low, clip_high=cfg.clip_high, aggregation=cfg.loss_aggregation,
                       ratio_level=cfg.ratio_level, is_correction=cfg.is_correction, is_cap=cfg.is_cap,
                       kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator)
     return Objective(loss=loss, decoupled=cfg.decoupled, load_balance_coef=cfg.load_balance_coef,
-                     mtp_coef=mtp_coef, routing_replay=cfg.routing_replay, temperature=temperature,
+                     mtp_coef=mtp_coef, mtp_steps=mtp_steps, routing_replay=cfg.routing_replay, temperature=temperature,
                      top_p=top_p, top_k=top_k, logprob_chunk=cfg.logprob_chunk)
 
 
@@ -120,7 +120,7 @@ def split_by_tokens(kept: list, ranks: int) -> list[list]:
 class LearnerWorker:
     def __init__(self, cfg: LearnerConfig, policy: Policy, stream: TrajectoryStream, run_dir: str | Path,
                  sync=None, env_staleness: dict[str, int] | None = None, mtp_coef: float = 0.0,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 mtp_steps: int = 1, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  env_kl_coef: dict[str, float] | None = None,
                  env_overlong_filter: dict[str, bool] | None = None,
                  env_reference_kl_coef: dict[str, float] | None = None,
@@ -137,7 +137,7 @@ class LearnerWorker:
             raise ValueError("learner.reference_kl_coef > 0 needs reference conversations: no environment "
                              "with a weight > 0 and a reference_kl_coef > 0 gave one")
         # The engines' sampler settings: the learner's log-probs must be of the same distribution.
-        self.objective = objective_from(cfg, mtp_coef, temperature, top_p, top_k)
+        self.objective = objective_from(cfg, mtp_coef, temperature, top_p, top_k, mtp_steps)
         self.trainer = Trainer(policy.model, TrainerOptions(
             backend=cfg.backend, zero_stage=cfg.zero_stage, lr=cfg.lr, weight_decay=cfg.weight_decay,
             warmup_steps=cfg.warmup_steps, lr_decay_to=cfg.lr_decay_to, max_grad_norm=cfg.max_grad_norm, freeze_router=cfg.freeze_router,

@@ -118,11 +118,13 @@ class RolloutActor:
         return dict(self.worker.counters)
 
     def counters(self) -> dict[str, float]:
-        """The worker's counters, and the torch engine's MTP drafting totals (`mtp/...`)."""
+        """The worker's counters, and the torch engine's MTP drafting totals (`mtp/...`): drafts,
+        acceptances, the crossover and the draft depth chosen per batch bucket."""
         engine = self.worker.engine
         mtp = {f"mtp/{k}": float(v) for k, v in getattr(engine, "stats", {}).items()}
         if getattr(engine, "mtp_steps", 0):
             mtp["mtp/crossover"] = float(engine.governor.crossover())
+            mtp.update({f"mtp/depth_b{k}": float(d) for k, d in engine.governor.chosen().items()})
         return {**self.worker.counters, **mtp}
 
     def served(self) -> dict[str, float]:

@@ -1,30 +1,46 @@
-"""When MTP drafts pay: drafting on or off per decode step, by the size of the active batch.
+"""When MTP drafts pay, and how deep: a draft depth per decode step, by the size of the active batch.
 
-    governor = DraftGovernor(max_batch=-1)      # -1: measured; 0: always draft; N: while <= N active
-    if governor.draft(len(active)): ...          # this step speculates
-    governor.record(len(active), drafted, seconds, tokens_emitted)
+    governor = DraftGovernor(max_batch=-1, max_depth=2)  # -1: measured; 0: always; N: while <= N active
+    k = governor.depth(len(active))                  # this step drafts k tokens (0: a plain step)
+    governor.record(len(active), k, seconds, tokens_emitted)
 
 Speculation pays when few sequences are active (a decode step streams the weights whatever the
 batch, so verifying K+1 tokens costs about one step) and costs when many are (the step is
 compute-bound and rejected drafts are wasted work): the long tail of a rollout round, where a few
-long answers run alone, is where it pays. The crossover depends on the model, the machine and
-the heads' acceptance (which moves as the policy trains), so by default it is measured as the
-engine runs: seconds per emitted token, drafting and not, per batch-size bucket (powers of two),
-as moving averages. Each bucket tries both ways first, then takes the cheaper, and now and then
-takes the other way for two steps (the engine measures only steps in the same mode as the one
-before: a switch costs what neither mode does), so a crossover that moves is followed. How often
-depends on how far apart the two ways are: every `explore_every`-th step while they are within
-`GAP_UNIT` of each other, k times less often at k such units apart (up to `MAX_STRETCH`). A
-check then costs about the same wherever it happens, at most 2 * GAP_UNIT / explore_every of
-the steps' time (0.6%), where checking every 32nd step cost 2 * 0.6 / 32 = 3.7% on a round
-whose drafts cost 1.6x (`bench.draft_round_bench`'s even round, session 43: 0.95-0.97 of drafts
-off), and a crossover far from the batch sizes a round has is seldom re-tried.
+long answers run alone, is where it pays. How deep pays moves the same way: on the 100M policy
+(session 43, `bench.mtp_bench`) two drafts a step gave 1.54-1.68x at batch 1 but 1.02x at batch
+4, where one draft gave 1.24-1.27x (and 1.28-1.44x at batch 1). The crossovers depend on the
+model, the machine and the heads' acceptance (which moves as the policy trains), so by default
+they are measured as the engine runs: seconds per emitted token at each depth 0..max_depth, per
+batch-size bucket (powers of two), as moving averages of seconds and of tokens (their ratio: a
+step's tokens vary with what was accepted, 1 to k+1). Each bucket first measures every depth
+`warmup` times (deepest first), then takes the cheapest, and now and then takes each other depth
+for two steps (the engine measures only steps in the same mode as the one before, drafting or
+not: a switch between them costs what neither does), so a crossover that moves is followed.
+
+How often: a check costs its two steps' extra over the cheapest depth, plus about one step where
+it switches drafting off or on (`SWITCH`). Within 2 x `GAP_UNIT` of that cost a depth is checked
+every `explore_every`-th step, k times less often at k such units (up to `MAX_STRETCH`), so a
+check costs at most 2 * GAP_UNIT / explore_every of the steps' time (0.6%) wherever it happens;
+checking every 32nd step cost 2 * 0.6 / 32 = 3.7% on a round whose drafts cost 1.6x
+(`bench.draft_round_bench`'s even round, session 43). The other depths check in turn (the
+cheaper's two steps end each period, the next's the two before), never on the same steps.
+
+The averages are slow (`smoothing` 0.05, a plain mean over the first 20 steps): a depth checked
+now and then keeps its last estimate, so a noisy one can keep the wrong depth for hundreds of
+steps. Replayed on the 100M policy's measured steps (`bench.governor_replay`, session 44: one
+draft 16% dearer a token than two at batch 1, none 20% dearer than one at batch 4), averages at
+0.2 with 4 warm-up steps drafted one deep in 28% of batch-1 steps and cost 4% over the best
+depth; at 0.05 with 8, 9% and 1.4%.
 """
 
 from __future__ import annotations
 
-GAP_UNIT = 0.1  # the two ways' costs per token this far apart (10%): explore every `explore_every` steps ...
-MAX_STRETCH = 8  # ... and k times less often at k such units apart, up to this many times
+GAP_UNIT = 0.1  # a check costing up to 2 x 10% of a step: every `explore_every` steps ...
+MAX_STRETCH = 8  # ... and k times less often at k times that, up to this many times
+SWITCH = 1.0  # a check that switches drafting off (or back) costs about one step more: the switch
+# off feeds the tokens left for a speculative step (replayed on the 100M policy's measured steps,
+# leaving it out made checks of plain steps cost 1.5-2% of a drafting bucket's time)
 
 
 def bucket(active: int) -> int:
@@ -33,41 +49,64 @@ def bucket(active: int) -> int:
 
 
 class DraftGovernor:
-    def __init__(self, max_batch: int = -1, explore_every: int = 32, smoothing: float = 0.2) -> None:
+    def __init__(self, max_batch: int = -1, max_depth: int = 1, explore_every: int = 32,
+                 smoothing: float = 0.05, warmup: int = 8) -> None:
         if max_batch < -1:
             raise ValueError(f"draft max_batch={max_batch}: use -1 (measured), 0 (always) or a batch size")
-        self.max_batch = max_batch
-        self.explore_every = explore_every
-        self.smoothing = smoothing
-        self.cost: dict[tuple[int, bool], float] = {}  # (bucket, drafting) -> seconds per emitted token
+        if max_depth < 0:
+            raise ValueError(f"draft max_depth={max_depth}: the deepest draft is 0 (none) or more tokens")
+        if explore_every <= 2 * max_depth:
+            raise ValueError(f"explore_every={explore_every}: each of the {max_depth} other depths checks "
+                             f"for two steps a period, so the period must exceed {2 * max_depth}")
+        self.max_batch, self.max_depth = max_batch, max_depth
+        self.explore_every, self.smoothing, self.warmup = explore_every, smoothing, warmup
+        self.depths = range(max_depth, -1, -1)  # measured first in this order: deepest first
+        self.means: dict[tuple[int, int], list[float]] = {}  # (bucket, depth) -> [seconds, tokens, count]
         self.steps: dict[int, int] = {}
 
-    def draft(self, active: int) -> bool:
-        """Whether a step with `active` sequences should speculate."""
+    def depth(self, active: int) -> int:
+        """How many tokens a step with `active` sequences drafts (0: a plain step)."""
         if self.max_batch >= 0:
-            return self.max_batch == 0 or active <= self.max_batch
+            return self.max_depth if self.max_batch == 0 or active <= self.max_batch else 0
         k = bucket(active)
-        on, off = self.cost.get((k, True)), self.cost.get((k, False))
-        if on is None or off is None:
-            return on is None  # measure drafting first, then plain steps
+        for d in self.depths:
+            if self.means.get((k, d), (0, 0, 0))[2] < self.warmup:
+                return d
+        costs = {d: self.cost(k, d) for d in self.depths}
+        best, *others = sorted(costs, key=costs.get)
         n = self.steps.get(k, 0)
         self.steps[k] = n + 1
-        better = on <= off
-        gap = max(on, off) / max(min(on, off), 1e-12) - 1.0  # what a step the other way costs extra
-        period = self.explore_every * min(MAX_STRETCH, max(1, round(gap / GAP_UNIT)))
-        return (not better) if n % period >= period - 2 else better
+        for rank, d in enumerate(others):
+            gap = costs[d] / max(costs[best], 1e-12) - 1.0  # what a step at depth d costs extra
+            extra = 2 * gap + (SWITCH if (d > 0) != (best > 0) else 0.0)  # the check's cost, in steps
+            period = self.explore_every * min(MAX_STRETCH, max(1, round(extra / (2 * GAP_UNIT))))
+            if period - 2 * (rank + 1) <= n % period < period - 2 * rank:
+                return d
+        return best
 
-    def record(self, active: int, drafted: bool, seconds: float, tokens: int) -> None:
-        """One step's cost: `tokens` emitted by `active` sequences in `seconds`."""
+    def record(self, active: int, depth: int, seconds: float, tokens: int) -> None:
+        """One step's cost: `tokens` emitted by `active` sequences in `seconds`, drafting `depth`."""
         if self.max_batch >= 0 or tokens <= 0:
             return
-        key, per_token = (bucket(active), drafted), seconds / tokens
-        old = self.cost.get(key)
-        self.cost[key] = per_token if old is None else old + self.smoothing * (per_token - old)
+        m = self.means.setdefault((bucket(active), depth), [0.0, 0.0, 0])
+        m[2] += 1
+        rate = max(self.smoothing, 1.0 / m[2])  # a plain mean until 1/smoothing steps, then moving
+        m[0] += rate * (seconds - m[0])
+        m[1] += rate * (tokens - m[1])
+
+    def cost(self, k: int, depth: int) -> float:
+        """Seconds per emitted token at `depth` in bucket `k` (inf: not measured)."""
+        m = self.means.get((k, depth))
+        return m[0] / m[1] if m and m[1] > 0 else float("inf")
+
+    def chosen(self) -> dict[int, int]:
+        """Bucket -> the cheapest depth measured there (buckets still warming up left out)."""
+        buckets = sorted({k for k, _ in self.means})
+        done = [k for k in buckets if all(self.means.get((k, d), (0, 0, 0))[2] >= self.warmup for d in self.depths)]
+        return {k: min(self.depths, key=lambda d: self.cost(k, d)) for k in done}
 
     def crossover(self) -> int:
         """The largest measured bucket where drafting is cheaper (0: none measured or none cheaper)."""
         if self.max_batch >= 0:
             return self.max_batch
-        wins = [k for (k, drafted), c in self.cost.items() if drafted and c <= self.cost.get((k, False), -1.0)]
-        return max(wins, default=0)
+        return max((k for k, d in self.chosen().items() if d > 0), default=0)

@@ -1,7 +1,8 @@
 """Self-speculative decoding for the torch engine: MTP drafts, one verification pass, exact accept.
 
 Each active sequence holds a `pending` token (emitted, not yet fed) and the target's hidden
-state at its last fed position. One step: the MTP head drafts K tokens from (pending, hidden);
+state at its last fed position. One step: the MTP head drafts K tokens (the draft governor
+chooses K per step, up to `mtp_steps`) from (pending, hidden);
 the target verifies [pending, d1..dK] in one batched pass; `speculative_accept` keeps a prefix
 of the drafts and samples one more token from the residual (or the bonus position); the
 recurrent state rolls back to the last kept position. Tokens are distributed exactly as without
@@ -50,9 +51,10 @@ def can_draft(seq, k: int) -> bool:
     return safe and seq.routing is None
 
 
-def spec_step(engine, active: list) -> list:
-    """One speculative step for sequences that all have a pending token; returns finished ones."""
-    k, dev = engine.mtp_steps, engine.device
+def spec_step(engine, active: list, k: int) -> list:
+    """One speculative step, `k` drafts deep (1..engine.mtp_steps), for sequences that all have a
+    pending token; returns finished ones."""
+    dev = engine.device
     slots = torch.tensor([s.slot for s in active], device=dev)
     params = [s.request.params for s in active]
     pending = torch.tensor([s.pending for s in active], device=dev)
@@ -73,6 +75,7 @@ def spec_step(engine, active: list) -> list:
     engine.stats["drafted"] += sum(flags) * k
     engine.stats["accepted"] += sum(acc)
     engine.stats["steps"] += sum(flags)
+    engine.stats[f"steps_k{k}"] = engine.stats.get(f"steps_k{k}", 0) + sum(flags)  # how often each depth ran
     keep, finished = [], []
     for i, seq in enumerate(active):
         emitted = 0

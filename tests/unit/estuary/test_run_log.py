@@ -30,3 +30,12 @@ def test_the_start_evaluation_names_an_environment_with_almost_nothing_to_sharpe
     assert "eval (start): tool_use: 1 of 200 held-out samples right" in start
     assert "code: " not in start and "budget8: " not in start
     assert "held-out samples right" not in end
+
+
+def test_workers_counters_sum_but_batch_sizes_and_draft_depths_take_the_largest():
+    from estuary.train import merge_counters
+
+    a = {"groups": 3, "mtp/drafted": 10, "mtp/crossover": 4, "mtp/depth_b1": 2, "mtp/depth_b4": 1}
+    b = {"groups": 2, "mtp/drafted": 6, "mtp/crossover": 2, "mtp/depth_b1": 1, "mtp/depth_b8": 0}
+    assert merge_counters([a, b]) == {"groups": 5, "mtp/drafted": 16, "mtp/crossover": 4, "mtp/depth_b1": 2,
+                                      "mtp/depth_b4": 1, "mtp/depth_b8": 0}

@@ -78,14 +78,20 @@ def test_routing_replay_pins_the_experts_and_changes_log_probs_only_where_they_d
     assert torch.allclose(replayed[1], own[1], atol=1e-6)
 
 
-def test_mtp_aux_loss_trains_the_heads():
+@pytest.mark.parametrize("steps", [1, 2])
+def test_mtp_aux_loss_trains_the_heads(steps):
+    """The heads' KL from the policy falls (through both draft steps at 2). The policy's
+    distributions are made peaky (a random init's near-uniform ones leave the heads little to
+    learn) and held still (advantages zero), so the target does not move under the heads."""
     policy = init_policy("tiny-hybrid-moe", seed=0)
+    with torch.no_grad():
+        policy.model.lm_head.weight.mul_(25.0)
     add_mtp_heads(policy.model, seed=0)
-    batch = _batch(policy)
-    objective = Objective(loss=LossConfig(is_correction="none"), mtp_coef=1.0)
+    batch = pack(make_group(0).samples, [0.0] * 4, max_tokens=1000)[0]
+    objective = Objective(loss=LossConfig(is_correction="none"), mtp_coef=1.0, mtp_steps=steps)
     trainer = Trainer(policy.model, TrainerOptions(backend="torch", lr=3e-3))
     losses = [trainer.step([batch], objective)["mtp_loss"] for _ in range(8)]
-    assert losses[-1] < losses[0] - 0.1
+    assert losses[-1] < 0.7 * losses[0], losses
 
 
 def _moved_by_one_step(policy, objective: Objective, **options) -> set[str]:
@@ -101,10 +107,11 @@ def _moved_by_one_step(policy, objective: Objective, **options) -> set[str]:
     return {k for k, v in policy.model.state_dict().items() if not torch.equal(v, before[k])}
 
 
-def test_the_mtp_loss_moves_only_the_mtp_heads():
+@pytest.mark.parametrize("steps", [1, 2])
+def test_the_mtp_loss_moves_only_the_mtp_heads(steps):
     policy = init_policy("tiny-hybrid-moe", seed=0)
     add_mtp_heads(policy.model, seed=0)
-    moved = _moved_by_one_step(policy, Objective(mtp_coef=1.0))
+    moved = _moved_by_one_step(policy, Objective(mtp_coef=1.0, mtp_steps=steps))
     assert moved and all(k.startswith("mtp.") for k in moved), sorted(k for k in moved if not k.startswith("mtp."))
 
 

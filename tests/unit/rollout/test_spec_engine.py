@@ -31,15 +31,20 @@ def peaky():
 
 
 class Coin:
-    """A draft governor that turns drafting on or off at random each step (a switch off feeds
-    the token left for a speculative step; a switch on drafts from a plain step's hidden state):
-    every hand-over between the two modes must keep decoding exact."""
+    """A draft governor that draws each step's depth at random, 0 to `max_depth` (a switch off
+    feeds the token left for a speculative step; a switch on drafts from a plain step's hidden
+    state; a switch of depth verifies a different number of drafts): every hand-over must keep
+    decoding exact."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_depth: int = 2) -> None:
         self.rng = random.Random(0)
+        self.max_depth = max_depth
+        self.depths: Counter = Counter()
 
-    def draft(self, active: int) -> bool:
-        return self.rng.random() < 0.5
+    def depth(self, active: int) -> int:
+        d = self.rng.randint(0, self.max_depth)
+        self.depths[d] += 1
+        return d
 
     def record(self, *_) -> None:
         pass
@@ -49,7 +54,7 @@ def _generate(policy, prompt, top_p, n_total=3000, mtp_steps=2, alternate=False,
     engine = TorchEngine(policy, max_batch=100, max_len=64, seed=11, mtp_steps=mtp_steps, draft_max_batch=0,
                          draft_dtype=draft_dtype)
     if alternate:
-        engine.governor = Coin()
+        engine.governor = Coin(mtp_steps)
     params = SamplingParams(n=100, max_new_tokens=3, top_p=top_p, ignore_eos=True)
     out = engine.generate([Request(prompt, params) for _ in range(n_total // 100)])
     return [tuple(s.token_ids) for samples in out for s in samples], engine
@@ -82,6 +87,8 @@ def test_draft_positions_follow_the_target(peaky, top_p, alternate, draft_dtype)
     policy, prompt = peaky
     samples, engine = _generate(policy, prompt, top_p, alternate=alternate, draft_dtype=draft_dtype)
     assert (engine.draft_head is not None) == (draft_dtype == "int8")
+    if alternate:  # plain steps, one draft and two, in every order
+        assert set(engine.governor.depths) == {0, 1, 2}
     assert engine.stats["drafted"] > 0 and engine.stats["accepted"] < engine.stats["drafted"]
     if top_p == 1.0:  # both paths exercised: accepted drafts and residual resamples
         assert engine.stats["accepted"] > 0
@@ -113,7 +120,7 @@ def test_speculative_logprobs_are_the_targets(peaky, alternate, draft_dtype):
     policy, prompt = peaky
     engine = TorchEngine(policy, max_batch=8, max_len=128, mtp_steps=3, draft_max_batch=0, draft_dtype=draft_dtype)
     if alternate:
-        engine.governor = Coin()
+        engine.governor = Coin(3)
     [samples] = engine.generate([Request(prompt, SamplingParams(n=4, max_new_tokens=30))])
     for s in samples:
         with torch.no_grad():
@@ -152,10 +159,10 @@ class Recorder(Coin):
         super().__init__()
         self.seconds: list[float] = []
 
-    def draft(self, active: int) -> bool:
-        return False
+    def depth(self, active: int) -> int:
+        return 0
 
-    def record(self, active, drafted, seconds, tokens) -> None:
+    def record(self, active, depth, seconds, tokens) -> None:
         self.seconds.append(seconds)
 
 

@@ -77,8 +77,9 @@ def forward(module, model, batch: MicroBatch, objective: Objective, hidden: bool
     None, RouterTap, s), for the positions s..T-1 of every row.
 
     s is 0 unless the rows share a prompt (`batch.prefix_len` P): then the prompt runs once, its
-    cache is branched into the rows (`models.prefix_cache`), and s = P - 2, the first position
-    whose output any loss reads (the MTP head's first target, token P, is read from hidden P-2).
+    cache is branched into the rows (`models.prefix_cache`), and s = P - 2, one before the first
+    position whose output any loss reads (P - 1: the policy's token P; the MTP term counts only
+    drafts that read the policy's tokens, from P - 1 on; until session 44 it read hidden P - 2).
     """
     replay = _replay(batch) if objective.routing_replay else None
     chunked = objective.logprob_chunk > 0

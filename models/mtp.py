@@ -213,10 +213,13 @@ def mtp_distill_loss(model: nn.Module, input_ids: torch.Tensor, hidden: torch.Te
     """KL(policy || head) of `steps` chained draft steps, against the policy's own distributions.
 
     input_ids (B, T); hidden (B, T, D): the policy's final (normed) hidden states, row t after
-    token t; mask (B, T) marks tokens that count as targets. Draft step k (1..steps) at row t
-    reads token t+k and the previous step's output (step 1: hidden t), as the engine drafts, and
-    predicts token t+k+1, whose distribution under the policy is `lm_head(hidden[t+k])`. Returns
-    the mean over steps of each step's mean KL over counted targets (a scalar).
+    token t; mask (B, T) marks the policy's tokens. Draft step k (1..steps) at row t reads token
+    t+k and the previous step's output (step 1: hidden t), as the engine drafts, and predicts
+    token t+k+1, whose distribution under the policy is `lm_head(hidden[t+k])`. It counts where
+    tokens t+1..t+k+1 are all the policy's: the engine's drafts start from a sampled token and
+    never read a prompt's or an environment's (and so a shared prompt's rows and the same rows
+    apart count alike, whatever the depth). Returns the mean over steps of each step's mean KL
+    over counted rows (a scalar).
 
     Why not `mtp_loss`: a draft is accepted with probability sum_x min(p, q) = 1 - TV(p, q), so
     the head should match the policy's whole distribution. The sampled token's cross-entropy has
@@ -231,12 +234,14 @@ def mtp_distill_loss(model: nn.Module, input_ids: torch.Tensor, hidden: torch.Te
         target = head(hidden).float().log_softmax(-1)  # (B, T, V): row t, the policy's token t+1
     weights = torch.ones_like(input_ids, dtype=target.dtype) if mask is None else mask.to(target.dtype)
     h, total = hidden, target.new_zeros(())
+    chain = weights[:, 1:]  # (B, T-1): row t, token t+1 is the policy's
     for k in range(1, steps + 1):
         h = model.mtp(embeds[:, k:], h[:, :-1])  # (B, T-k, D): row t predicts token t+k+1
         with _frozen(head):
             draft = head(h).float().log_softmax(-1)  # grad flows to h only
         kl = F.kl_div(draft, target[:, k:], log_target=True, reduction="none").sum(-1)  # (B, T-k)
+        chain = chain[:, :-1] * weights[:, k + 1:]  # (B, T-1-k): tokens t+1..t+k+1 all the policy's
         # the last row's token is beyond the sequence: not counted
-        w = torch.cat([weights[:, k + 1:], weights.new_zeros(weights.shape[0], 1)], dim=1)  # (B, T-k)
+        w = torch.cat([chain, weights.new_zeros(weights.shape[0], 1)], dim=1)  # (B, T-k)
         total = total + (kl * w).sum() / w.sum().clamp(min=1)
     return total / steps

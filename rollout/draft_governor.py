@@ -19,19 +19,21 @@ for two steps (the engine measures only steps in the same mode as the one before
 not: a switch between them costs what neither does), so a crossover that moves is followed.
 
 How often: a check costs its two steps' extra over the cheapest depth, plus about one step where
-it switches drafting off or on (`SWITCH`). Within 2 x `GAP_UNIT` of that cost a depth is checked
-every `explore_every`-th step, k times less often at k such units (up to `MAX_STRETCH`), so a
-check costs at most 2 * GAP_UNIT / explore_every of the steps' time (0.6%) wherever it happens;
-checking every 32nd step cost 2 * 0.6 / 32 = 3.7% on a round whose drafts cost 1.6x
-(`bench.draft_round_bench`'s even round, session 43). The other depths check in turn (the
-cheaper's two steps end each period, the next's the two before), never on the same steps.
+it switches drafting off or on (`SWITCH`). A depth whose check costs about k x 2 x `GAP_UNIT` of
+a step is checked every k x `explore_every`-th step (k rounded, 1 to `MAX_STRETCH`), so each
+other depth's checks cost about 2 * GAP_UNIT / explore_every of the steps' time (0.6%) up to
+a check of 1.6 steps, and more beyond (the stretch is capped: drafts that cost 3x a plain step's
+token, checked where plain steps are cheapest, cost 5/256, 2%); checking every 32nd step cost 2 * 0.6 / 32 = 3.7%
+on a round whose drafts cost 1.6x (`bench.draft_round_bench`'s even round, session 43). Each
+other depth has its own two steps (held, whatever the first one measured): the one that
+switches mode ends the period, the other the two steps before, never on the same steps.
 
 The averages are slow (`smoothing` 0.05, a plain mean over the first 20 steps): a depth checked
 now and then keeps its last estimate, so a noisy one can keep the wrong depth for hundreds of
 steps. Replayed on the 100M policy's measured steps (`bench.governor_replay`, session 44: one
 draft 16% dearer a token than two at batch 1, none 20% dearer than one at batch 4), averages at
-0.2 with 4 warm-up steps drafted one deep in 28% of batch-1 steps and cost 4% over the best
-depth; at 0.05 with 8, 9% and 1.4%.
+0.2 with 4 warm-up steps cost 3.9% over the best depth at batch 1 and 4.9% in batch 4's bucket
+1; at 0.05 with 8, 1.6% and 1.0%.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class DraftGovernor:
             raise ValueError(f"draft max_batch={max_batch}: use -1 (measured), 0 (always) or a batch size")
         if max_depth < 0:
             raise ValueError(f"draft max_depth={max_depth}: the deepest draft is 0 (none) or more tokens")
+        if warmup < 1:
+            raise ValueError(f"warmup={warmup}: each depth must be measured at least once before it is compared")
         if explore_every <= 2 * max_depth:
             raise ValueError(f"explore_every={explore_every}: each of the {max_depth} other depths checks "
                              f"for two steps a period, so the period must exceed {2 * max_depth}")
@@ -63,6 +67,7 @@ class DraftGovernor:
         self.depths = range(max_depth, -1, -1)  # measured first in this order: deepest first
         self.means: dict[tuple[int, int], list[float]] = {}  # (bucket, depth) -> [seconds, tokens, count]
         self.steps: dict[int, int] = {}
+        self.held: dict[int, int] = {}  # bucket -> the depth of a check's second step
 
     def depth(self, active: int) -> int:
         """How many tokens a step with `active` sequences drafts (0: a plain step)."""
@@ -72,15 +77,21 @@ class DraftGovernor:
         for d in self.depths:
             if self.means.get((k, d), (0, 0, 0))[2] < self.warmup:
                 return d
-        costs = {d: self.cost(k, d) for d in self.depths}
-        best, *others = sorted(costs, key=costs.get)
         n = self.steps.get(k, 0)
         self.steps[k] = n + 1
+        if k in self.held:  # a check's second step, whatever its first step's cost changed
+            return self.held.pop(k)
+        costs = {d: self.cost(k, d) for d in self.depths}
+        best, *others = sorted(costs, key=costs.get)
+        # a check that switches mode goes last, just before the cheapest depth's steps: a check in
+        # the same mode before it then has both its steps measured where the two meet
+        others.sort(key=lambda d: ((d > 0) == (best > 0), costs[d]))
         for rank, d in enumerate(others):
             gap = costs[d] / max(costs[best], 1e-12) - 1.0  # what a step at depth d costs extra
             extra = 2 * gap + (SWITCH if (d > 0) != (best > 0) else 0.0)  # the check's cost, in steps
             period = self.explore_every * min(MAX_STRETCH, max(1, round(extra / (2 * GAP_UNIT))))
-            if period - 2 * (rank + 1) <= n % period < period - 2 * rank:
+            if n % period == period - 2 * (rank + 1):  # a check's first step
+                self.held[k] = d
                 return d
         return best
 

@@ -99,6 +99,7 @@ class TorchEngine:
         self._clock = time.thread_time if self.device.type == "cpu" else time.perf_counter
         self._drafted_last: bool | None = None  # the previous step's mode
         self._emitted = 0  # tokens emitted so far
+        self._passes = 0  # forward passes (decode or verification) so far
 
     # -- weights ------------------------------------------------------------------------------
     def update_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
@@ -231,9 +232,11 @@ class TorchEngine:
         draft = depth > 0
         # A step that switches modes costs what neither mode does (a switch off feeds the tokens
         # left for a speculative step; a switch on emits tokens without a forward pass): only
-        # steps in the same mode as the one before are measured.
+        # steps in the same mode as the one before are measured. So is a step that ran no
+        # forward pass (its sequences' first or last tokens, sampled from logits at hand): one
+        # per request at batch 1, it made whichever depth it fell on look cheap.
         steady, self._drafted_last = draft == self._drafted_last, draft
-        start, before = (self._clock(), self._emitted) if self.mtp_steps else (0.0, 0)
+        start, before, passes = (self._clock(), self._emitted, self._passes) if self.mtp_steps else (0.0, 0, 0)
         if self.mtp_steps and not draft:  # plain steps: feed the tokens left for a speculative step
             waiting = [s for s in active if s.pending is not None]
             for seq in waiting:
@@ -247,6 +250,7 @@ class TorchEngine:
             from rollout.torch_spec import spec_step
 
             done = spec_step(self, drafting, depth)
+            self._passes += 1
             kept = [s for s in done if s.request.params.keep_state]
             if kept:
                 self._decode(kept)  # absorb the last emitted token for a continuation
@@ -254,7 +258,7 @@ class TorchEngine:
         for seq in finished:
             if not seq.request.params.keep_state:
                 self.free.append(seq.slot)
-        if self.mtp_steps and steady:
+        if self.mtp_steps and steady and self._passes > passes:
             self.governor.record(len(active), depth, self._clock() - start, self._emitted - before)
         return finished
 
@@ -280,6 +284,7 @@ class TorchEngine:
         slots = torch.tensor([s.slot for s in feed], device=self.device)
         last = torch.tensor([s.tokens[-1] for s in feed], device=self.device)
         routing: list | None = [] if any(s.routing is not None for s in feed) else None
+        self._passes += 1
         # rows by one `unbind` (13.5 us for 32 rows here, indexing them 18 us): a tiny policy's
         # step at batch 32 is 3.6 ms, of which an engine with heads spent 1-3% more than one without
         if self.mtp_steps:  # the hidden state too: the next step may draft from it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from learner.objective import (
     policy_logprobs,
 )
 from learner.trainer import Trainer, TrainerOptions
-from models.mtp import add_mtp_heads
+from models.mtp import add_mtp_heads, mtp_distill_loss
 from models.policy import init_policy
 from models.routing import RouterTap, moe_routers
 from rollout.torch_engine import TorchEngine
@@ -92,6 +93,26 @@ def test_mtp_aux_loss_trains_the_heads(steps):
     trainer = Trainer(policy.model, TrainerOptions(backend="torch", lr=3e-3))
     losses = [trainer.step([batch], objective)["mtp_loss"] for _ in range(8)]
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_the_mtp_term_through_two_steps_trains_the_second_draft_step():
+    """Both steps share one head, so training the first also helps the second; training through
+    both (`mtp_steps=2`) must help it more: the second step reads the first's output, as drafts do."""
+    second = []
+    for steps in (1, 2):
+        policy = init_policy("tiny-hybrid-moe", seed=0)
+        with torch.no_grad():
+            policy.model.lm_head.weight.mul_(25.0)
+        add_mtp_heads(policy.model, seed=0)
+        batch = pack(make_group(0).samples, [0.0] * 4, max_tokens=1000)[0]
+        trainer = Trainer(policy.model, TrainerOptions(backend="torch", lr=3e-3))
+        for _ in range(8):
+            trainer.step([batch], Objective(loss=LossConfig(is_correction="none"), mtp_coef=1.0, mtp_steps=steps))
+        with torch.no_grad():
+            hidden = policy.model.model(batch.input_ids).last_hidden_state
+            loss = partial(mtp_distill_loss, policy.model, batch.input_ids, hidden, batch.loss_mask)
+            second.append(float(2 * loss(steps=2) - loss(steps=1)))  # the second step's own KL
+    assert second[1] < 0.8 * second[0], second
 
 
 def _moved_by_one_step(policy, objective: Objective, **options) -> set[str]:

@@ -61,11 +61,13 @@ def test_pack_groups_counts_the_prompt_once_and_leaves_short_prompts_as_rows():
     assert [b.prefix_len for b in pack_groups(groups[:1], 10_000, share_prompt=False)] == [0]
 
 
-@pytest.mark.parametrize(("preset", "kl_estimator"),
-                         [("tiny-hybrid-moe-2attn", "k2"), ("tiny-attention", "k2"), ("tiny-hybrid-moe-2attn", "full")])
-def test_a_shared_prompt_gives_the_rows_loss_and_gradients(preset, kl_estimator):
+@pytest.mark.parametrize(("preset", "kl_estimator", "mtp_steps"),
+                         [("tiny-hybrid-moe-2attn", "k2", 1), ("tiny-attention", "k2", 1),
+                          ("tiny-hybrid-moe-2attn", "full", 2)])
+def test_a_shared_prompt_gives_the_rows_loss_and_gradients(preset, kl_estimator, mtp_steps):
     """Mamba conv/SSM states and KV caches branched from one prompt pass, with the KL to a
-    reference and (NemotronH) the MTP loss: equal to the rows within float32 rounding."""
+    reference and (NemotronH) the MTP loss through one or two draft steps: equal to the rows
+    within float32 rounding."""
     torch.manual_seed(0)
     policy = init_policy(preset, seed=0)
     model = policy.model.train()
@@ -76,7 +78,8 @@ def test_a_shared_prompt_gives_the_rows_loss_and_gradients(preset, kl_estimator)
     with torch.no_grad():
         for p in reference.parameters():
             p.add_(0.01 * torch.randn_like(p))  # a reference that differs: the KL term has a gradient
-    objective = Objective(loss=LossConfig(kl_coef=0.1, kl_estimator=kl_estimator), mtp_coef=0.1 if mtp else 0.0)
+    objective = Objective(loss=LossConfig(kl_coef=0.1, kl_estimator=kl_estimator), mtp_coef=0.1 if mtp else 0.0,
+                          mtp_steps=mtp_steps)
     group = (_group(3, g=6, prompt_len=24), [1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
     results = []
     for batch in (pack(*group, max_tokens=10_000)[0], pack_groups([group], max_tokens=10_000)[0]):

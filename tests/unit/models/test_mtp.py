@@ -89,14 +89,15 @@ def test_mtp_distill_loss_is_the_kl_to_the_policys_own_next_distribution():
         draft = mtp_logits(model, ids, hidden).log_softmax(-1)  # (B, T-1, V): row t predicts t+2
         policy = model.lm_head(hidden).float().log_softmax(-1)  # (B, T, V): row t predicts t+1
         kl = (policy[:, 1:].exp() * (policy[:, 1:] - draft)).sum(-1)  # (B, T-1)
-        counted = mask[:, 2:].float()  # row t's token t+2; the last row's is past the end
+        # row t reads token t+1 and predicts t+2: both the policy's (the last row's is past the end)
+        counted = (mask[:, 1:-1] * mask[:, 2:]).float()
         expected = (kl[:, :-1] * counted).sum() / counted.sum()
         assert mtp_distill_loss(model, ids, hidden, mask, steps=1).item() == pytest.approx(expected.item(), rel=1e-5)
         # the second step reads the first step's output and the token two ahead, as the engine drafts
         first = model.mtp(model.get_input_embeddings()(ids[:, 1:]), hidden[:, :-1])
         second = model.lm_head(model.mtp(model.get_input_embeddings()(ids[:, 2:]), first[:, :-1])).log_softmax(-1)
         kl2 = (policy[:, 2:].exp() * (policy[:, 2:] - second)).sum(-1)  # (B, T-2): row t predicts t+3
-        counted2 = mask[:, 3:].float()
+        counted2 = (mask[:, 1:-2] * mask[:, 2:-1] * mask[:, 3:]).float()  # tokens t+1..t+3
         expected2 = (expected + (kl2[:, :-1] * counted2).sum() / counted2.sum()) / 2
         assert mtp_distill_loss(model, ids, hidden, mask, steps=2).item() == pytest.approx(expected2.item(), rel=1e-5)
 

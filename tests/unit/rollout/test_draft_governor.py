@@ -45,10 +45,10 @@ def test_each_bucket_measures_every_depth_then_takes_the_cheapest_and_checks_the
     _warm(governor, 64, {2: 3.0, 1: 2.0, 0: 1.0}, {2: 2, 1: 2, 0: 1})  # batch 64: plain steps
     assert governor.chosen() == {1: 2, 4: 1, 64: 0} and governor.crossover() == 4
     choices = [governor.depth(1) for _ in range(64)]
-    # one draft, 2 units of 10% away: its two steps end every 16th step; none, 10 units (capped
-    # at 8) away: every 64th, on the two steps before, so the checks never collide
+    # none (a switch: 2 x 100% + 1 step, 15 units of 2 x 10%, capped at 8): every 64th step, its
+    # two ending the period; one draft (2 x 20%, 2 units): every 16th, on the two steps before
     assert {i: d for i, d in enumerate(choices) if d != 2} == {
-        14: 1, 15: 1, 30: 1, 31: 1, 46: 1, 47: 1, 60: 0, 61: 0, 62: 1, 63: 1}
+        12: 1, 13: 1, 28: 1, 29: 1, 44: 1, 45: 1, 60: 1, 61: 1, 62: 0, 63: 0}
     for _ in range(20):  # two drafts get dearer at batch 1 (say the heads fell behind the policy): it follows
         governor.record(1, 2, seconds=0.005, tokens=1)
     assert governor.chosen()[1] == 1
@@ -68,7 +68,8 @@ def test_depths_far_apart_and_switches_are_checked_less_often():
     """A check's two steps cost twice the gap between the depths, and one step more where it
     switches drafting off or on (the switch off feeds the pending tokens): the period stretches by
     that cost in units of 2 x 10%, so a depth 5% dearer is checked every period, and plain steps 4%
-    dearer (1.08 steps with the switch) every 5th."""
+    dearer (1.08 steps with the switch) every 5th. A check's second step is taken whatever its
+    first step measured."""
     governor = DraftGovernor(max_depth=2, explore_every=8, warmup=1)
     for depth, ms in ((2, 1.0), (1, 1.05), (0, 1.04)):
         governor.record(1, depth, seconds=ms / 1000, tokens=1)
@@ -78,6 +79,10 @@ def test_depths_far_apart_and_switches_are_checked_less_often():
     for depth, ms in ((2, 100.0), (1, 50.0), (0, 1.0)):  # 50-100x apart: no more than MAX_STRETCH times less often
         governor.record(64, depth, seconds=ms / 1000, tokens=1)
     assert {i: d for i in range(64) if (d := governor.depth(64))} == {60: 2, 61: 2, 62: 1, 63: 1}  # every 8 * 8
+    assert [governor.depth(64) for _ in range(62)].count(1) == 0
+    assert governor.depth(64) == 1  # a check's first step ...
+    governor.record(64, 1, seconds=10.0, tokens=1)  # ... found one draft 10000x dearer
+    assert governor.depth(64) == 1 and governor.depth(64) == 0  # its second step all the same, then back
 
 
 def _noisy_steps(seed: int = 0, n: int = 400) -> dict:

@@ -89,6 +89,7 @@ def test_draft_positions_follow_the_target(peaky, top_p, alternate, draft_dtype)
     assert (engine.draft_head is not None) == (draft_dtype == "int8")
     if alternate:  # plain steps, one draft and two, in every order
         assert set(engine.governor.depths) == {0, 1, 2}
+        assert engine.stats["steps_k1"] > 0 and engine.stats["steps_k2"] > 0  # verifications at each depth
     assert engine.stats["drafted"] > 0 and engine.stats["accepted"] < engine.stats["drafted"]
     if top_p == 1.0:  # both paths exercised: accepted drafts and residual resamples
         assert engine.stats["accepted"] > 0
@@ -181,3 +182,29 @@ def test_draft_governor_is_told_a_cpu_steps_compute_not_its_waits(peaky):
     engine.decoder.decode = waits_then_decodes
     engine.generate([Request(prompt, SamplingParams(n=2, max_new_tokens=6, ignore_eos=True))])
     assert len(engine.governor.seconds) >= 3 and max(engine.governor.seconds) < 0.04
+
+
+class Deep(Recorder):
+    """Two drafts every step, recording how many tokens each measured step emitted."""
+
+    def depth(self, active: int) -> int:
+        return 2
+
+    def record(self, active, depth, seconds, tokens) -> None:
+        self.seconds.append(tokens)
+
+
+def test_steps_without_a_forward_pass_are_not_measured(peaky):
+    """A request's first step under drafting samples from the prefill's logits and runs nothing
+    (its forward comes with the next step's verification), and a plain step whose sequences all
+    finish feeds nothing: told to the governor, such a step makes its depth look nearly free."""
+    policy, prompt = peaky
+    engine = TorchEngine(policy, max_batch=4, max_len=64, seed=1, mtp_steps=2)
+    engine.governor = Deep()
+    for _ in range(3):
+        engine.generate([Request(prompt, SamplingParams(n=1, max_new_tokens=8, ignore_eos=True))])
+    assert len(engine.governor.seconds) == engine.stats["steps_k2"] > 0  # the verifications, no more
+    engine.governor = Recorder()  # plain steps of one new token each: sampled from the prefill, fed never
+    for _ in range(3):
+        engine.generate([Request(prompt, SamplingParams(n=2, max_new_tokens=1, ignore_eos=True))])
+    assert engine.governor.seconds == []

@@ -11,7 +11,7 @@ start's four environments in turn, held-out seeds), continuously batched. Two ro
   verification of 4 sequences is 8-12 rows per weight, past where its projections stop being
   memory-bound (~6 rows; a GPU's balance point is hundreds), so `tail`'s batch-4 tail is not the
   regime a GPU's tail is in; one long sequence is.
-Modes: `off` (no drafts), `always` (`model.draft_max_batch=0`: K drafts every step) and
+Modes, timed in turn (off, always, adaptive, off, ...): `off` (no drafts), `always` (`model.draft_max_batch=0`: K drafts every step) and
 `adaptive` (-1: each step drafts 0 to K tokens, the depth the engine measures cheapest for the
 active batch's size as it runs; one untimed round first, as a rollout worker's engine has
 served many before). The table shows the depth it chose per batch bucket.
@@ -62,19 +62,27 @@ def requests(policy, shape: list[tuple[int, int]]) -> list[Request]:
             for p, (tokens, n) in zip(prompts, groups, strict=True)]
 
 
-def round_seconds(policy, shape, mtp_steps: int, draft_max_batch: int, repeats: int,
-                  draft_dtype: str = "float32") -> tuple[float, TorchEngine]:
-    """Best-of-`repeats` wall time of one round, after one untimed round on the same engine."""
-    engine = TorchEngine(policy, max_batch=64, max_len=1024, seed=0, mtp_steps=mtp_steps,
-                         draft_max_batch=draft_max_batch, draft_dtype=draft_dtype if mtp_steps else "float32")
-    engine.generate(requests(policy, shape))
-    engine.stats = {"drafted": 0, "accepted": 0, "steps": 0}
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+def round_seconds(policy, shape, mtp_steps: int, repeats: int,
+                  draft_dtype: str = "float32") -> dict[str, tuple[float, TorchEngine]]:
+    """Best-of-`repeats` wall time of one round per mode (off, always, adaptive), after one
+    untimed round on each engine. The modes are timed in turn (off, always, adaptive, off, ...):
+    timed one after the other, this machine's drift fell on one mode (session 44: an adaptive
+    engine that never drafted read 2-5% slower than drafts off; in turn, the same two engines
+    gave 0.224 and 0.227 s)."""
+    modes = {"off": (0, 0), "always": (mtp_steps, 0), "adaptive": (mtp_steps, -1)}
+    engines = {mode: TorchEngine(policy, max_batch=64, max_len=1024, seed=0, mtp_steps=k, draft_max_batch=dmb,
+                                 draft_dtype=draft_dtype if k else "float32")
+               for mode, (k, dmb) in modes.items()}
+    for engine in engines.values():
         engine.generate(requests(policy, shape))
-        best = min(best, time.perf_counter() - start)
-    return best, engine
+        engine.stats = {"drafted": 0, "accepted": 0, "steps": 0}
+    best = dict.fromkeys(engines, float("inf"))
+    for _ in range(repeats):
+        for mode, engine in engines.items():
+            start = time.perf_counter()
+            engine.generate(requests(policy, shape))
+            best[mode] = min(best[mode], time.perf_counter() - start)
+    return {mode: (best[mode], engines[mode]) for mode in engines}
 
 
 def warm_start_policy(out: Path) -> Path:
@@ -104,9 +112,8 @@ def main() -> None:
           "depth by batch bucket")
     for name in rounds:
         shape = ROUNDS[name]
-        off, _ = round_seconds(policy, shape, 0, 0, args.repeats)
-        always, eng_always = round_seconds(policy, shape, args.draft_steps, 0, args.repeats, args.draft_dtype)
-        adaptive, engine = round_seconds(policy, shape, args.draft_steps, -1, args.repeats, args.draft_dtype)
+        timed = round_seconds(policy, shape, args.draft_steps, args.repeats, args.draft_dtype)
+        (off, _), (always, eng_always), (adaptive, engine) = timed["off"], timed["always"], timed["adaptive"]
         acceptance = eng_always.stats["accepted"] / max(1, eng_always.stats["drafted"])
         print(f"{name:<6} {off:>8.2f} {always:>9.2f} {adaptive:>11.2f} {engine.governor.crossover():>10} "
               f"{acceptance:>11.3f}  {engine.governor.chosen()}")

@@ -75,7 +75,7 @@ class DraftGovernor:
             return self.max_depth if self.max_batch == 0 or active <= self.max_batch else 0
         k = bucket(active)
         for d in self.depths:
-            if self.means.get((k, d), (0, 0, 0))[2] < self.warmup:
+            if not self._measured(k, d):
                 return d
         n = self.steps.get(k, 0)
         self.steps[k] = n + 1
@@ -105,6 +105,10 @@ class DraftGovernor:
         m[0] += rate * (seconds - m[0])
         m[1] += rate * (tokens - m[1])
 
+    def _measured(self, k: int, depth: int) -> bool:
+        """Whether `depth` has had its `warmup` steps in bucket `k`."""
+        return self.means.get((k, depth), (0, 0, 0))[2] >= self.warmup
+
     def cost(self, k: int, depth: int) -> float:
         """Seconds per emitted token at `depth` in bucket `k` (inf: not measured)."""
         m = self.means.get((k, depth))
@@ -113,7 +117,7 @@ class DraftGovernor:
     def chosen(self) -> dict[int, int]:
         """Bucket -> the cheapest depth measured there (buckets still warming up left out)."""
         buckets = sorted({k for k, _ in self.means})
-        done = [k for k in buckets if all(self.means.get((k, d), (0, 0, 0))[2] >= self.warmup for d in self.depths)]
+        done = [k for k in buckets if all(self._measured(k, d) for d in self.depths)]
         return {k: min(self.depths, key=lambda d: self.cost(k, d)) for k in done}
 
     def crossover(self) -> int:

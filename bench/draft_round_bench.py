@@ -1,6 +1,6 @@
 """Adaptive MTP drafting on a rollout round: drafts off vs on at every batch vs adaptive.
 
-    .venv/bin/python -m bench.draft_round_bench [--policy DIR] [--draft-steps 2] [--repeats 3] [--draft-dtype int8]
+    .venv/bin/python -m bench.draft_round_bench [--policy DIR] [--draft-steps 2] [--repeats 18] [--draft-dtype int8]
 
 A round is what a rollout worker's engine serves: groups of 8 samples of a prompt (the quick
 start's four environments in turn, held-out seeds), continuously batched. Two rounds, each timed with the same engine and requests in three modes:
@@ -11,7 +11,7 @@ start's four environments in turn, held-out seeds), continuously batched. Two ro
   verification of 4 sequences is 8-12 rows per weight, past where its projections stop being
   memory-bound (~6 rows; a GPU's balance point is hundreds), so `tail`'s batch-4 tail is not the
   regime a GPU's tail is in; one long sequence is.
-Modes, timed in turn (off, always, adaptive, off, ...): `off` (no drafts), `always` (`model.draft_max_batch=0`: K drafts every step) and
+Modes, timed in turn (each repeat in the next of the six orders, so no mode always follows another): `off` (no drafts), `always` (`model.draft_max_batch=0`: K drafts every step) and
 `adaptive` (-1: each step drafts 0 to K tokens, the depth the engine measures cheapest for the
 active batch's size as it runs; one untimed round first, as a rollout worker's engine has
 served many before). The table shows the depth it chose per batch bucket.
@@ -22,12 +22,18 @@ trained policy's heads, not of a random one's near-uniform distributions. `--pol
 NemotronH directory with `mtp.safetensors`.
 
 Prints a table, then `RESULT draft_adaptive_round_s_<round> ours=<adaptive> baseline=<off>`
-(ratio off/adaptive: above 1, adaptive takes less wall time) and the same for `always`.
+(best of the repeats; ratio off/adaptive: above 1, adaptive takes less wall time), the same for
+`always`, and `..._mean` lines over all the timed rounds: the governor checks the depths it is not
+taking every few hundred steps of a bucket (up to 1024), so a check falls in one round of several,
+which a best of the repeats leaves out and the mean pays for; the table shows the verifications
+the adaptive engine ran per depth in the timed rounds. The even round is 64 steps at batch 32: at
+the default 18 repeats its timed rounds cover one period of a check that never pays.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -63,12 +69,12 @@ def requests(policy, shape: list[tuple[int, int]]) -> list[Request]:
 
 
 def round_seconds(policy, shape, mtp_steps: int, repeats: int,
-                  draft_dtype: str = "float32") -> dict[str, tuple[float, TorchEngine]]:
-    """Best-of-`repeats` wall time of one round per mode (off, always, adaptive), after one
-    untimed round on each engine. The modes are timed in turn (off, always, adaptive, off, ...):
-    timed one after the other, this machine's drift fell on one mode (session 44: an adaptive
-    engine that never drafted read 2-5% slower than drafts off; in turn, the same two engines
-    gave 0.224 and 0.227 s)."""
+                  draft_dtype: str = "float32") -> dict[str, tuple[float, float, TorchEngine]]:
+    """(best, mean) wall time of one round over `repeats` per mode (off, always, adaptive), after
+    one untimed round on each engine. The modes are timed in turn, each repeat in the next of the
+    six orders: timed one after the other, this machine's drift fell on one mode (session 44: an
+    adaptive engine that never drafted read 2-5% slower than drafts off; in turn, the same two
+    engines gave 0.224 and 0.227 s)."""
     modes = {"off": (0, 0), "always": (mtp_steps, 0), "adaptive": (mtp_steps, -1)}
     engines = {mode: TorchEngine(policy, max_batch=64, max_len=1024, seed=0, mtp_steps=k, draft_max_batch=dmb,
                                  draft_dtype=draft_dtype if k else "float32")
@@ -76,13 +82,14 @@ def round_seconds(policy, shape, mtp_steps: int, repeats: int,
     for engine in engines.values():
         engine.generate(requests(policy, shape))
         engine.stats = {"drafted": 0, "accepted": 0, "steps": 0}
-    best = dict.fromkeys(engines, float("inf"))
-    for _ in range(repeats):
-        for mode, engine in engines.items():
+    seconds: dict[str, list[float]] = {mode: [] for mode in engines}
+    orders = list(itertools.permutations(engines))
+    for r in range(repeats):
+        for mode in orders[r % len(orders)]:
             start = time.perf_counter()
-            engine.generate(requests(policy, shape))
-            best[mode] = min(best[mode], time.perf_counter() - start)
-    return {mode: (best[mode], engines[mode]) for mode in engines}
+            engines[mode].generate(requests(policy, shape))
+            seconds[mode].append(time.perf_counter() - start)
+    return {mode: (min(s), sum(s) / len(s), engines[mode]) for mode, s in seconds.items()}
 
 
 def warm_start_policy(out: Path) -> Path:
@@ -96,7 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", default=None, help="NemotronH directory with MTP heads (default: the demo's warm start)")
     parser.add_argument("--draft-steps", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=18, help="timed rounds per mode")
     parser.add_argument("--rounds", default="tail,even", help=f"comma-separated, of {', '.join(ROUNDS)}")
     parser.add_argument("--draft-dtype", default="float32", choices=["float32", "int8"],
                         help="weights the drafts go through (model.draft_dtype)")
@@ -108,18 +115,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         policy = load_policy(args.policy or warm_start_policy(Path(tmp)))
     results = []
-    print(f"{'round':<6} {'off s':>8} {'always s':>9} {'adaptive s':>11} {'crossover':>10} {'acceptance':>11}  "
-          "depth by batch bucket")
+    print(f"{'round':<6} {'off s':>8} {'always s':>9} {'adaptive s':>11} {'(means)':>22} {'crossover':>10} "
+          f"{'acceptance':>11}  depth by batch bucket")
     for name in rounds:
         shape = ROUNDS[name]
         timed = round_seconds(policy, shape, args.draft_steps, args.repeats, args.draft_dtype)
-        (off, _), (always, eng_always), (adaptive, engine) = timed["off"], timed["always"], timed["adaptive"]
+        (off, off_m, _), (always, always_m, eng_always), (adaptive, adaptive_m, engine) = (
+            timed["off"], timed["always"], timed["adaptive"])
         acceptance = eng_always.stats["accepted"] / max(1, eng_always.stats["drafted"])
-        print(f"{name:<6} {off:>8.2f} {always:>9.2f} {adaptive:>11.2f} {engine.governor.crossover():>10} "
-              f"{acceptance:>11.3f}  {engine.governor.chosen()}")
-        results += [(f"draft_adaptive_round_s_{name}", adaptive, off), (f"draft_always_round_s_{name}", always, off)]
+        means = f"{off_m:.3f}/{always_m:.3f}/{adaptive_m:.3f}"
+        verified = {int(key[7:]): n for key, n in sorted(engine.stats.items()) if key.startswith("steps_k")}
+        print(f"{name:<6} {off:>8.3f} {always:>9.3f} {adaptive:>11.3f} {means:>22} {engine.governor.crossover():>10} "
+              f"{acceptance:>11.3f}  {engine.governor.chosen()}, verifications by depth {verified}")
+        results += [(f"draft_adaptive_round_s_{name}", adaptive, off), (f"draft_always_round_s_{name}", always, off),
+                    (f"draft_adaptive_round_s_{name}_mean", adaptive_m, off_m),
+                    (f"draft_always_round_s_{name}_mean", always_m, off_m)]
     for label, ours, base in results:
-        print(f"RESULT {label} ours={ours:.2f} baseline={base:.2f} ratio={base / ours:.2f}")
+        print(f"RESULT {label} ours={ours:.3f} baseline={base:.3f} ratio={base / ours:.3f}")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,15 @@ def can_draft(seq, k: int) -> bool:
     return safe and seq.routing is None
 
 
+def hidden_rows(rows: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """(hidden states of a pass, row) per sequence -> (B, D); one `index_select` where all rows
+    come from one pass, as they do once a batch has drafted a step together."""
+    first = rows[0][0]
+    if all(h is first for h, _ in rows):
+        return first.index_select(0, torch.tensor([i for _, i in rows], device=first.device))
+    return torch.stack([h[i] for h, i in rows])
+
+
 def spec_step(engine, active: list, k: int) -> list:
     """One speculative step, `k` drafts deep (1..engine.mtp_steps), for sequences that all have a
     pending token; returns finished ones."""
@@ -58,7 +67,7 @@ def spec_step(engine, active: list, k: int) -> list:
     slots = torch.tensor([s.slot for s in active], device=dev)
     params = [s.request.params for s in active]
     pending = torch.tensor([s.pending for s in active], device=dev)
-    hidden = torch.stack([s.hidden for s in active])
+    hidden = hidden_rows([s.hidden for s in active])  # (B, D)
     drafts, draft_lp, _ = draft(engine.decoder, pending, hidden, k, params, engine._gen, engine.draft_head)
     logits, new_hidden, saved = engine.decoder.verify(state=engine.state, slots=slots,
                                                       tokens=torch.cat([pending[:, None], drafts], 1))
@@ -92,8 +101,8 @@ def spec_step(engine, active: list, k: int) -> list:
         if seq.finish is not None:
             finished.append(seq)
     kept = torch.tensor(keep, device=dev)
-    last_fed = new_hidden[torch.arange(len(active), device=dev), kept - 1].unbind(0)  # one gather
-    for seq, hidden in zip(active, last_fed, strict=True):
-        seq.hidden = hidden
+    last_fed = new_hidden[torch.arange(len(active), device=dev), kept - 1]  # (B, D): one gather
+    for i, seq in enumerate(active):
+        seq.hidden = (last_fed, i)
     engine.decoder.rollback(engine.state, slots, kept, saved)
     return finished

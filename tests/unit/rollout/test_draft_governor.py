@@ -44,11 +44,11 @@ def test_each_bucket_measures_every_depth_then_takes_the_cheapest_and_checks_the
     _warm(governor, 3, {2: 1.5, 1: 1.1, 0: 1.2}, {2: 2, 1: 2, 0: 1})  # batch 3-4: one draft cheapest
     _warm(governor, 64, {2: 3.0, 1: 2.0, 0: 1.0}, {2: 2, 1: 2, 0: 1})  # batch 64: plain steps
     assert governor.chosen() == {1: 2, 4: 1, 64: 0} and governor.crossover() == 4
-    choices = [governor.depth(1) for _ in range(64)]
-    # none (a switch: 2 x 100% + 1 step, 15 units of 2 x 10%, capped at 8): every 64th step, its
-    # two ending the period; one draft (2 x 20%, 2 units): every 16th, on the two steps before
+    choices = [governor.depth(1) for _ in range(240)]
+    # none (a switch: 2 x 100% + 1 step, 30 units of 2 x 5%): every 240th step, its two ending the
+    # period; one draft (2 x 20%, 4 units): every 32nd, on two steps that never meet those
     assert {i: d for i, d in enumerate(choices) if d != 2} == {
-        12: 1, 13: 1, 28: 1, 29: 1, 44: 1, 45: 1, 60: 1, 61: 1, 62: 0, 63: 0}
+        i: 1 for i in range(240) if i % 32 in (28, 29)} | {238: 0, 239: 0}
     for _ in range(20):  # two drafts get dearer at batch 1 (say the heads fell behind the policy): it follows
         governor.record(1, 2, seconds=0.005, tokens=1)
     assert governor.chosen()[1] == 1
@@ -67,19 +67,18 @@ def test_a_depths_cost_is_its_seconds_over_its_tokens_not_the_mean_of_each_steps
 def test_depths_far_apart_and_switches_are_checked_less_often():
     """A check's two steps cost twice the gap between the depths, and one step more where it
     switches drafting off or on (the switch off feeds the pending tokens): the period stretches by
-    that cost in units of 2 x 10%, so a depth 5% dearer is checked every period, and plain steps 4%
-    dearer (1.08 steps with the switch) every 5th. A check's second step is taken whatever its
+    that cost in units of 2 x 5%, so a depth 5% dearer is checked every period, and plain steps 4%
+    dearer (1.08 steps with the switch) every 11th. A check's second step is taken whatever its
     first step measured."""
     governor = DraftGovernor(max_depth=2, explore_every=8, warmup=1)
     for depth, ms in ((2, 1.0), (1, 1.05), (0, 1.04)):
         governor.record(1, depth, seconds=ms / 1000, tokens=1)
-    choices = [governor.depth(1) for _ in range(48)]
-    assert {i: d for i, d in enumerate(choices) if d != 2} == {
-        4: 1, 5: 1, 12: 1, 13: 1, 20: 1, 21: 1, 28: 1, 29: 1, 36: 1, 37: 1, 38: 0, 39: 0, 44: 1, 45: 1}
+    choices = [governor.depth(1) for _ in range(96)]
+    assert {i: d for i, d in enumerate(choices) if d != 2} == {i: 1 for i in range(96) if i % 8 in (4, 5)} | {86: 0, 87: 0}
     for depth, ms in ((2, 100.0), (1, 50.0), (0, 1.0)):  # 50-100x apart: no more than MAX_STRETCH times less often
         governor.record(64, depth, seconds=ms / 1000, tokens=1)
-    assert {i: d for i in range(64) if (d := governor.depth(64))} == {60: 2, 61: 2, 62: 1, 63: 1}  # every 8 * 8
-    assert [governor.depth(64) for _ in range(62)].count(1) == 0
+    assert {i: d for i in range(256) if (d := governor.depth(64))} == {252: 2, 253: 2, 254: 1, 255: 1}  # every 8 * 32
+    assert [governor.depth(64) for _ in range(254)].count(1) == 0
     assert governor.depth(64) == 1  # a check's first step ...
     governor.record(64, 1, seconds=10.0, tokens=1)  # ... found one draft 10000x dearer
     assert governor.depth(64) == 1 and governor.depth(64) == 0  # its second step all the same, then back
@@ -113,3 +112,33 @@ def test_on_noisy_steps_the_governor_stays_within_a_few_percent_of_the_best_dept
 
     slow, fast = over_best(), over_best(smoothing=0.2, warmup=4)
     assert slow < 1.03 and fast > slow, (slow, fast)
+
+
+def test_a_check_that_moves_its_period_waits_the_new_one():
+    """One draft 30% dearer than two (2 x 30% = 6 units: every 48th step); its check finds it 37%
+    dearer (7 units: 56). The next check comes 56 steps after this one, not at the next multiple of
+    56 (8 steps on, which checked a depth that looked dearer sooner)."""
+    governor = DraftGovernor(max_depth=2, explore_every=8, warmup=1)
+    for depth, ms in ((2, 1.0), (1, 1.3), (0, 3.0)):
+        governor.record(1, depth, seconds=ms / 1000, tokens=1)
+    checks = []
+    for n in range(160):
+        d = governor.depth(1)
+        if d == 1:
+            checks.append(n)
+            governor.record(1, 1, seconds=0.0014, tokens=1)  # its measurement goes in at once
+    assert checks[:4] == [44, 45, 100, 101]
+
+
+def test_the_cheapest_depths_own_drift_is_followed_within_a_replan():
+    """Two drafts were cheapest; their cost rises past one draft's (say the heads fell behind):
+    within REPLAN steps the governor takes one draft, though no check ran in between."""
+    from rollout.draft_governor import REPLAN
+
+    governor = DraftGovernor(max_depth=2, explore_every=64, warmup=1, smoothing=0.5)
+    for depth, ms in ((2, 1.0), (1, 1.2), (0, 3.0)):
+        governor.record(1, depth, seconds=ms / 1000, tokens=1)
+    assert governor.depth(1) == 2
+    for _ in range(4):
+        governor.record(1, 2, seconds=0.002, tokens=1)
+    assert [governor.depth(1) for _ in range(REPLAN)][-1] == 1

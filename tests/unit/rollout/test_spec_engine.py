@@ -208,3 +208,11 @@ def test_steps_without_a_forward_pass_are_not_measured(peaky):
     for _ in range(3):
         engine.generate([Request(prompt, SamplingParams(n=2, max_new_tokens=1, ignore_eos=True))])
     assert engine.governor.seconds == []
+
+
+def test_hidden_rows_are_taken_from_their_own_pass():
+    """A plain step leaves each sequence (its pass's hidden states, its row); a drafting step takes
+    the rows it needs: by one index_select where they share a pass, one by one where they do not."""
+    a, b = torch.arange(12.0).reshape(3, 4), -torch.arange(8.0).reshape(2, 4)
+    assert torch.equal(torch_spec.hidden_rows([(a, 2), (a, 0)]), torch.stack([a[2], a[0]]))
+    assert torch.equal(torch_spec.hidden_rows([(a, 1), (b, 1), (a, 2)]), torch.stack([a[1], b[1], a[2]]))

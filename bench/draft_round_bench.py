@@ -1,9 +1,11 @@
 """Adaptive MTP drafting on a rollout round: drafts off vs on at every batch vs adaptive.
 
     .venv/bin/python -m bench.draft_round_bench [--policy DIR] [--draft-steps 2] [--repeats 18] [--draft-dtype int8]
+        [--rounds tail,even,tail1] [--device cuda]
 
 A round is what a rollout worker's engine serves: groups of 8 samples of a prompt (the quick
-start's four environments in turn, held-out seeds), continuously batched. Two rounds, each timed with the same engine and requests in three modes:
+start's four environments in turn, held-out seeds), continuously batched. Rounds (`--rounds`;
+tail and even by default), each timed with the same requests in three modes:
 - `tail`: 32 sequences, 28 of them stop after 16 tokens and 4 run to 256 (a long tail: most of
   the round's wall time is a few sequences running alone, where speculation should pay);
 - `even`: 32 sequences of 64 tokens (no tail: drafting mostly runs at full batch);
@@ -11,7 +13,8 @@ start's four environments in turn, held-out seeds), continuously batched. Two ro
   verification of 4 sequences is 8-12 rows per weight, past where its projections stop being
   memory-bound (~6 rows; a GPU's balance point is hundreds), so `tail`'s batch-4 tail is not the
   regime a GPU's tail is in; one long sequence is.
-Modes, timed in turn (each repeat in the next of the six orders, so no mode always follows another): `off` (no drafts), `always` (`model.draft_max_batch=0`: K drafts every step) and
+Modes, timed in turn (each repeat in the next of the six orders, so no mode always follows
+another): `off` (no drafts), `always` (`model.draft_max_batch=0`: K drafts every step) and
 `adaptive` (-1: each step drafts 0 to K tokens, the depth the engine measures cheapest for the
 active batch's size as it runs; one untimed round first, as a rollout worker's engine has
 served many before). The table shows the depth it chose per batch bucket.
@@ -40,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from bench.timing import add_device, checked_device, tagged
 from models.policy import load_policy
 from rollout.torch_engine import TorchEngine
 from rollout.types import Request, SamplingParams
@@ -107,13 +111,15 @@ def main() -> None:
     parser.add_argument("--rounds", default="tail,even", help=f"comma-separated, of {', '.join(ROUNDS)}")
     parser.add_argument("--draft-dtype", default="float32", choices=["float32", "int8"],
                         help="weights the drafts go through (model.draft_dtype)")
+    add_device(parser)
     args = parser.parse_args()
+    device = checked_device(parser, args.device)
     rounds = args.rounds.split(",")
     if not set(rounds) <= set(ROUNDS):
         parser.error(f"--rounds {args.rounds}: choose from {', '.join(ROUNDS)}")
     torch.set_num_threads(1)  # as a rollout worker runs (rollout.cpus_per_worker: 1)
     with tempfile.TemporaryDirectory() as tmp:
-        policy = load_policy(args.policy or warm_start_policy(Path(tmp)))
+        policy = load_policy(args.policy or warm_start_policy(Path(tmp)), device=device)
     results = []
     print(f"{'round':<6} {'off s':>8} {'always s':>9} {'adaptive s':>11} {'(means)':>22} {'crossover':>10} "
           f"{'acceptance':>11}  depth by batch bucket")
@@ -131,7 +137,7 @@ def main() -> None:
                     (f"draft_adaptive_round_s_{name}_mean", adaptive_m, off_m),
                     (f"draft_always_round_s_{name}_mean", always_m, off_m)]
     for label, ours, base in results:
-        print(f"RESULT {label} ours={ours:.3f} baseline={base:.3f} ratio={base / ours:.3f}")
+        print(f"RESULT {tagged(label, device)} ours={ours:.3f} baseline={base:.3f} ratio={base / ours:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """MTP self-speculative decoding on vs off, on a warm-started policy, at the batch sizes where it should pay.
 
-    .venv/bin/python -m bench.mtp_bench [--preset hybrid-moe-100m] [--batch 1,4] [--draft-steps 2]
+    .venv/bin/python -m bench.mtp_bench [--preset hybrid-moe-100m] [--batch 1,4] [--draft-steps 2] [--adaptive] [--device cuda]
 
 The policy: the preset, a short SFT on the quick start's four environments' reference
 conversations, then MTP heads fitted on its own generations (`warmstart/train_mtp.py`: by
@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from bench.draft_round_bench import env_prompts
+from bench.timing import add_device, checked_device, tagged
 from models.policy import load_policy
 from rollout.torch_engine import TorchEngine
 from rollout.types import Request, SamplingParams
@@ -173,7 +174,9 @@ def main() -> None:
                              "(model.draft_max_batch=-1, the default in configs) instead of always --draft-steps")
     parser.add_argument("--draft-dtype", default="float32,int8",
                         help="comma-separated weights to draft through (model.draft_dtype), each a mode of its own")
+    add_device(parser)
     args = parser.parse_args()
+    device = checked_device(parser, args.device)
     batches = [int(b) for b in args.batch.split(",")]
     if any(b < 1 for b in batches):
         parser.error(f"--batch {args.batch}: batch sizes are positive integers")
@@ -183,7 +186,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     MTP_FIT.update(objective=args.fit_objective, unroll=args.draft_steps if args.fit_unroll is None else args.fit_unroll)
     start = time.perf_counter()
-    policy = load_policy(args.policy or warm_policy(args.preset))
+    policy = load_policy(args.policy or warm_policy(args.preset), device=device)
     prompts = env_prompts(policy, PROMPTS)
     params = sum(p.numel() for name, p in policy.model.named_parameters() if not name.startswith("mtp."))
     print(f"policy ready in {time.perf_counter() - start:.0f}s: {params / 1e6:.1f}M parameters; "
@@ -212,7 +215,7 @@ def main() -> None:
                         (f"mtp{tag}_acceptance_rate_b{batch}", f"{acceptance:.3f}", "0", "nan"),
                         (f"mtp{tag}_mean_accepted_length_b{batch}", f"{mean_len:.2f}", "1", f"{mean_len:.2f}")]
     for name, ours, base, ratio in results:
-        print(f"RESULT {name} ours={ours} baseline={base} ratio={ratio}")
+        print(f"RESULT {tagged(name, device)} ours={ours} baseline={base} ratio={ratio}")
 
 
 if __name__ == "__main__":

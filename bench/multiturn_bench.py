@@ -1,6 +1,6 @@
 """Multi-turn tool_use rollouts: turn-level scheduling vs lockstep rounds, completed episodes/s.
 
-    .venv/bin/python -m bench.multiturn_bench [--groups 48] [--group-size 4] [--slots 16] [--repeats 3]
+    .venv/bin/python -m bench.multiturn_bench [--groups 48] [--group-size 4] [--slots 16] [--repeats 3] [--device cuda]
 
 The same work for every mode: `--groups` prompts of `estuary/tool_use` (seeds 0..groups-1,
 `max_turns` 3), G episodes each, at most `--slots` episodes at once (the worker's
@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.timing import add_device, checked_device, tagged
 from configs.schema import EnvironmentConfig, SftConfig
 from environments import env_factory
 from estuary.warm_start import estuary_cache
@@ -119,12 +120,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fresh", action="store_true", help="rebuild the cached SFT policy")
+    add_device(parser)
     args = parser.parse_args()
+    device = checked_device(parser, args.device)
     from models.policy import load_policy
 
     env = EnvironmentConfig(id="estuary/tool_use", timeout_s=20,
                             kwargs={"difficulty": args.difficulty, "max_turns": args.max_turns})
-    policy = load_policy(sft_policy(env, args.sft_steps, args.fresh))
+    policy = load_policy(sft_policy(env, args.sft_steps, args.fresh), device=device)
     torch.set_num_threads(args.threads)
     make = env_factory(env)
     prompts = [Prompt("tool_use", env.id, make, seed, env.timeout_s) for seed in range(args.groups)]
@@ -148,7 +151,7 @@ def main() -> None:
     # Sampling order differs between modes, so episodes differ a little in turns: turns/s says
     # whether a lead in episodes/s is only fewer turns per episode.
     for key in ("episodes_per_s", "turns_per_s"):
-        print(f"RESULT multiturn_{key} ours={ours[key]:.3f} baseline={base[key]:.3f} "
+        print(f"RESULT {tagged('multiturn_' + key, device)} ours={ours[key]:.3f} baseline={base[key]:.3f} "
               f"ratio={ours[key] / base[key]:.2f}")
 
 

@@ -2,22 +2,24 @@
 layout both sides agree on, the publisher's packing and the engine's receive buffers.
 
     layout = bucket_layout(state_dict, bucket_bytes=64 << 20)   # publisher, once per new layout
-    flat = pack(buffer, layout[i], state_dict, head=(version, layout_id))  # a packed bucket
+    flat = pack(buffer, layout[i], state_dict, head=(version, layout_id, stride))  # a packed bucket
     tensors = unpack(buffer, layout[i])                          # engine: views, nothing copied
 
 A bucket is one broadcast. A run of tensors that lie end to end in memory (DeepSpeed's ZeRO-1/2
 keep a model's parameters in flat buffers: the tiny preset's 49 trainable tensors fill one) goes
 from where it lies, in buckets of its own dtype (`lies`). The other tensors are packed as bytes,
-one aligned region per dtype, into `uint8` buckets; the first opens with a 16-byte header
-(version, layout id), so a publication on CPU is its data buckets and nothing else. The lying
-buckets go first: the publisher packs the others while they are on the wire.
+one aligned region per dtype, into `uint8` buckets; the first opens with a 24-byte header
+(version, layout id, stride), so a publication on CPU is its data buckets and nothing else. The
+lying buckets go first: the publisher packs the others while they are on the wire. A header with
+a stride > 0 is a promise (`weights_sync.collective`): the generation's later publications are
+their lying buckets alone, each version `stride` after the last, the packed tensors unchanged.
 """
 
 from __future__ import annotations
 
 import torch
 
-HEADER_BYTES = 16  # two int64s: version, layout id
+HEADER_BYTES = 24  # three int64s: version, layout id, stride promised (0: none)
 ALIGN = 16  # a packed region starts at a multiple of this many bytes (complex128 is 16)
 
 
@@ -131,10 +133,15 @@ def header_bucket(layout: list[dict]) -> int:
     return next(i for i, bucket in enumerate(layout) if not bucket["lies"])
 
 
-def header(buffer: torch.Tensor) -> tuple[int, int]:
-    """(version, layout id) from the header bucket's buffer."""
-    version, layout_id = buffer[:HEADER_BYTES].view(torch.int64).tolist()
-    return version, layout_id
+def header(buffer: torch.Tensor) -> tuple[int, int, int]:
+    """(version, layout id, stride promised) from the header bucket's buffer."""
+    version, layout_id, stride = buffer[:HEADER_BYTES].view(torch.int64).tolist()
+    return version, layout_id, stride
+
+
+def packed_names(layout: list[dict]) -> list[str]:
+    """The names of the tensors a layout packs (the rest lie)."""
+    return [t[0] for b in layout if not b["lies"] for region in b["regions"] for t in region["tensors"]]
 
 
 def lying(bucket: dict, weights: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -147,7 +154,7 @@ def lying(bucket: dict, weights: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def pack(buffer: torch.Tensor, bucket: dict, weights: dict[str, torch.Tensor],
-         head: tuple[int, int] | None = None) -> torch.Tensor:
+         head: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Copy a packed bucket's tensors into `buffer` (uint8, at least the bucket's bytes), with the
     header first when given; returns the part to send."""
     flat = buffer[: bucket["n"]]

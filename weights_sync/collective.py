@@ -20,8 +20,13 @@ trip is ~0.2 ms, a tiny model's whole broadcast 1.2 ms) and is nothing but its d
 go in buckets of at most `bucket_bytes` (`weights_sync.buckets`): a run of tensors that lie end
 to end in memory (DeepSpeed's flat buffers) is sent from where it lies, the rest packed into two
 reusable byte buffers, the first packed bucket opening with the version. No side ever allocates
-a whole-model flat buffer. Layouts go through the store once per new layout, and a new layout
-opens a new generation (its members post receives for one layout). The receiver unpacks each
+a whole-model flat buffer. A run sent from where it lies cannot carry the version, and a second
+broadcast beside a small model's run costs ~15%: so a generation whose second publication came a
+stride after its first, its packed tensors unchanged (the routers the learner freezes), is promised
+that stride, and its later publications are their runs alone (members count the versions and
+keep the packed tensors). A publication that breaks the promise opens a new generation. Layouts
+go through the store once per new layout, and a new layout opens a new generation (its members
+post receives for one layout). The receiver unpacks each
 bucket into the new version's own tensors and only then swaps the version in: the learner
 never waits for an engine busy generating, and a partially received update is never served.
 Versions only go up. The price of receives posted ahead: an idle CPU engine holds the buffers of
@@ -55,6 +60,7 @@ from weights_sync.buckets import (
     header_bucket,
     lying,
     pack,
+    packed_names,
     packing_buffers,
     unpack,
 )
@@ -76,6 +82,11 @@ log = logging.getLogger(__name__)
 # waiting): long, as gloo logs each time-out, and the publisher's next broadcast re-forms.
 IDLE_CHECK_S = 600.0
 
+# A broken promise (`CollectiveWeightSync._promise`) costs a new generation, ~50 ms here against
+# the ~0.15 ms a promise saves a small model's publication: a publisher whose versions keep
+# breaking it (an irregular cadence) stops promising after this many.
+PROMISES_BROKEN_MAX = 3
+
 
 def _idle_options() -> dist.BroadcastOptions:
     """A receive that may wait while the publisher is idle: up to IDLE_CHECK_S."""
@@ -95,7 +106,7 @@ class CollectiveWeightSync:
         self._latest: Update | None = None
         self._subscribers: list[Callable[[Update], None]] = []
         self._stopping = threading.Event()
-        self.counters = {"generations": 0, "failed_broadcasts": 0}
+        self.counters = {"generations": 0, "failed_broadcasts": 0, "broken_promises": 0}
         if rank == 0:
             self.store = connect(address, timeout_s)
             self.members = Publisher(self.store, world_size - 1, join_window_s)
@@ -108,6 +119,10 @@ class CollectiveWeightSync:
             # predecessor may have published): a store read per publish cost a small model 20%
             self._published = int(self.store.get("published")) if self.store.check(["published"]) else -1
             self._buffers: list[torch.Tensor] = []  # the publisher's two reusable packing buffers
+            self._sent = 0  # publications sent in the current generation
+            self._last_version = -1  # the last of them
+            self._stride = 0  # promised to the generation: its publications are runs alone, this far apart
+            self._held: dict[str, torch.Tensor] | None = None  # packed tensors as the generation first got them
             self._token = f"stop-{id(self)}-{threading.get_ident()}"
             self._watcher = threading.Thread(target=self._watch, name="weights-membership", daemon=True)
             self._watcher.start()
@@ -131,6 +146,9 @@ class CollectiveWeightSync:
             layout_id = self._layout_for(weights)
             if not self._watcher.is_alive() and self._formed and self.members.changed():
                 self._dirty = True  # no watcher (its store client failed): look on the way
+            if self._formed and self._stride and not self._keeps_promise(weights, version):
+                self._dirty = True  # members wait for a run alone, this version and packed tensors as held
+                self.counters["broken_promises"] += 1
             for attempt in (1, 2):
                 try:
                     if not self._formed or self._dirty:
@@ -193,7 +211,7 @@ class CollectiveWeightSync:
         self._drop_group()
         self._dirty = False  # before regroup: a join during it is seen by the watcher afterwards
         generation, size = self.members.regroup()
-        self._size = size
+        self._size, self._sent, self._stride, self._held = size, 0, 0, None
         self.counters["generations"] += 1
         if size > 1:
             self._group = new_group(self.store, generation, 0, size, self.device, self.timeout_s)
@@ -209,7 +227,9 @@ class CollectiveWeightSync:
     def _send(self, weights: dict[str, torch.Tensor], version: int, layout_id: int) -> None:
         if self._group is None:  # nobody to send to (no engine took a ticket in time)
             return
-        head = (version, layout_id)
+        promised = self._stride  # members expect this publication's runs alone
+        stride = promised or self._promise(weights, version)
+        head = (version, layout_id, stride)
         in_flight: deque = deque()  # at most two broadcasts: one on the wire while the next is packed
         try:
             with torch.no_grad():
@@ -218,6 +238,8 @@ class CollectiveWeightSync:
                     self._control.broadcast(torch.tensor(head, dtype=torch.int64), 0).wait()
                 carrier = header_bucket(self._layout)
                 for i, bucket in enumerate(self._layout):
+                    if promised and not bucket["lies"]:
+                        break  # lying buckets come first
                     while len(in_flight) > 1:  # bucket i - 2, the last user of packing buffer i % 2, is done
                         in_flight.popleft().wait()
                     flat = lying(bucket, weights) if bucket["lies"] else \
@@ -225,8 +247,33 @@ class CollectiveWeightSync:
                     in_flight.append(self._group.broadcast(flat.to(self.device), 0))
                 while in_flight:
                     in_flight.popleft().wait()
+            self._sent, self._last_version, self._stride = self._sent + 1, version, stride
         finally:
             in_flight.clear()  # a failed broadcast's work must not outlive the group it holds
+
+    def _promise(self, weights: dict[str, torch.Tensor], version: int) -> int:
+        """The stride to promise at a publication sent whole (0: none). The version is the one
+        message a run sent from the learner's memory cannot carry: a second broadcast beside a
+        small model's run costs it ~15%. Promised at a generation's second publication, on CPU
+        (NCCL's header goes over gloo anyway), when its packed tensors (the routers the learner
+        freezes: at most one bucket) are what its first publication sent; members then count
+        versions and keep those tensors. A publication that breaks it opens a new generation."""
+        if (self._sent > 1 or self._control is not self._group or not any(b["lies"] for b in self._layout)
+                or self.counters["broken_promises"] >= PROMISES_BROKEN_MAX):
+            return 0
+        names = packed_names(self._layout)
+        if self._sent == 0 and sum(weights[n].nbytes for n in names) <= self.bucket_bytes:
+            self._held = {n: weights[n].detach().clone() for n in names}
+        elif self._sent == 1 and self._held is not None and self._unchanged(weights):
+            return version - self._last_version
+        return 0
+
+    def _unchanged(self, weights: dict[str, torch.Tensor]) -> bool:
+        assert self._held is not None
+        return all(torch.equal(weights[n], held) for n, held in self._held.items())
+
+    def _keeps_promise(self, weights: dict[str, torch.Tensor], version: int) -> bool:
+        return version == self._last_version + self._stride and self._unchanged(weights)
 
     def latest_version(self) -> int:
         """The publisher: the newest version ever published on this channel (a restarted
@@ -284,25 +331,32 @@ class CollectiveWeightSync:
         if layout_id not in layouts:
             layouts[layout_id] = json.loads(store.get(f"layout-{layout_id}"))
         layout, idle = layouts[layout_id], _idle_options()
-        head = torch.zeros(2, dtype=torch.int64)
+        runs = [bucket for bucket in layout if bucket["lies"]]
+        head = torch.zeros(3, dtype=torch.int64)
+        version, stride, kept = 0, 0, {}
         while not self._stopping.is_set():
             if control is not group:
                 control.broadcast([head], idle).wait()
-            first, weights, works = self._post(group, layout, idle if control is group else None)
+            first, weights, works = self._post(group, runs if stride else layout, idle if control is group else None)
             for work in works:
                 work.wait()
             if self._stopping.is_set():
                 return
-            version, sent_layout = header(first.cpu())
-            if sent_layout != layout_id:
-                raise RuntimeError(f"layout {sent_layout} sent in a generation of layout {layout_id}")
+            if stride:  # promised: the runs alone, the version counted, the packed tensors kept
+                version += stride
+                weights.update(kept)
+            else:
+                version, sent_layout, stride = header(first.cpu())
+                if sent_layout != layout_id:
+                    raise RuntimeError(f"layout {sent_layout} sent in a generation of layout {layout_id}")
+                kept = {name: weights[name] for name in packed_names(layout)} if stride else {}
             self._take(Update(version=version, weights=weights))
 
-    def _post(self, group, layout: list[dict], options) -> tuple[torch.Tensor, dict[str, torch.Tensor], list]:
+    def _post(self, group, layout: list[dict], options) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], list]:
         """One version's receives, into buffers of its own (none shared with a version anyone
         still holds): the served version is untouched, and nothing is copied twice. Returns the
-        header bucket's buffer, the tensors (views, made while the data is on its way) and the
-        receives."""
+        header bucket's buffer (None: the lying buckets alone), the tensors (views, made while the
+        data is on its way) and the receives."""
         weights, works, buffers = {}, [], []
         self._buffers_in.reclaim()
         for bucket in layout:
@@ -313,7 +367,8 @@ class CollectiveWeightSync:
                 works.append(group.broadcast([buffers[-1]], options))
         for buffer, bucket in zip(buffers, layout, strict=True):
             weights.update(unpack(buffer, bucket))
-        return buffers[header_bucket(layout)], weights, works
+        packed = [i for i, bucket in enumerate(layout) if not bucket["lies"]]
+        return (buffers[packed[0]] if packed else None), weights, works
 
     def _take(self, update: Update) -> None:
         with self._lock:  # swapped in only once complete, and only forwards

@@ -88,6 +88,11 @@ IDLE_CHECK_S = 600.0
 PROMISES_BROKEN_MAX = 3
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes: equal bits, where `torch.equal` calls -0.0 and 0.0 equal and NaN unequal."""
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
 def _idle_options() -> dist.BroadcastOptions:
     """A receive that may wait while the publisher is idle: up to IDLE_CHECK_S."""
     options = dist.BroadcastOptions()
@@ -146,7 +151,7 @@ class CollectiveWeightSync:
             layout_id = self._layout_for(weights)
             if not self._watcher.is_alive() and self._formed and self.members.changed():
                 self._dirty = True  # no watcher (its store client failed): look on the way
-            if self._formed and self._stride and not self._keeps_promise(weights, version):
+            if self._formed and not self._dirty and self._stride and not self._keeps_promise(weights, version):
                 self._dirty = True  # members wait for a run alone, this version and packed tensors as held
                 self.counters["broken_promises"] += 1
             for attempt in (1, 2):
@@ -256,21 +261,21 @@ class CollectiveWeightSync:
         message a run sent from the learner's memory cannot carry: a second broadcast beside a
         small model's run costs it ~15%. Promised at a generation's second publication, on CPU
         (NCCL's header goes over gloo anyway), when its packed tensors (the routers the learner
-        freezes: at most one bucket) are what its first publication sent; members then count
+        freezes: at most `bucket_bytes`) are bit for bit what its first publication sent; members then count
         versions and keep those tensors. A publication that breaks it opens a new generation."""
         if (self._sent > 1 or self._control is not self._group or not any(b["lies"] for b in self._layout)
                 or self.counters["broken_promises"] >= PROMISES_BROKEN_MAX):
             return 0
         names = packed_names(self._layout)
         if self._sent == 0 and sum(weights[n].nbytes for n in names) <= self.bucket_bytes:
-            self._held = {n: weights[n].detach().clone() for n in names}
+            self._held = {n: _bits(weights[n]).clone() for n in names}
         elif self._sent == 1 and self._held is not None and self._unchanged(weights):
             return version - self._last_version
         return 0
 
     def _unchanged(self, weights: dict[str, torch.Tensor]) -> bool:
         assert self._held is not None
-        return all(torch.equal(weights[n], held) for n, held in self._held.items())
+        return all(n in weights and torch.equal(_bits(weights[n]), held) for n, held in self._held.items())
 
     def _keeps_promise(self, weights: dict[str, torch.Tensor], version: int) -> bool:
         return version == self._last_version + self._stride and self._unchanged(weights)

@@ -166,12 +166,13 @@ def test_a_promised_stride_sends_runs_alone_and_a_broken_promise_opens_a_new_gen
     with _publisher_and_engine() as (publisher, engine):
         publisher.bucket_bytes, publisher.lie_bytes = 1 << 20, 64
 
-        def publish(version: int) -> None:
+        def publish(version: int, state: dict[str, torch.Tensor] = weights) -> None:
             flat.add_(1)
-            publisher.publish(weights, version)
+            publisher.publish(state, version)
             update = _wait_for(engine, version)
             assert update is not None and update.version == version
-            for name, value in weights.items():
+            assert update.weights.keys() == state.keys()
+            for name, value in state.items():
                 assert torch.equal(update.weights[name], value), (version, name)
 
         publish(2)
@@ -197,14 +198,20 @@ def test_a_promised_stride_sends_runs_alone_and_a_broken_promise_opens_a_new_gen
         assert publisher.counters["generations"] == 2 and publisher._stride == 0
         publish(11)
         assert publisher._stride == 2
-        weights["frozen"].add_(1)
-        publish(13)  # the held tensor changed: it arrives, in a new generation
-        assert publisher.counters["generations"] == 3 and publisher.counters["failed_broadcasts"] == 0
+        # a new layout while promised (the held tensor gone): a new generation, no promise broken
+        publish(13, {"x": weights["x"], "y": weights["y"], "other": torch.zeros(5)})
+        assert publisher.counters["generations"] == 3 and publisher.counters["broken_promises"] == 1
         publish(15)
-        publish(16)  # a third broken promise (each costs a new generation): no more promises
+        publish(17)
+        assert publisher._stride == 2 and publisher.counters["generations"] == 4
+        weights["frozen"].add_(1)
+        publish(19)  # the held tensor changed: it arrives, in a new generation
+        assert publisher.counters["generations"] == 5 and publisher.counters["failed_broadcasts"] == 0
+        publish(21)
+        publish(22)  # a third broken promise (each costs a new generation): no more promises
         assert publisher.counters["broken_promises"] == collective.PROMISES_BROKEN_MAX == 3
-        publish(18)
-        assert publisher._stride == 0 and publisher.counters["generations"] == 4
+        publish(24)
+        assert publisher._stride == 0 and publisher.counters["generations"] == 6
 
 
 def test_an_engine_that_starts_later_is_in_the_next_publication():

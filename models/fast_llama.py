@@ -44,8 +44,9 @@ class FastLlama:
         return q.transpose(1, 2), k.transpose(1, 2), v
 
     @torch.no_grad()
-    def extend(self, state: DecodeState, slot: int, tokens: torch.Tensor, routing: list | None = None
-               ) -> torch.Tensor:
+    def extend(self, state: DecodeState, slot: int, tokens: torch.Tensor, routing: list | None = None,
+               last: bool = False) -> torch.Tensor:
+        """Run `tokens` (T,) after slot's current state; logits (T, vocab), or (1, vocab) with `last`."""
         start = int(state.lengths[slot])
         state.check_room(slot, tokens.numel())
         T = tokens.numel()
@@ -62,7 +63,7 @@ class FastLlama:
             h = h + attn.o_proj(out.reshape(1, T, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         state.lengths[slot] = start + T
-        return self.model.lm_head(self.model.model.norm(h))[0].float()
+        return self.model.lm_head(self.model.model.norm(h[:, -1:] if last else h))[0].float()
 
     @torch.no_grad()
     def decode(self, state: DecodeState, slots: torch.Tensor, tokens: torch.Tensor,

@@ -100,9 +100,11 @@ class FastNemotronH:
     # -- forward ------------------------------------------------------------------------------
     @torch.no_grad()
     def extend(self, state: DecodeState, slot: int, tokens: torch.Tensor, routing: list | None = None,
-               return_hidden: bool = False):
-        """Run `tokens` (T,) after slot's current state; returns logits (T, vocab) (and the final
-        hidden states (T, D) with `return_hidden`, for MTP drafting)."""
+               return_hidden: bool = False, last: bool = False):
+        """Run `tokens` (T,) after slot's current state; returns logits (T, vocab), or (1, vocab)
+        for the last token alone with `last` (the engine samples from no other: the head over
+        every prompt position is T x vocab of work and memory for nothing), and the final hidden
+        states (T, D) with `return_hidden`, for MTP drafting."""
         start = int(state.lengths[slot])
         state.check_room(slot, tokens.numel())
         embeds = self.model.model.embeddings(tokens[None])  # (1, T, D)
@@ -126,7 +128,7 @@ class FastNemotronH:
             )
         state.lengths[slot] = start + tokens.numel()
         hidden = h[0]
-        logits = _linear(self.model.lm_head, hidden).float()
+        logits = _linear(self.model.lm_head, hidden[-1:] if last else hidden).float()
         return (logits, hidden) if return_hidden else logits
 
     @torch.no_grad()

@@ -208,10 +208,10 @@ class TorchEngine:
         routing: list | None = [] if (p.return_routing and self.moe) else None
         hidden = None
         if self.mtp_steps:
-            logits, hidden = self.decoder.extend(self.state, first, prompt, routing, return_hidden=True)
+            logits, hidden = self.decoder.extend(self.state, first, prompt, routing, return_hidden=True, last=True)
             logits, hidden = logits[-1], (hidden, len(request.prompt_ids) - 1)
         else:
-            logits = self.decoder.extend(self.state, first, prompt, routing)[-1]
+            logits = self.decoder.extend(self.state, first, prompt, routing, last=True)[-1]
         slots = [first] + [self.free.popleft() for _ in range(need)]
         self.state.copy(first, slots[1:])
         for slot in slots:  # the request's samples share its budget (stated in its prompt)

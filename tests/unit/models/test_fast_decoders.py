@@ -38,6 +38,18 @@ def test_extend_in_pieces_is_multi_turn_continuation(setup):
     assert torch.allclose(torch.cat([a, b]), ref, atol=1e-4)
 
 
+def test_extend_of_the_last_token_alone_is_the_full_extends_last_row_and_leaves_the_same_state(setup):
+    """The engine's prefill samples from the last position only: the head runs on it alone."""
+    _, fast, ids, ref = setup
+    state = fast.new_state(2, 256)
+    for slot, last in ((0, False), (1, True)):
+        out = fast.extend(state, slot, ids[:100], last=last)
+        assert out.shape == ((1 if last else 100), ref.shape[-1])
+        assert torch.allclose(out[-1], ref[99], atol=1e-4)
+    tail = fast.decode(state, torch.tensor([0, 1]), torch.stack([ids[100], ids[100]]))
+    assert torch.allclose(tail[0], ref[100], atol=1e-4) and torch.allclose(tail[1], ref[100], atol=1e-4)
+
+
 def test_short_continuations_after_a_long_prefill(setup):
     """Environment replies of a few dozen tokens (NemotronH runs them through the decode kernels)."""
     _, fast, ids, ref = setup

@@ -34,6 +34,7 @@ def test_three_kills_lose_nothing_and_train_nothing_twice(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # ten minutes of faults, then the run's end and the records: past the suite's 480 s
 def test_ten_minutes_of_chaos(tmp_path):
     t = run_chaos(minutes=10, seed=1, min_gap=20, max_gap=40, overrides=QUICK, out_dir=tmp_path)
     report(t, 10, 1)
